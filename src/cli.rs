@@ -1,0 +1,391 @@
+//! The `lockstep` command line. `serve` and `demo` run the server; `keys`, `policies`,
+//! `token` and `entities` work on the database directly (bootstrap and recovery) with
+//! the same validation and audit events as the Admin RPCs.
+
+use crate::config::{Settings, StoreOptions};
+use crate::engine::{CallOptions, Caller, Engine};
+use crate::model::{EntityRecord, KeyRecord, Uid, now_micros};
+use crate::{server, store, token};
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "lockstep", version, about = "Authorize and commit state changes in one transaction")]
+pub struct Cli {
+    /// Database URL: sqlite:///abs/path.db or sqlite://relative.db.
+    #[arg(long, global = true, env = "LOCKSTEP_DATABASE_URL", default_value = "sqlite://lockstep.db")]
+    pub database: String,
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Database connection settings shared by every command.
+#[derive(Args, Debug, Clone)]
+pub struct DbArgs {
+    /// Milliseconds a call waits for the database (its turn at the writer, or a
+    /// connection) before it answers UNAVAILABLE.
+    #[arg(long, global = true, env = "LOCKSTEP_ACQUIRE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub acquire_timeout_ms: u64,
+    /// SQLite: milliseconds to wait on a lock held by another process.
+    #[arg(long, global = true, env = "LOCKSTEP_BUSY_TIMEOUT_MS", default_value_t = 5_000)]
+    pub busy_timeout_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Runs the gRPC server.
+    Serve(ServeArgs),
+    /// Seeds examples/quickstart (policies, schema, a demo key, entities) into the
+    /// database, prints tokens and grpcurl commands, and runs the server.
+    Demo(ServeArgs),
+    /// Verification keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The policy set.
+    #[command(subcommand)]
+    Policies(PoliciesCommand),
+    /// First-party tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Entities (bootstrap).
+    #[command(subcommand)]
+    Entities(EntitiesCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LOCKSTEP_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Clock skew allowed on exp, nbf and iat, in seconds (at most 60).
+    #[arg(long, env = "LOCKSTEP_LEEWAY_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=60))]
+    pub leeway_secs: u64,
+    /// Longest token lifetime accepted (`exp` this far from now at most), e.g. 24h.
+    #[arg(long, env = "LOCKSTEP_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub max_token_lifetime: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Adds a verification key.
+    Add {
+        #[arg(long)]
+        kid: String,
+        /// HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA.
+        #[arg(long)]
+        alg: String,
+        /// HMAC secret, read as raw bytes (no trimming); at least 32 bytes.
+        #[arg(long, conflicts_with = "public_key_file")]
+        secret_file: Option<PathBuf>,
+        /// PEM public key for RS*, PS*, ES* and EdDSA.
+        #[arg(long)]
+        public_key_file: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        issuer: String,
+        #[arg(long, default_value = "")]
+        audience: String,
+        #[arg(long, default_value = "User")]
+        principal_type: String,
+    },
+    /// Lists keys (never their secrets).
+    List,
+    /// Revokes a key: no token signed with it is accepted afterwards.
+    Revoke {
+        #[arg(long)]
+        kid: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoliciesCommand {
+    /// Validates and activates a policy set.
+    Put {
+        #[arg(long)]
+        policies: PathBuf,
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Prints the active policy set (its version goes to stderr).
+    Get {
+        /// Also write the schema to this file.
+        #[arg(long)]
+        schema_out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Signs a token with a first-party HMAC key and prints it.
+    Issue {
+        #[arg(long)]
+        kid: String,
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, e.g. 15m, 1h, 90s.
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Space-separated scopes.
+        #[arg(long, default_value = "")]
+        scope: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EntitiesCommand {
+    /// Creates or replaces entities from a Cedar entities JSON file.
+    Import {
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+/// `15m`, `1h`, `2d`, `90s`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 15m, 1h or 90s"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn store_options(db: &DbArgs) -> StoreOptions {
+    StoreOptions {
+        acquire_timeout: Duration::from_millis(db.acquire_timeout_ms),
+        busy_timeout: Duration::from_millis(db.busy_timeout_ms),
+        ..StoreOptions::default()
+    }
+}
+
+fn settings(args: Option<&ServeArgs>) -> Settings {
+    let mut s = Settings::default();
+    if let Some(a) = args {
+        s.leeway_secs = a.leeway_secs;
+        s.max_token_lifetime_secs = a.max_token_lifetime.as_secs();
+    }
+    s
+}
+
+async fn engine(cli: &Cli, args: Option<&ServeArgs>) -> anyhow::Result<Arc<Engine>> {
+    server::check_crypto_provider()?;
+    let store = store::open(&cli.database, &store_options(&cli.db)).await?;
+    Ok(Arc::new(Engine::new(store, settings(args))))
+}
+
+const OP: CallOptions = CallOptions { deadline: None };
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Serve(args) => {
+            let engine = engine(&cli, Some(args)).await?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            server::run(engine, listener, server::shutdown_signal()).await
+        }
+        Command::Demo(args) => {
+            let engine = engine(&cli, Some(args)).await?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            demo(&engine, &listener.local_addr()?).await?;
+            server::run(engine, listener, server::shutdown_signal()).await
+        }
+        Command::Keys(k) => {
+            let engine = engine(&cli, None).await?;
+            match k {
+                KeysCommand::Add { kid, alg, secret_file, public_key_file, issuer, audience, principal_type } => {
+                    let secret = match secret_file {
+                        Some(f) => std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
+                        None => Vec::new(),
+                    };
+                    let public_key_pem = match public_key_file {
+                        Some(f) => {
+                            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+                        }
+                        None => String::new(),
+                    };
+                    if secret.is_empty() && public_key_pem.is_empty() {
+                        bail!("give --secret-file (HS*) or --public-key-file (RS*, PS*, ES*, EdDSA)");
+                    }
+                    let key = KeyRecord {
+                        kid: kid.clone(),
+                        algorithm: alg.clone(),
+                        secret,
+                        public_key_pem,
+                        issuer: issuer.clone(),
+                        audience: audience.clone(),
+                        principal_type: principal_type.clone(),
+                        revoked: false,
+                        added_at: 0,
+                    };
+                    let seq = engine.add_key(Caller::Operator, key, OP).await?;
+                    println!("added key {kid} (audit seq {seq})");
+                }
+                KeysCommand::List => {
+                    println!(
+                        "{:<24} {:<6} {:<8} {:<14} {:<24} {:<24}",
+                        "KID", "ALG", "REVOKED", "PRINCIPAL", "ISSUER", "AUDIENCE"
+                    );
+                    for k in engine.list_keys(Caller::Operator, OP).await? {
+                        println!(
+                            "{:<24} {:<6} {:<8} {:<14} {:<24} {:<24}",
+                            k.kid, k.algorithm, k.revoked, k.principal_type, k.issuer, k.audience
+                        );
+                    }
+                }
+                KeysCommand::Revoke { kid } => {
+                    let seq = engine.revoke_key(Caller::Operator, kid, OP).await?;
+                    println!("revoked key {kid} (audit seq {seq})");
+                }
+            }
+            Ok(())
+        }
+        Command::Policies(p) => {
+            let engine = engine(&cli, None).await?;
+            match p {
+                PoliciesCommand::Put { policies, schema } => {
+                    let text = std::fs::read_to_string(policies)
+                        .with_context(|| format!("cannot read {}", policies.display()))?;
+                    let schema_text = match schema {
+                        Some(s) => {
+                            std::fs::read_to_string(s).with_context(|| format!("cannot read {}", s.display()))?
+                        }
+                        None => String::new(),
+                    };
+                    let (version, seq) = engine.put_policies(Caller::Operator, &text, &schema_text, OP).await?;
+                    println!("policy version {version} active (audit seq {seq})");
+                }
+                PoliciesCommand::Get { schema_out } => match engine.get_policies(Caller::Operator, OP).await? {
+                    Some(p) => {
+                        eprintln!("policy version {}", p.version);
+                        print!("{}", p.policies);
+                        if let Some(f) = schema_out {
+                            std::fs::write(f, &p.schema).with_context(|| format!("cannot write {}", f.display()))?;
+                        }
+                    }
+                    None => eprintln!("no policies yet: every request is denied"),
+                },
+            }
+            Ok(())
+        }
+        Command::Token(TokenCommand::Issue { kid, sub, ttl, scope }) => {
+            let engine = engine(&cli, None).await?;
+            let key = engine.operator_key(kid).await?;
+            let max = engine.settings().max_token_lifetime_secs;
+            if ttl.as_secs() == 0 || ttl.as_secs() > max {
+                bail!("--ttl must be between 1s and the maximum token lifetime ({max}s)");
+            }
+            println!("{}", token::issue_hmac(&key, sub, ttl.as_secs(), scope, now_micros() / 1_000_000)?);
+            Ok(())
+        }
+        Command::Entities(EntitiesCommand::Import { file }) => {
+            let engine = engine(&cli, None).await?;
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let entities = parse_entities(&text)?;
+            let n = entities.len();
+            let seq = engine.import_entities(entities).await?;
+            println!("imported {n} entities (audit seq {seq})");
+            Ok(())
+        }
+    }
+}
+
+/// Parses Cedar's entities JSON: `[{"uid": {"type", "id"}, "attrs": {…}, "parents": […]}]`.
+pub fn parse_entities(text: &str) -> anyhow::Result<Vec<EntityRecord>> {
+    let v: Vec<Value> = serde_json::from_str(text).context("entities file must be a JSON array of Cedar entities")?;
+    v.into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let uid: Uid = serde_json::from_value(e.get("uid").cloned().unwrap_or(Value::Null))
+                .with_context(|| format!("entity {i}: `uid` must be {{\"type\", \"id\"}}"))?;
+            let attributes = match e.get("attrs") {
+                None => serde_json::Map::new(),
+                Some(Value::Object(m)) => m.clone(),
+                Some(_) => bail!("entity {i}: `attrs` must be an object"),
+            };
+            let parents: Vec<Uid> =
+                serde_json::from_value(e.get("parents").cloned().unwrap_or(Value::Array(vec![])))
+                    .with_context(|| format!("entity {i}: `parents` must be a list of {{\"type\", \"id\"}}"))?;
+            Ok(EntityRecord { uid, attributes, parents, version: 0 })
+        })
+        .collect()
+}
+
+const QUICKSTART_POLICIES: &str = include_str!("../examples/quickstart/policies.cedar");
+const QUICKSTART_SCHEMA: &str = include_str!("../examples/quickstart/schema.cedarschema");
+const QUICKSTART_ENTITIES: &str = include_str!("../examples/quickstart/entities.json");
+
+/// Seeds the quickstart (once per database) and prints tokens and grpcurl commands.
+async fn demo(engine: &Engine, addr: &SocketAddr) -> anyhow::Result<()> {
+    if engine.get_policies(Caller::Operator, OP).await?.is_none() {
+        engine.put_policies(Caller::Operator, QUICKSTART_POLICIES, QUICKSTART_SCHEMA, OP).await?;
+        engine.import_entities(parse_entities(QUICKSTART_ENTITIES)?).await?;
+    }
+    let key = match engine.operator_key("demo").await {
+        Ok(k) => k,
+        Err(_) => {
+            let key = KeyRecord {
+                kid: "demo".into(),
+                algorithm: "HS256".into(),
+                secret: rand::random::<[u8; 32]>().to_vec(),
+                public_key_pem: String::new(),
+                issuer: "lockstep-demo".into(),
+                audience: String::new(),
+                principal_type: "User".into(),
+                revoked: false,
+                added_at: 0,
+            };
+            engine.add_key(Caller::Operator, key, OP).await?;
+            engine.operator_key("demo").await?
+        }
+    };
+    let now = now_micros() / 1_000_000;
+    let alice = token::issue_hmac(&key, "alice", 3600, "items:write", now)?;
+    let bob = token::issue_hmac(&key, "bob", 3600, "", now)?;
+    let carol = token::issue_hmac(&key, "carol", 3600, "", now)?;
+    let a = addr.to_string();
+    println!(
+        r#"
+Lockstep demo: quickstart policies, schema and entities are in the database.
+Tokens (HS256, key `demo`, valid 1 hour):
+
+  export ALICE='{alice}'
+  export BOB='{bob}'
+  export CAROL='{carol}'
+
+alice owns Item::"doc1". Try, in another terminal:
+
+# 1. allowed: alice updates her item
+grpcurl -plaintext -H "authorization: Bearer $ALICE" -d '{{"mutations":[{{"action":"UpdateItem","resource":{{"type":"Item","id":"doc1"}},"update":{{"merge_patch":{{"title":"Hello"}}}}}}]}}' {a} lockstep.v1.Lockstep/AuthorizeAndCommit
+
+# 2. denied (PermissionDenied): bob is not the owner
+grpcurl -plaintext -H "authorization: Bearer $BOB" -d '{{"mutations":[{{"action":"UpdateItem","resource":{{"type":"Item","id":"doc1"}},"update":{{"merge_patch":{{"title":"Mine now"}}}}}}]}}' {a} lockstep.v1.Lockstep/AuthorizeAndCommit
+
+# 3. alice logs out (revokes the token of this very call)
+grpcurl -plaintext -H "authorization: Bearer $ALICE" -d '{{}}' {a} lockstep.v1.Lockstep/RevokeToken
+
+# 4. refused (Unauthenticated): the same write with the revoked token
+grpcurl -plaintext -H "authorization: Bearer $ALICE" -d '{{"mutations":[{{"action":"UpdateItem","resource":{{"type":"Item","id":"doc1"}},"update":{{"merge_patch":{{"title":"After logout"}}}}}}]}}' {a} lockstep.v1.Lockstep/AuthorizeAndCommit
+
+# the audit log (carol is an admin)
+grpcurl -plaintext -H "authorization: Bearer $CAROL" -d '{{}}' {a} lockstep.v1.Lockstep/ListAuditEvents
+"#
+    );
+    Ok(())
+}

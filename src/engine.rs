@@ -1,0 +1,926 @@
+//! The use cases. Each one opens ONE transaction, reads every piece of authorization
+//! state it relies on through it (key, token and subject revocation, policies,
+//! entities), decides, writes, audits and commits — or commits nothing.
+
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::model::{
+    Attributes, AuditEvent, AuditKind, Change, CommitRequest, CommitResult, Decision, EntityRecord, KeyRecord,
+    Mutation, NewAuditEvent, PolicyRecord, Uid, now_micros,
+};
+use crate::policy::{self, CompiledPolicies};
+use crate::store::{Store, StoreError, Txn};
+use crate::token::{self, VerifiedToken};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
+
+/// The resource of Lockstep's own actions.
+pub fn service_uid() -> Uid {
+    Uid::new("Lockstep::Service", "lockstep")
+}
+
+/// `Lockstep::Action::"<name>"`.
+fn lockstep_action(name: &str) -> String {
+    format!("Lockstep::Action::\"{name}\"")
+}
+
+/// Who makes a call: the bearer of a token (every RPC), or the operator working on the
+/// database directly through the CLI (bootstrap and recovery: no token, no policy check,
+/// still validated and audited).
+#[derive(Clone, Copy)]
+pub enum Caller<'a> {
+    Bearer(&'a str),
+    Operator,
+}
+
+/// Per-call limits that come from the transport.
+#[derive(Clone, Copy, Default)]
+pub struct CallOptions {
+    /// Nothing is committed after this instant; the call answers DEADLINE_EXCEEDED.
+    pub deadline: Option<Instant>,
+}
+
+/// The result of evaluating and applying one mutation: a denial is a value.
+enum Step {
+    Applied { entity: EntityRecord, decision: Decision },
+    Denied { decision: Decision, reason: String },
+}
+
+pub struct Engine {
+    store: Arc<dyn Store>,
+    settings: Settings,
+    /// The last compiled policy set, keyed by its version. Only a version number read
+    /// inside the deciding transaction selects it, so a new set is used by every
+    /// transaction that starts after the new set committed.
+    cache: Mutex<Arc<CompiledPolicies>>,
+}
+
+impl Engine {
+    pub fn new(store: Arc<dyn Store>, settings: Settings) -> Self {
+        Self { store, settings, cache: Mutex::new(Arc::new(CompiledPolicies::empty())) }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    // ---------------------------------------------------------------------------------
+    // AuthorizeAndCommit
+    // ---------------------------------------------------------------------------------
+
+    /// Verifies the token, then in one write transaction: re-checks key, token and
+    /// subject revocation, replays a committed idempotency key, and evaluates and applies
+    /// each mutation in order against the state the previous ones left; then audits and
+    /// commits. A denial rolls back every mutation and commits only its audit event.
+    pub async fn authorize_and_commit(
+        &self,
+        raw: &str,
+        req: &CommitRequest,
+        opts: CallOptions,
+    ) -> Result<CommitResult> {
+        self.check_commit_request(req)?;
+        let parsed = token::parse(raw, &self.settings)?;
+        let request_hash =
+            Sha256::digest(serde_json::to_vec(req).map_err(|e| Error::Internal(e.to_string()))?).to_vec();
+
+        let mut txn = self.begin_write(opts).await?;
+        let now = now_micros();
+        let token = self.authenticate(&mut *txn, &parsed, now).await?;
+
+        if !req.idempotency_key.is_empty() {
+            if let Some((hash, response)) = txn.idempotent_response(&token.principal, &req.idempotency_key).await? {
+                if hash != request_hash {
+                    return Err(Error::InvalidArgument(
+                        "idempotency key already used for a different request by this subject".into(),
+                    ));
+                }
+                return serde_json::from_str(&response).map_err(|e| Error::Internal(format!("stored response: {e}")));
+            }
+        }
+
+        let policies = self.policies_in(&mut *txn).await?;
+        txn.savepoint().await?;
+        let mut entities = Vec::with_capacity(req.mutations.len());
+        let mut determining: Vec<String> = Vec::new();
+        for (i, m) in req.mutations.iter().enumerate() {
+            match self.apply(&mut *txn, &policies, &token, &req.context, m).await? {
+                Step::Applied { entity, decision } => {
+                    for p in decision.determining_policies {
+                        if !determining.contains(&p) {
+                            determining.push(p);
+                        }
+                    }
+                    entities.push(entity);
+                }
+                Step::Denied { decision, reason } => {
+                    txn.rollback_to_savepoint().await?;
+                    let detail = format!(
+                        "mutation {i} ({} `{}` on {}) denied: {reason}; determining policies: [{}]{}",
+                        m.change.kind(),
+                        m.action,
+                        m.resource,
+                        decision.determining_policies.join(", "),
+                        if decision.errors.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; errors: {}", decision.errors.join("; "))
+                        },
+                    );
+                    self.audit(
+                        &mut *txn,
+                        AuditKind::Deny,
+                        Some(&token),
+                        req.mutations.clone(),
+                        Vec::new(),
+                        detail,
+                        now,
+                    )
+                    .await?;
+                    self.commit(txn, opts).await?;
+                    return Err(Error::Denied(format!(
+                        "mutation {i} ({} `{}` on {}) is not permitted, or its entity does not exist; nothing was committed",
+                        m.change.kind(),
+                        m.action,
+                        m.resource
+                    )));
+                }
+            }
+        }
+        let audit_seq = self
+            .audit(
+                &mut *txn,
+                AuditKind::Commit,
+                Some(&token),
+                req.mutations.clone(),
+                entities.clone(),
+                String::new(),
+                now,
+            )
+            .await?;
+        let result = CommitResult { entities, audit_seq, determining_policies: determining };
+        if !req.idempotency_key.is_empty() {
+            let response = serde_json::to_string(&result).map_err(|e| Error::Internal(e.to_string()))?;
+            txn.save_idempotent_response(&token.principal, &req.idempotency_key, &request_hash, &response, now).await?;
+        }
+        self.commit(txn, opts).await?;
+        Ok(result)
+    }
+
+    /// Evaluates one mutation against the current state (in `txn`) and applies it when
+    /// allowed. Errors (ABORTED, ALREADY_EXISTS, INVALID_ARGUMENT) abandon the request.
+    async fn apply(
+        &self,
+        txn: &mut dyn Txn,
+        policies: &CompiledPolicies,
+        token: &VerifiedToken,
+        caller_context: &Attributes,
+        m: &Mutation,
+    ) -> Result<Step> {
+        let action = policy::action_uid(&m.action).map_err(Error::InvalidArgument)?;
+        policy::entity_uid(&m.resource).map_err(Error::InvalidArgument)?;
+        let current = txn.entity(&m.resource).await?;
+        let missing = || Step::Denied {
+            decision: Decision { allowed: false, determining_policies: Vec::new(), errors: Vec::new() },
+            reason: "entity does not exist".into(),
+        };
+
+        // The Cedar resource (proposed for create, current otherwise), the entity as it
+        // will be after the change, and the server-set `change` context.
+        let (resource, after, change) = match &m.change {
+            Change::Create { attributes, parents } => {
+                let proposed = EntityRecord {
+                    uid: m.resource.clone(),
+                    attributes: attributes.clone(),
+                    parents: dedup(parents.clone()),
+                    version: 1,
+                };
+                let change =
+                    change_context("create", attributes.keys().cloned().collect(), attributes, &proposed.parents, &[]);
+                (proposed.clone(), proposed, change)
+            }
+            Change::Update { merge_patch, add_parents, remove_parents } => {
+                let Some(cur) = current.clone() else { return Ok(missing()) };
+                let mut attributes = cur.attributes.clone();
+                apply_merge_patch(&mut attributes, merge_patch);
+                let removed: Vec<Uid> =
+                    dedup(remove_parents.iter().filter(|p| cur.parents.contains(p)).cloned().collect());
+                let mut parents: Vec<Uid> =
+                    cur.parents.iter().filter(|p| !remove_parents.contains(p)).cloned().collect();
+                let added: Vec<Uid> = dedup(add_parents.iter().filter(|p| !parents.contains(p)).cloned().collect());
+                parents.extend(added.iter().cloned());
+                let mut changed: Vec<String> = attributes
+                    .iter()
+                    .filter(|(k, v)| cur.attributes.get(*k) != Some(*v))
+                    .map(|(k, _)| k.clone())
+                    .chain(cur.attributes.keys().filter(|k| !attributes.contains_key(*k)).cloned())
+                    .collect();
+                changed.sort();
+                let after = EntityRecord { uid: cur.uid.clone(), attributes, parents, version: cur.version + 1 };
+                let change = change_context("update", changed, &after.attributes, &added, &removed);
+                (cur, after, change)
+            }
+            Change::Delete => {
+                let Some(cur) = current.clone() else { return Ok(missing()) };
+                let change =
+                    change_context("delete", cur.attributes.keys().cloned().collect(), &Map::new(), &[], &cur.parents);
+                let after = EntityRecord { version: cur.version + 1, ..cur.clone() };
+                (cur, after, change)
+            }
+        };
+        if !matches!(m.change, Change::Delete) {
+            self.check_attributes(&after)?;
+            policy::check_entity(&after).map_err(Error::InvalidArgument)?;
+        }
+
+        let mut wanted = vec![token.principal.clone()];
+        wanted.extend(resource.parents.iter().cloned());
+        let loaded = txn.entities_with_ancestors(&wanted).await?;
+        let mut all: Vec<&EntityRecord> = loaded.iter().collect();
+        all.push(&resource);
+        let ctx = build_context(caller_context, token, Some(change))?;
+        let decision = policies.evaluate(&token.principal, &action, &m.resource, ctx, &all).map_err(Error::Internal)?;
+        if !decision.allowed {
+            return Ok(Step::Denied { decision, reason: "no policy permits it, or a policy forbids it".into() });
+        }
+
+        match (&m.change, &current) {
+            (Change::Create { .. }, Some(_)) => {
+                return Err(Error::AlreadyExists(format!(
+                    "entity {} already exists; nothing was committed",
+                    m.resource
+                )));
+            }
+            (Change::Create { .. }, None) => {
+                if let Some(v) = m.if_version.filter(|v| *v != 0) {
+                    return Err(Error::Aborted(format!(
+                        "if_version {v} failed: {} does not exist yet (version 0); nothing was committed",
+                        m.resource
+                    )));
+                }
+                txn.insert_entity(&after).await?;
+            }
+            (_, Some(cur)) => {
+                if let Some(v) = m.if_version.filter(|v| *v != cur.version) {
+                    return Err(Error::Aborted(format!(
+                        "if_version {v} failed: {} is at version {}; nothing was committed",
+                        m.resource, cur.version
+                    )));
+                }
+                if matches!(m.change, Change::Delete) {
+                    txn.delete_entity(&m.resource).await?;
+                } else {
+                    txn.update_entity(&after).await?;
+                }
+            }
+            (_, None) => return Ok(missing()),
+        }
+        Ok(Step::Applied { entity: after, decision })
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Decisions and reads
+    // ---------------------------------------------------------------------------------
+
+    /// A decision only, against one read snapshot of the latest committed state.
+    pub async fn authorize(
+        &self,
+        raw: &str,
+        action: &str,
+        resource: &Uid,
+        context: &Attributes,
+        opts: CallOptions,
+    ) -> Result<Decision> {
+        let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
+        policy::entity_uid(resource).map_err(Error::InvalidArgument)?;
+        self.check_value_sizes(context, "context")?;
+        let parsed = token::parse(raw, &self.settings)?;
+        let mut txn = self.begin_read(opts).await?;
+        let token = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+        let policies = self.policies_in(&mut *txn).await?;
+        let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
+        let ctx = build_context(context, &token, None)?;
+        policies
+            .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
+            .map_err(Error::Internal)
+    }
+
+    /// An authorized read of one entity; denied and missing are the same answer.
+    pub async fn get_entity(&self, raw: &str, uid: &Uid, action: &str, opts: CallOptions) -> Result<EntityRecord> {
+        let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
+        policy::entity_uid(uid).map_err(Error::InvalidArgument)?;
+        let parsed = token::parse(raw, &self.settings)?;
+        let mut txn = self.begin_read(opts).await?;
+        let token = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+        let policies = self.policies_in(&mut *txn).await?;
+        let denied = || Error::Denied(format!("reading {uid} is not permitted, or it does not exist"));
+        let Some(entity) = txn.entity(uid).await? else { return Err(denied()) };
+        let mut wanted = vec![token.principal.clone()];
+        wanted.extend(entity.parents.iter().cloned());
+        let loaded = txn.entities_with_ancestors(&wanted).await?;
+        let mut all: Vec<&EntityRecord> = loaded.iter().collect();
+        all.push(&entity);
+        let ctx = build_context(&Map::new(), &token, None)?;
+        let decision = policies.evaluate(&token.principal, &action, uid, ctx, &all).map_err(Error::Internal)?;
+        if decision.allowed { Ok(entity) } else { Err(denied()) }
+    }
+
+    /// A page of the audit log (Lockstep::Action::"ReadAudit").
+    pub async fn list_audit(
+        &self,
+        caller: Caller<'_>,
+        after_seq: u64,
+        limit: u32,
+        opts: CallOptions,
+    ) -> Result<Vec<AuditEvent>> {
+        let limit = match limit {
+            0 => self.settings.default_audit_page,
+            n => n.min(self.settings.max_audit_page),
+        };
+        let mut txn = self.begin_read(opts).await?;
+        self.admit(&mut *txn, caller, "ReadAudit", &service_uid()).await?;
+        Ok(txn.audit_events(after_seq, limit).await?)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Revocation
+    // ---------------------------------------------------------------------------------
+
+    /// Revokes one token: the caller's own (logout, always allowed) when `jti` is empty
+    /// or names it, else any token, as Lockstep::Action::"RevokeToken".
+    pub async fn revoke_token(
+        &self,
+        raw: &str,
+        jti: &str,
+        expires_at_secs: Option<i64>,
+        opts: CallOptions,
+    ) -> Result<u64> {
+        if jti.len() > 256 {
+            return Err(Error::InvalidArgument("jti longer than 256 bytes".into()));
+        }
+        let parsed = token::parse(raw, &self.settings)?;
+        let mut txn = self.begin_write(opts).await?;
+        let now = now_micros();
+        let token = self.authenticate(&mut *txn, &parsed, now).await?;
+        let (target, expires) = if jti.is_empty() || jti == token.token_id {
+            (token.token_id.clone(), token.exp)
+        } else {
+            let policies = self.policies_in(&mut *txn).await?;
+            self.require(&mut *txn, &policies, &token, "RevokeToken", &service_uid()).await?;
+            let max = i64::try_from(self.settings.max_token_lifetime_secs).unwrap_or(i64::MAX);
+            (jti.to_owned(), expires_at_secs.unwrap_or(now / 1_000_000 + max))
+        };
+        let keep_until = expires.saturating_add(i64::try_from(self.settings.leeway_secs).unwrap_or(0));
+        txn.revoke_token(&target, keep_until, now).await?;
+        let seq = self
+            .audit(
+                &mut *txn,
+                AuditKind::RevokeToken,
+                Some(&token),
+                Vec::new(),
+                Vec::new(),
+                format!("revoked token `{target}`"),
+                now,
+            )
+            .await?;
+        self.commit(txn, opts).await?;
+        Ok(seq)
+    }
+
+    /// Revokes every token of a subject issued at or before now: the caller itself when
+    /// `subject` is None (always allowed), else Lockstep::Action::"RevokeSubject" on it.
+    pub async fn revoke_subject(&self, raw: &str, subject: Option<&Uid>, opts: CallOptions) -> Result<u64> {
+        if let Some(s) = subject {
+            policy::entity_uid(s).map_err(Error::InvalidArgument)?;
+        }
+        let parsed = token::parse(raw, &self.settings)?;
+        let mut txn = self.begin_write(opts).await?;
+        let now = now_micros();
+        let token = self.authenticate(&mut *txn, &parsed, now).await?;
+        let target = subject.cloned().unwrap_or_else(|| token.principal.clone());
+        if target != token.principal {
+            let policies = self.policies_in(&mut *txn).await?;
+            self.require(&mut *txn, &policies, &token, "RevokeSubject", &target).await?;
+        }
+        txn.revoke_subject(&target, now / 1_000_000).await?;
+        let seq = self
+            .audit(
+                &mut *txn,
+                AuditKind::RevokeSubject,
+                Some(&token),
+                Vec::new(),
+                Vec::new(),
+                format!("revoked every token of {target} issued until now"),
+                now,
+            )
+            .await?;
+        self.commit(txn, opts).await?;
+        Ok(seq)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Control plane (RPC callers with a token, or the operator's CLI)
+    // ---------------------------------------------------------------------------------
+
+    /// Validates and activates a new policy set (Lockstep::Action::"PutPolicies").
+    pub async fn put_policies(
+        &self,
+        caller: Caller<'_>,
+        policies: &str,
+        schema: &str,
+        opts: CallOptions,
+    ) -> Result<(u64, u64)> {
+        if policies.len() + schema.len() > self.settings.max_request_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "policies and schema exceed {} bytes",
+                self.settings.max_request_bytes
+            )));
+        }
+        let compiled = policy::compile(0, policies, schema);
+        let mut txn = self.begin_write(opts).await?;
+        let now = now_micros();
+        let token = self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
+        let mut compiled = compiled
+            .map_err(|e| Error::InvalidArgument(format!("policies are invalid; the active set is unchanged:\n{e}")))?;
+        let version = txn.insert_policies(policies, schema, now).await?;
+        compiled.version = version;
+        let seq = self
+            .audit(
+                &mut *txn,
+                AuditKind::PutPolicies,
+                token.as_ref(),
+                Vec::new(),
+                Vec::new(),
+                operator_note(caller, format!("policy version {version}")),
+                now,
+            )
+            .await?;
+        self.commit(txn, opts).await?;
+        self.remember(Arc::new(compiled));
+        Ok((version, seq))
+    }
+
+    /// The active policy set (authorized as Lockstep::Action::"PutPolicies": whoever may
+    /// change the policies may read them).
+    pub async fn get_policies(&self, caller: Caller<'_>, opts: CallOptions) -> Result<Option<PolicyRecord>> {
+        let mut txn = self.begin_read(opts).await?;
+        self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
+        match txn.policy_version().await? {
+            Some(v) => Ok(txn.policies(v).await?),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds a verification key (Lockstep::Action::"ManageKeys").
+    pub async fn add_key(&self, caller: Caller<'_>, mut key: KeyRecord, opts: CallOptions) -> Result<u64> {
+        self.check_key(&mut key)?;
+        let mut txn = self.begin_write(opts).await?;
+        let now = now_micros();
+        let token = self.admit(&mut *txn, caller, "ManageKeys", &service_uid()).await?;
+        key.added_at = now;
+        key.revoked = false;
+        match txn.insert_key(&key).await {
+            Err(StoreError::Conflict(_)) => {
+                return Err(Error::AlreadyExists(format!(
+                    "a key with kid `{}` exists already (kids are never reused)",
+                    key.kid
+                )));
+            }
+            other => other?,
+        }
+        let seq = self
+            .audit(
+                &mut *txn,
+                AuditKind::AddKey,
+                token.as_ref(),
+                Vec::new(),
+                Vec::new(),
+                operator_note(caller, format!("added key `{}` ({})", key.kid, key.algorithm)),
+                now,
+            )
+            .await?;
+        self.commit(txn, opts).await?;
+        Ok(seq)
+    }
+
+    /// Revokes a key: once this returns, no token signed with it is accepted.
+    pub async fn revoke_key(&self, caller: Caller<'_>, kid: &str, opts: CallOptions) -> Result<u64> {
+        let mut txn = self.begin_write(opts).await?;
+        let now = now_micros();
+        let token = self.admit(&mut *txn, caller, "ManageKeys", &service_uid()).await?;
+        if !txn.revoke_key(kid, now).await? {
+            return Err(Error::NotFound(format!("no key with kid `{kid}`")));
+        }
+        let seq = self
+            .audit(
+                &mut *txn,
+                AuditKind::RevokeKey,
+                token.as_ref(),
+                Vec::new(),
+                Vec::new(),
+                operator_note(caller, format!("revoked key `{kid}`")),
+                now,
+            )
+            .await?;
+        self.commit(txn, opts).await?;
+        Ok(seq)
+    }
+
+    pub async fn list_keys(&self, caller: Caller<'_>, opts: CallOptions) -> Result<Vec<KeyRecord>> {
+        let mut txn = self.begin_read(opts).await?;
+        self.admit(&mut *txn, caller, "ManageKeys", &service_uid()).await?;
+        Ok(txn.list_keys().await?)
+    }
+
+    /// The key record itself, secret included: for the operator's `token issue` only.
+    pub async fn operator_key(&self, kid: &str) -> Result<KeyRecord> {
+        let mut txn = self.begin_read(CallOptions::default()).await?;
+        let key = txn.key(kid).await?.ok_or_else(|| Error::NotFound(format!("no key with kid `{kid}`")))?;
+        if key.revoked {
+            return Err(Error::InvalidArgument(format!("key `{kid}` is revoked")));
+        }
+        Ok(key)
+    }
+
+    /// Writes entities directly (operator bootstrap: `entities import`, the demo),
+    /// creating or replacing each, validated and audited as one commit.
+    pub async fn import_entities(&self, entities: Vec<EntityRecord>) -> Result<u64> {
+        for e in &entities {
+            self.check_attributes(e)?;
+            policy::check_entity(e).map_err(Error::InvalidArgument)?;
+        }
+        let mut txn = self.begin_write(CallOptions::default()).await?;
+        let now = now_micros();
+        let mut written = Vec::new();
+        for mut e in entities {
+            match txn.entity(&e.uid).await? {
+                Some(cur) => {
+                    e.version = cur.version + 1;
+                    txn.update_entity(&e).await?;
+                }
+                None => {
+                    e.version = 1;
+                    txn.insert_entity(&e).await?;
+                }
+            }
+            written.push(e);
+        }
+        let n = written.len();
+        let seq = self
+            .audit(&mut *txn, AuditKind::Commit, None, Vec::new(), written, format!("imported {n} entities (cli)"), now)
+            .await?;
+        self.commit(txn, CallOptions::default()).await?;
+        Ok(seq)
+    }
+
+    /// Deletes expired revocations and idempotency records past their retention.
+    pub async fn purge(&self) -> Result<(u64, u64)> {
+        let mut txn = self.begin_write(CallOptions::default()).await?;
+        let now = now_micros();
+        let leeway = i64::try_from(self.settings.leeway_secs).unwrap_or(0);
+        let retention = i64::try_from(self.settings.idempotency_retention.as_micros()).unwrap_or(i64::MAX);
+        let purged = txn.purge(now / 1_000_000 - leeway, now.saturating_sub(retention)).await?;
+        txn.commit().await?;
+        Ok(purged)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Pieces shared by the use cases
+    // ---------------------------------------------------------------------------------
+
+    async fn begin_write(&self, opts: CallOptions) -> Result<Box<dyn Txn>> {
+        match opts.deadline {
+            Some(d) => tokio::time::timeout_at(d, self.store.write()).await.map_err(|_| Error::DeadlineExceeded)?,
+            None => self.store.write().await,
+        }
+        .map_err(Error::from)
+    }
+
+    async fn begin_read(&self, opts: CallOptions) -> Result<Box<dyn Txn>> {
+        match opts.deadline {
+            Some(d) => tokio::time::timeout_at(d, self.store.read()).await.map_err(|_| Error::DeadlineExceeded)?,
+            None => self.store.read().await,
+        }
+        .map_err(Error::from)
+    }
+
+    /// Commits unless the caller's deadline has passed (then nothing is committed).
+    async fn commit(&self, txn: Box<dyn Txn>, opts: CallOptions) -> Result<()> {
+        if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::DeadlineExceeded);
+        }
+        Ok(txn.commit().await?)
+    }
+
+    /// Checks the token against the key, token and subject revocations read in `txn`.
+    async fn authenticate(&self, txn: &mut dyn Txn, parsed: &token::ParsedToken, now: i64) -> Result<VerifiedToken> {
+        let now_secs = now / 1_000_000;
+        let key = txn
+            .key(&parsed.kid)
+            .await?
+            .ok_or_else(|| Error::Unauthenticated("token names an unknown key (`kid`)".into()))?;
+        if key.revoked {
+            return Err(Error::Unauthenticated(format!("the token's signing key `{}` has been revoked", key.kid)));
+        }
+        let token = token::verify(parsed, &key, now_secs, &self.settings)?;
+        if txn.token_revoked(&token.token_id).await? {
+            return Err(Error::Unauthenticated("token has been revoked".into()));
+        }
+        if let Some(at) = txn.subject_revoked_at(&token.principal).await? {
+            // A token without `iat` cannot prove it was issued after the revocation.
+            if token.iat.is_none_or(|iat| iat <= at) {
+                return Err(Error::Unauthenticated(format!(
+                    "every token of {} issued at or before {at} (unix seconds) has been revoked",
+                    token.principal
+                )));
+            }
+        }
+        Ok(token)
+    }
+
+    /// The active policy set, by the version read in `txn`.
+    async fn policies_in(&self, txn: &mut dyn Txn) -> Result<Arc<CompiledPolicies>> {
+        let Some(version) = txn.policy_version().await? else {
+            return Ok(Arc::new(CompiledPolicies::empty()));
+        };
+        {
+            let cached = self.cache.lock().map_err(|_| Error::Internal("policy cache poisoned".into()))?;
+            if cached.version == version {
+                return Ok(cached.clone());
+            }
+        }
+        let record = txn
+            .policies(version)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("policy version {version} vanished")))?;
+        let compiled = Arc::new(
+            policy::compile(version, &record.policies, &record.schema)
+                .map_err(|e| Error::Internal(format!("stored policy version {version} does not compile: {e}")))?,
+        );
+        self.remember(compiled.clone());
+        Ok(compiled)
+    }
+
+    fn remember(&self, compiled: Arc<CompiledPolicies>) {
+        if let Ok(mut cached) = self.cache.lock() {
+            if compiled.version >= cached.version {
+                *cached = compiled;
+            }
+        }
+    }
+
+    /// Authenticates a bearer and requires `Lockstep::Action::"<action>"` on `resource`;
+    /// the operator passes. Returns the bearer's token.
+    async fn admit(
+        &self,
+        txn: &mut dyn Txn,
+        caller: Caller<'_>,
+        action: &str,
+        resource: &Uid,
+    ) -> Result<Option<VerifiedToken>> {
+        let Caller::Bearer(raw) = caller else { return Ok(None) };
+        let parsed = token::parse(raw, &self.settings)?;
+        let token = self.authenticate(txn, &parsed, now_micros()).await?;
+        let policies = self.policies_in(txn).await?;
+        self.require(txn, &policies, &token, action, resource).await?;
+        Ok(Some(token))
+    }
+
+    /// Evaluates `Lockstep::Action::"<action>"` on `resource`; a denial becomes PERMISSION_DENIED.
+    async fn require(
+        &self,
+        txn: &mut dyn Txn,
+        policies: &CompiledPolicies,
+        token: &VerifiedToken,
+        action: &str,
+        resource: &Uid,
+    ) -> Result<()> {
+        let action_uid = policy::action_uid(&lockstep_action(action)).map_err(Error::Internal)?;
+        let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
+        let ctx = build_context(&Map::new(), token, None)?;
+        let decision = policies
+            .evaluate(&token.principal, &action_uid, resource, ctx, &loaded.iter().collect::<Vec<_>>())
+            .map_err(Error::Internal)?;
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(Error::Denied(format!(
+                "{} may not perform Lockstep::Action::\"{action}\" on {resource}",
+                token.principal
+            )))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn audit(
+        &self,
+        txn: &mut dyn Txn,
+        kind: AuditKind,
+        token: Option<&VerifiedToken>,
+        mutations: Vec<Mutation>,
+        entities: Vec<EntityRecord>,
+        detail: String,
+        now: i64,
+    ) -> Result<u64> {
+        let event = NewAuditEvent {
+            kind,
+            principal: token.map(|t| t.principal.clone()),
+            token_id: token.map(|t| t.token_id.clone()).unwrap_or_default(),
+            mutations,
+            entities,
+            detail,
+        };
+        Ok(txn.append_audit(&event, now).await?)
+    }
+
+    fn check_commit_request(&self, req: &CommitRequest) -> Result<()> {
+        let s = &self.settings;
+        if req.mutations.is_empty() {
+            return Err(Error::InvalidArgument("no mutations: send at least one".into()));
+        }
+        if req.mutations.len() > s.max_mutations {
+            return Err(Error::InvalidArgument(format!(
+                "{} mutations; at most {} per request",
+                req.mutations.len(),
+                s.max_mutations
+            )));
+        }
+        if req.idempotency_key.len() > s.max_idempotency_key_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "idempotency_key longer than {} bytes",
+                s.max_idempotency_key_bytes
+            )));
+        }
+        self.check_value_sizes(&req.context, "context")?;
+        for (i, m) in req.mutations.iter().enumerate() {
+            self.check_uid(&m.resource).map_err(|e| Error::InvalidArgument(format!("mutation {i}: {e}")))?;
+            policy::action_uid(&m.action).map_err(|e| Error::InvalidArgument(format!("mutation {i}: {e}")))?;
+            match &m.change {
+                Change::Create { attributes, parents } => {
+                    self.check_value_sizes(attributes, "attributes")?;
+                    parents.iter().try_for_each(|p| self.check_uid(p)).map_err(Error::InvalidArgument)?;
+                }
+                Change::Update { merge_patch, add_parents, remove_parents } => {
+                    self.check_value_sizes(merge_patch, "merge_patch")?;
+                    add_parents
+                        .iter()
+                        .chain(remove_parents)
+                        .try_for_each(|p| self.check_uid(p))
+                        .map_err(Error::InvalidArgument)?;
+                }
+                Change::Delete => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn check_uid(&self, uid: &Uid) -> std::result::Result<(), String> {
+        if uid.ty.is_empty() || uid.id.is_empty() {
+            return Err("entity type and id must not be empty".into());
+        }
+        if uid.ty.len() > 256 || uid.id.len() > self.settings.max_id_bytes {
+            return Err(format!(
+                "entity type longer than 256 bytes or id longer than {} bytes",
+                self.settings.max_id_bytes
+            ));
+        }
+        policy::entity_uid(uid).map(|_| ())
+    }
+
+    fn check_value_sizes(&self, m: &Attributes, what: &str) -> Result<()> {
+        let len = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
+        if len > self.settings.max_attributes_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "{what} is {len} bytes as JSON; at most {}",
+                self.settings.max_attributes_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_attributes(&self, e: &EntityRecord) -> Result<()> {
+        self.check_value_sizes(&e.attributes, "the entity's attributes")?;
+        if e.parents.len() > 1000 {
+            return Err(Error::InvalidArgument("an entity may have at most 1000 parents".into()));
+        }
+        Ok(())
+    }
+
+    fn check_key(&self, key: &mut KeyRecord) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if key.kid.is_empty() || key.kid.len() > 256 {
+            return bad("kid must be 1 to 256 bytes".into());
+        }
+        if key.principal_type.is_empty() {
+            key.principal_type = "User".into();
+        }
+        policy::entity_uid(&Uid::new(key.principal_type.clone(), "x")).map_err(Error::InvalidArgument)?;
+        let hmac = key.algorithm.starts_with("HS");
+        if hmac && !key.public_key_pem.is_empty() {
+            return bad(format!("{} keys take `secret`, not `public_key_pem`", key.algorithm));
+        }
+        if !hmac && !key.secret.is_empty() {
+            return bad(format!("{} keys take `public_key_pem`, not `secret`", key.algorithm));
+        }
+        token::decoding_key(key).map(|_| ()).or_else(bad)
+    }
+}
+
+/// `(CLI)` marks what the operator did on the database directly.
+fn operator_note(caller: Caller<'_>, detail: String) -> String {
+    match caller {
+        Caller::Operator => format!("{detail} (cli)"),
+        Caller::Bearer(_) => detail,
+    }
+}
+
+fn dedup(v: Vec<Uid>) -> Vec<Uid> {
+    let mut out: Vec<Uid> = Vec::with_capacity(v.len());
+    for u in v {
+        if !out.contains(&u) {
+            out.push(u);
+        }
+    }
+    out
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else
+/// replaces.
+pub fn apply_merge_patch(target: &mut Attributes, patch: &Attributes) {
+    for (k, v) in patch {
+        match v {
+            Value::Null => {
+                target.remove(k);
+            }
+            Value::Object(p) => {
+                let entry = target.entry(k.clone()).or_insert_with(|| Value::Object(Map::new()));
+                if !entry.is_object() {
+                    *entry = Value::Object(Map::new());
+                }
+                if let Value::Object(t) = entry {
+                    apply_merge_patch(t, p);
+                }
+            }
+            other => {
+                target.insert(k.clone(), other.clone());
+            }
+        }
+    }
+}
+
+/// The server-set `change` record.
+fn change_context(kind: &str, changed: Vec<String>, proposed: &Attributes, added: &[Uid], removed: &[Uid]) -> Value {
+    json!({
+        "kind": kind,
+        "changed_attributes": changed,
+        "proposed": proposed,
+        "added_parents": added.iter().map(Uid::to_entity_ref_json).collect::<Vec<_>>(),
+        "removed_parents": removed.iter().map(Uid::to_entity_ref_json).collect::<Vec<_>>(),
+    })
+}
+
+/// The caller's context plus the server-set `token` (and `change`): the server's values
+/// replace any the caller sent under those names.
+fn build_context(caller: &Attributes, token: &VerifiedToken, change: Option<Value>) -> Result<cedar_policy::Context> {
+    let mut ctx = caller.clone();
+    ctx.insert(
+        "token".into(),
+        json!({
+            "sub": token.sub,
+            "iss": token.iss,
+            "aud": token.aud,
+            "jti": token.token_id,
+            "iat": token.iat.unwrap_or(0),
+            "exp": token.exp,
+            "scopes": token.scopes,
+            "claims": token.claims,
+        }),
+    );
+    match change {
+        Some(c) => {
+            ctx.insert("change".into(), c);
+        }
+        None => {
+            ctx.remove("change");
+        }
+    }
+    policy::context(Value::Object(ctx)).map_err(Error::InvalidArgument)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc7386() {
+        let mut t: Attributes = serde_json::from_value(json!({"a": "b", "c": {"d": "e", "f": "g"}})).unwrap();
+        let p: Attributes = serde_json::from_value(json!({"a": "z", "c": {"f": null}, "n": [1]})).unwrap();
+        apply_merge_patch(&mut t, &p);
+        assert_eq!(Value::Object(t), json!({"a": "z", "c": {"d": "e"}, "n": [1]}));
+    }
+}

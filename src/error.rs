@@ -1,0 +1,49 @@
+//! The one error type of the use cases. Each variant is a status the contract names;
+//! the transport maps them in exactly one place (`grpc::status`).
+
+/// What went wrong with a call. A policy denial is `Denied`: the decision itself is a
+/// value (`model::Decision`), and only the use case turns it into this error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Token missing, malformed, badly signed, expired, not yet valid, wrong issuer or
+    /// audience, or revoked.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A policy denied the action, or the entity does not exist: the two are one answer.
+    #[error("{0}")]
+    Denied(String),
+    /// An `if_version` precondition failed.
+    #[error("{0}")]
+    Aborted(String),
+    /// A create of an entity (or key) that exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Something named by an administrative call does not exist (e.g. a key).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed or exceeds a limit.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The database cannot be reached: nothing was committed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The caller's deadline passed before the transaction committed: nothing was committed.
+    #[error("deadline exceeded before the transaction committed; nothing was committed")]
+    DeadlineExceeded,
+    /// A bug or a corrupt database; the details are logged, not sent.
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<crate::store::StoreError> for Error {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError as S;
+        match e {
+            S::Unavailable(m) => Error::Unavailable(format!("database unavailable: {m}")),
+            S::Conflict(m) => Error::Internal(format!("unexpected conflict: {m}")),
+            S::Internal(m) => Error::Internal(m),
+        }
+    }
+}

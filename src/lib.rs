@@ -1,0 +1,28 @@
+//! Lockstep: a gRPC policy decision point that verifies a caller's JWT, re-checks its
+//! revocation, evaluates Cedar policies against the entities as they are now, applies
+//! the requested state change and writes the audit record — all in ONE database
+//! transaction, so that no write lands on the strength of a state that no longer exists.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed settings and limits.
+//! - [`model`]: domain types (uids, entities, mutations, keys, audit events).
+//! - [`error`]: the use cases' error type; one variant per status the contract names.
+//! - [`token`]: JWT parsing and verification (no I/O).
+//! - [`policy`]: Cedar compilation and evaluation (no I/O).
+//! - [`engine`]: the use cases, each one transaction that reads, decides, writes, audits.
+//! - [`store`]: the `Store`/`Txn` traits and their SQLite implementation.
+//! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
+//! - [`server`]: serving with health, reflection, housekeeping and graceful shutdown.
+//! - [`cli`]: the `lockstep` command line (serve, demo, keys, policies, token, entities).
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod grpc;
+pub mod model;
+pub mod policy;
+pub mod server;
+pub mod store;
+pub mod token;

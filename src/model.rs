@@ -1,0 +1,194 @@
+//! Domain types shared by the use cases, the store and the transport: entity uids,
+//! entities, mutations, keys, audit events. No protobuf and no SQL here.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// A Cedar entity uid as the caller names it: a type (`User`, `App::Document`) and an id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Uid {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub id: String,
+}
+
+impl Uid {
+    pub fn new(ty: impl Into<String>, id: impl Into<String>) -> Self {
+        Self { ty: ty.into(), id: id.into() }
+    }
+
+    /// The uid in Cedar's JSON entity-reference form, `{"__entity": {...}}`.
+    pub fn to_entity_ref_json(&self) -> Value {
+        serde_json::json!({ "__entity": { "type": self.ty, "id": self.id } })
+    }
+}
+
+impl fmt::Display for Uid {
+    /// Cedar syntax: `User::"alice"` (the id escaped as Cedar and JSON escape strings).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}::{}", self.ty, Value::String(self.id.clone()))
+    }
+}
+
+/// Attributes in Cedar's JSON entity format (see the contract's header comment).
+pub type Attributes = Map<String, Value>;
+
+/// An entity as stored: attributes, parents and the version that counts its changes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EntityRecord {
+    pub uid: Uid,
+    pub attributes: Attributes,
+    pub parents: Vec<Uid>,
+    /// Starts at 1 on create and grows by 1 with every committed change.
+    pub version: u64,
+}
+
+/// What a mutation does to its entity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Change {
+    Create { attributes: Attributes, parents: Vec<Uid> },
+    Update { merge_patch: Attributes, add_parents: Vec<Uid>, remove_parents: Vec<Uid> },
+    Delete,
+}
+
+impl Change {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Create { .. } => "create",
+            Change::Update { .. } => "update",
+            Change::Delete => "delete",
+        }
+    }
+}
+
+/// One requested state change, authorized as the Cedar request
+/// (principal = the token's subject, action, resource = the entity).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mutation {
+    /// As the caller wrote it: `UpdateItem` or `App::Action::"UpdateItem"`.
+    pub action: String,
+    pub resource: Uid,
+    pub change: Change,
+    pub if_version: Option<u64>,
+}
+
+/// An AuthorizeAndCommit request in domain terms.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CommitRequest {
+    pub mutations: Vec<Mutation>,
+    /// The caller's context record (Cedar JSON); `token` and `change` are set by the server.
+    pub context: Attributes,
+    pub idempotency_key: String,
+}
+
+/// What a committed AuthorizeAndCommit returns; also what an idempotent repeat returns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommitResult {
+    pub entities: Vec<EntityRecord>,
+    pub audit_seq: u64,
+    pub determining_policies: Vec<String>,
+}
+
+/// A verification key as stored.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub kid: String,
+    pub algorithm: String,
+    /// HMAC secret; never logged, never returned by an RPC.
+    pub secret: Vec<u8>,
+    pub public_key_pem: String,
+    pub issuer: String,
+    pub audience: String,
+    pub principal_type: String,
+    pub revoked: bool,
+    /// Unix microseconds.
+    pub added_at: i64,
+}
+
+impl fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .field("secret", &"<redacted>")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("principal_type", &self.principal_type)
+            .field("revoked", &self.revoked)
+            .finish()
+    }
+}
+
+/// A version of the policy set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub version: u64,
+    pub policies: String,
+    pub schema: String,
+    /// Unix microseconds.
+    pub created_at: i64,
+}
+
+/// The kinds of audit events, numbered as in the contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuditKind {
+    Commit = 1,
+    Deny = 2,
+    RevokeToken = 3,
+    RevokeSubject = 4,
+    RevokeKey = 5,
+    AddKey = 6,
+    PutPolicies = 7,
+}
+
+impl AuditKind {
+    pub fn from_i64(v: i64) -> Option<Self> {
+        Some(match v {
+            1 => Self::Commit,
+            2 => Self::Deny,
+            3 => Self::RevokeToken,
+            4 => Self::RevokeSubject,
+            5 => Self::RevokeKey,
+            6 => Self::AddKey,
+            7 => Self::PutPolicies,
+            _ => return None,
+        })
+    }
+}
+
+/// An audit event before the store gives it its `seq` and time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewAuditEvent {
+    pub kind: AuditKind,
+    /// None for the CLI working on the database directly.
+    pub principal: Option<Uid>,
+    pub token_id: String,
+    pub mutations: Vec<Mutation>,
+    pub entities: Vec<EntityRecord>,
+    pub detail: String,
+}
+
+/// A stored audit event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEvent {
+    pub seq: u64,
+    /// Unix microseconds.
+    pub time: i64,
+    pub event: NewAuditEvent,
+}
+
+/// The outcome of a Cedar evaluation: a denial is a value, not an error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub determining_policies: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Current time in unix microseconds.
+pub fn now_micros() -> i64 {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}

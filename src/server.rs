@@ -1,0 +1,157 @@
+//! Serving: the gRPC server with health and reflection, the health watcher, the
+//! housekeeping task, and graceful shutdown.
+
+use crate::engine::Engine;
+use crate::grpc::{AdminService, LockstepService, pb};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+/// gRPC's own limit on a decoded message; our tighter limit (`Settings::max_request_bytes`)
+/// is checked in the handlers so that it answers INVALID_ARGUMENT with a clear message.
+const MAX_DECODED_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// How long a shutdown waits for in-flight calls and open connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fails at start, with a clear message, when the JWT crypto backend is missing.
+pub fn check_crypto_provider() -> anyhow::Result<()> {
+    if jsonwebtoken::crypto::CryptoProvider::try_get_default().is_none() {
+        anyhow::bail!("no JWT crypto provider: build jsonwebtoken with exactly one of `aws_lc_rs` or `rust_crypto`");
+    }
+    Ok(())
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains in-flight calls.
+pub async fn run(
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    check_crypto_provider()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let services = ["", "lockstep.v1.Lockstep", "lockstep.v1.Admin"];
+    for s in services {
+        reporter.set_service_status(s, ServingStatus::Serving).await;
+    }
+
+    // Health follows the database: NOT_SERVING while it does not answer.
+    let watcher = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut last = true;
+            loop {
+                let ok =
+                    matches!(tokio::time::timeout(Duration::from_secs(2), engine.store().ping()).await, Ok(Ok(())));
+                if ok != last {
+                    let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    if ok {
+                        tracing::info!("database reachable again: SERVING");
+                    } else {
+                        tracing::warn!("database unreachable: NOT_SERVING");
+                    }
+                    for s in services {
+                        reporter.set_service_status(s, status).await;
+                    }
+                    last = ok;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+
+    // Revocations outlive their tokens only so long; idempotency keys 24 h and more.
+    let housekeeping = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(600));
+            loop {
+                tick.tick().await;
+                match engine.purge().await {
+                    Ok((tokens, keys)) => {
+                        tracing::info!(
+                            revoked_tokens = tokens,
+                            idempotency_keys = keys,
+                            "housekeeping: purged expired rows"
+                        )
+                    }
+                    Err(e) => tracing::warn!(error = %e, "housekeeping failed; will retry"),
+                }
+            }
+        })
+    };
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let lockstep = pb::lockstep_server::LockstepServer::new(LockstepService { engine: engine.clone() })
+        .max_decoding_message_size(MAX_DECODED_MESSAGE);
+    let admin = pb::admin_server::AdminServer::new(AdminService { engine: engine.clone() })
+        .max_decoding_message_size(MAX_DECODED_MESSAGE);
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "lockstep listening");
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    };
+    let serve = Server::builder()
+        .add_service(lockstep)
+        .add_service(admin)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal);
+    // In-flight calls get DRAIN_TIMEOUT to finish; a call cut off then has not committed
+    // (its transaction rolls back when dropped) or has, and is in the audit log.
+    let result = tokio::select! {
+        r = serve => r,
+        () = async {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(DRAIN_TIMEOUT).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!("drain timeout: closing remaining connections");
+            Ok(())
+        }
+    };
+    watcher.abort();
+    housekeeping.abort();
+    tracing::info!("lockstep stopped");
+    result.map_err(Into::into)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested: draining in-flight calls");
+}

@@ -1,0 +1,128 @@
+//! Storage: the `Store` and `Txn` traits, one implementation per database.
+//!
+//! Everything that decides a call is read through a `Txn`, and a write call's decision
+//! and its writes share one `Txn`. SQL lives only below this module.
+
+pub mod sqlite;
+
+use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// Why a store operation failed, in the terms the use cases need.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or did not answer in time (includes SQLite's
+    /// busy timeout running out): the caller gets UNAVAILABLE and nothing is committed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A uniqueness constraint refused a write (e.g. a key or entity that exists).
+    #[error("{0}")]
+    Conflict(String),
+    /// Anything else: a bug or corrupt data.
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A database that hands out transactions.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Starts a write transaction. Write transactions are serialized with every other
+    /// write transaction that touches the same rows (on SQLite: with every writer), so
+    /// a transaction that starts after another has committed sees all it wrote.
+    async fn write(&self) -> StoreResult<Box<dyn Txn>>;
+    /// Starts a read-only transaction: one consistent snapshot of the latest committed
+    /// state. Readers never block writers or each other.
+    async fn read(&self) -> StoreResult<Box<dyn Txn>>;
+    /// Checks that the database answers (for health reporting).
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+/// One database transaction.
+///
+/// Contract: every read and write made through one `Txn` is consistent with every other
+/// (one serializable snapshot that includes its own writes). `commit` makes the writes
+/// durable and visible at once; dropping the `Txn` without `commit` rolls everything back.
+///
+/// Locking protocol (SQLite): a write transaction is `BEGIN IMMEDIATE` on the single
+/// writer connection, so write transactions run one at a time in the order they took the
+/// write lock, across threads and processes. Any revocation, transfer, membership change
+/// or policy change that has committed is therefore seen by every write transaction that
+/// starts later, and the audit `seq` (assigned inside the transaction) follows that order.
+#[async_trait]
+pub trait Txn: Send {
+    // --- credentials -------------------------------------------------------------------
+    async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>>;
+    async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>>;
+    /// Inserts a key; `Conflict` if the kid exists (revoked or not).
+    async fn insert_key(&mut self, key: &KeyRecord) -> StoreResult<()>;
+    /// Marks a key revoked; false if there is no such key.
+    async fn revoke_key(&mut self, kid: &str, now: i64) -> StoreResult<bool>;
+    async fn token_revoked(&mut self, token_id: &str) -> StoreResult<bool>;
+    /// Records a revoked token id until `expires_at` (unix seconds).
+    async fn revoke_token(&mut self, token_id: &str, expires_at: i64, now: i64) -> StoreResult<()>;
+    /// Unix seconds: tokens of this subject issued at or before it are revoked.
+    async fn subject_revoked_at(&mut self, subject: &Uid) -> StoreResult<Option<i64>>;
+    async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()>;
+
+    // --- policies ------------------------------------------------------------------------
+    /// The active (newest) policy version, if any policy set was ever put.
+    async fn policy_version(&mut self) -> StoreResult<Option<u64>>;
+    async fn policies(&mut self, version: u64) -> StoreResult<Option<PolicyRecord>>;
+    /// Stores a new policy set version and makes it the active one; returns its version.
+    async fn insert_policies(&mut self, policies: &str, schema: &str, now: i64) -> StoreResult<u64>;
+
+    // --- entities ------------------------------------------------------------------------
+    async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>>;
+    /// The given entities that exist, and all their ancestors (transitively), each once.
+    async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>>;
+    /// `Conflict` if it exists.
+    async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()>;
+    /// Replaces attributes, parents and version of an existing entity.
+    async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()>;
+    async fn delete_entity(&mut self, uid: &Uid) -> StoreResult<()>;
+
+    // --- partial rollback ----------------------------------------------------------------
+    /// Marks a point that `rollback_to_savepoint` returns to (one level is enough).
+    async fn savepoint(&mut self) -> StoreResult<()>;
+    async fn rollback_to_savepoint(&mut self) -> StoreResult<()>;
+
+    // --- idempotency ---------------------------------------------------------------------
+    /// The stored (request hash, response JSON) for this subject's key, if any.
+    async fn idempotent_response(&mut self, subject: &Uid, key: &str) -> StoreResult<Option<(Vec<u8>, String)>>;
+    async fn save_idempotent_response(
+        &mut self,
+        subject: &Uid,
+        key: &str,
+        request_hash: &[u8],
+        response: &str,
+        now: i64,
+    ) -> StoreResult<()>;
+
+    // --- audit ---------------------------------------------------------------------------
+    /// Appends an event; returns its `seq`, which is larger than that of every event
+    /// committed before this transaction.
+    async fn append_audit(&mut self, event: &NewAuditEvent, now: i64) -> StoreResult<u64>;
+    async fn audit_events(&mut self, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditEvent>>;
+
+    // --- housekeeping --------------------------------------------------------------------
+    /// Deletes revoked-token rows whose token has expired and idempotency records older
+    /// than `idempotency_before` (unix micros); returns how many rows of each went.
+    async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)>;
+
+    /// Makes every write of this transaction durable and visible, atomically.
+    async fn commit(self: Box<Self>) -> StoreResult<()>;
+}
+
+/// Opens the store named by a database URL (`sqlite://…`).
+pub async fn open(url: &str, opts: &crate::config::StoreOptions) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::open(url, opts).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        anyhow::bail!("PostgreSQL support is not built yet (tracked by the PostgreSQL issue); use a sqlite:// URL")
+    } else {
+        anyhow::bail!("unsupported database URL `{url}`: use sqlite:///abs/path.db or sqlite://relative.db")
+    }
+}

@@ -1,0 +1,466 @@
+//! The SQLite store: the embedded default. One writer connection (write transactions
+//! queue for it in process, and `BEGIN IMMEDIATE` plus a busy timeout serializes them
+//! with other processes), a small pool of readers that never block (WAL).
+
+use super::{Store, StoreError, StoreResult, Txn};
+use crate::config::StoreOptions;
+use crate::model::{AuditEvent, AuditKind, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use std::str::FromStr;
+
+pub struct SqliteStore {
+    /// Exactly one connection: the queue for it is the writers' queue, so no writer ever
+    /// sees "database is locked" from another writer of this process.
+    writer: SqlitePool,
+    /// Read-only snapshots for decision-only calls; WAL lets them run beside the writer.
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database file, switches it to WAL and runs the
+    /// migrations.
+    pub async fn open(url: &str, opts: &StoreOptions) -> anyhow::Result<Self> {
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            anyhow::bail!("in-memory SQLite databases are not supported: name a file, e.g. sqlite://lockstep.db");
+        }
+        let base = SqliteConnectOptions::from_str(url)
+            .map_err(|e| anyhow::anyhow!("invalid SQLite URL `{url}`: {e}"))?
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit that returned survives a power cut, not only a crash.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(opts.busy_timeout)
+            .foreign_keys(false);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_with(base.clone().create_if_missing(true))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}`: {e}"))?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&writer)
+            .await
+            .map_err(|e| anyhow::anyhow!("migrating `{url}` failed: {e}"))?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(opts.read_connections.max(1))
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_with(base.read_only(true))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}` for reading: {e}"))?;
+        Ok(Self { writer, reader })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn write(&self) -> StoreResult<Box<dyn Txn>> {
+        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        Ok(Box::new(SqliteTxn { tx }))
+    }
+
+    async fn read(&self) -> StoreResult<Box<dyn Txn>> {
+        let tx = self.reader.begin().await.map_err(map_err)?;
+        Ok(Box::new(SqliteTxn { tx }))
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        // Touch the file, not just the connection: a read of a real table.
+        sqlx::query("SELECT max(version) FROM policies").execute(&self.reader).await.map_err(map_err)?;
+        Ok(())
+    }
+}
+
+struct SqliteTxn {
+    tx: Transaction<'static, Sqlite>,
+}
+
+/// Maps a driver error to what the use cases need to know: can the caller retry later
+/// (UNAVAILABLE), did a uniqueness constraint refuse the write, or is it a bug.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::PoolTimedOut => {
+            StoreError::Unavailable("timed out waiting for the database; nothing was committed, retry".into())
+        }
+        sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed | sqlx::Error::Io(_) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(db) => {
+            if db.is_unique_violation() {
+                return StoreError::Conflict(db.message().to_owned());
+            }
+            // Primary result codes: BUSY 5, LOCKED 6, NOMEM 7, READONLY 8, IOERR 10,
+            // CORRUPT 11, FULL 13, CANTOPEN 14, PROTOCOL 15, NOTADB 26.
+            let primary = db.code().and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff);
+            match primary {
+                Some(5 | 6) => StoreError::Unavailable(
+                    "another writer held the database past the busy timeout; nothing was committed, retry".into(),
+                ),
+                Some(7 | 8 | 10 | 13 | 14 | 15) => StoreError::Unavailable(db.message().to_owned()),
+                _ => StoreError::Internal(e.to_string()),
+            }
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Internal(format!("corrupt JSON in the database: {e}"))
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn key_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<KeyRecord> {
+    Ok(KeyRecord {
+        kid: r.try_get("kid").map_err(map_err)?,
+        algorithm: r.try_get("algorithm").map_err(map_err)?,
+        secret: r.try_get("secret").map_err(map_err)?,
+        public_key_pem: r.try_get("public_key_pem").map_err(map_err)?,
+        issuer: r.try_get("issuer").map_err(map_err)?,
+        audience: r.try_get("audience").map_err(map_err)?,
+        principal_type: r.try_get("principal_type").map_err(map_err)?,
+        revoked: r.try_get::<i64, _>("revoked").map_err(map_err)? != 0,
+        added_at: r.try_get("added_at").map_err(map_err)?,
+    })
+}
+
+fn entity_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<EntityRecord> {
+    let attributes: String = r.try_get("attributes").map_err(map_err)?;
+    let parents: String = r.try_get("parents").map_err(map_err)?;
+    Ok(EntityRecord {
+        uid: Uid::new(
+            r.try_get::<String, _>("etype").map_err(map_err)?,
+            r.try_get::<String, _>("eid").map_err(map_err)?,
+        ),
+        attributes: serde_json::from_str(&attributes).map_err(json_err)?,
+        parents: serde_json::from_str(&parents).map_err(json_err)?,
+        version: to_u64(r.try_get("version").map_err(map_err)?),
+    })
+}
+
+#[async_trait]
+impl Txn for SqliteTxn {
+    async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>> {
+        let row = sqlx::query("SELECT * FROM keys WHERE kid = ?1")
+            .bind(kid)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM keys ORDER BY added_at, kid").fetch_all(&mut *self.tx).await.map_err(map_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn insert_key(&mut self, k: &KeyRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO keys (kid, algorithm, secret, public_key_pem, issuer, audience, principal_type, revoked, added_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(&k.kid)
+        .bind(&k.algorithm)
+        .bind(&k.secret)
+        .bind(&k.public_key_pem)
+        .bind(&k.issuer)
+        .bind(&k.audience)
+        .bind(&k.principal_type)
+        .bind(i64::from(k.revoked))
+        .bind(k.added_at)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn revoke_key(&mut self, kid: &str, now: i64) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE keys SET revoked = 1, revoked_at = coalesce(revoked_at, ?2) WHERE kid = ?1")
+            .bind(kid)
+            .bind(now)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn token_revoked(&mut self, token_id: &str) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT 1 FROM revoked_tokens WHERE token_id = ?1")
+            .bind(token_id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(row.is_some())
+    }
+
+    async fn revoke_token(&mut self, token_id: &str, expires_at: i64, now: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO revoked_tokens (token_id, expires_at_secs, revoked_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (token_id) DO UPDATE SET expires_at_secs = max(expires_at_secs, excluded.expires_at_secs)",
+        )
+        .bind(token_id)
+        .bind(expires_at)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn subject_revoked_at(&mut self, subject: &Uid) -> StoreResult<Option<i64>> {
+        let row = sqlx::query("SELECT revoked_at_secs FROM revoked_subjects WHERE etype = ?1 AND eid = ?2")
+            .bind(&subject.ty)
+            .bind(&subject.id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        row.map(|r| r.try_get(0).map_err(map_err)).transpose()
+    }
+
+    async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO revoked_subjects (etype, eid, revoked_at_secs) VALUES (?1, ?2, ?3)
+             ON CONFLICT (etype, eid) DO UPDATE SET revoked_at_secs = max(revoked_at_secs, excluded.revoked_at_secs)",
+        )
+        .bind(&subject.ty)
+        .bind(&subject.id)
+        .bind(at_secs)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn policy_version(&mut self) -> StoreResult<Option<u64>> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM policies").fetch_one(&mut *self.tx).await.map_err(map_err)?;
+        Ok(v.map(to_u64))
+    }
+
+    async fn policies(&mut self, version: u64) -> StoreResult<Option<PolicyRecord>> {
+        let row = sqlx::query("SELECT version, policies, schema, created_at FROM policies WHERE version = ?1")
+            .bind(to_i64(version))
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        row.map(|r| {
+            Ok(PolicyRecord {
+                version: to_u64(r.try_get("version").map_err(map_err)?),
+                policies: r.try_get("policies").map_err(map_err)?,
+                schema: r.try_get("schema").map_err(map_err)?,
+                created_at: r.try_get("created_at").map_err(map_err)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn insert_policies(&mut self, policies: &str, schema: &str, now: i64) -> StoreResult<u64> {
+        let v: i64 = sqlx::query_scalar(
+            "INSERT INTO policies (version, policies, schema, created_at)
+             VALUES ((SELECT coalesce(max(version), 0) + 1 FROM policies), ?1, ?2, ?3) RETURNING version",
+        )
+        .bind(policies)
+        .bind(schema)
+        .bind(now)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(to_u64(v))
+    }
+
+    async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
+        let row =
+            sqlx::query("SELECT etype, eid, attributes, parents, version FROM entities WHERE etype = ?1 AND eid = ?2")
+                .bind(&uid.ty)
+                .bind(&uid.id)
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+        row.as_ref().map(entity_from_row).transpose()
+    }
+
+    async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let start = serde_json::to_string(uids).map_err(json_err)?;
+        // UNION (not UNION ALL) visits each entity once, so parent cycles terminate.
+        let rows = sqlx::query(
+            "WITH RECURSIVE anc(etype, eid) AS (
+                 SELECT s.value ->> '$.type', s.value ->> '$.id' FROM json_each(?1) AS s
+                 UNION
+                 SELECT p.value ->> '$.type', p.value ->> '$.id'
+                 FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid, json_each(e.parents) AS p
+             )
+             SELECT e.etype, e.eid, e.attributes, e.parents, e.version
+             FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid",
+        )
+        .bind(start)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(entity_from_row).collect()
+    }
+
+    async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        sqlx::query("INSERT INTO entities (etype, eid, attributes, parents, version) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .bind(&e.uid.ty)
+            .bind(&e.uid.id)
+            .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
+            .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
+            .bind(to_i64(e.version))
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE entities SET attributes = ?3, parents = ?4, version = ?5 WHERE etype = ?1 AND eid = ?2",
+        )
+        .bind(&e.uid.ty)
+        .bind(&e.uid.id)
+        .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
+        .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
+        .bind(to_i64(e.version))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Internal(format!("update of missing entity {}", e.uid)));
+        }
+        Ok(())
+    }
+
+    async fn delete_entity(&mut self, uid: &Uid) -> StoreResult<()> {
+        sqlx::query("DELETE FROM entities WHERE etype = ?1 AND eid = ?2")
+            .bind(&uid.ty)
+            .bind(&uid.id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn savepoint(&mut self) -> StoreResult<()> {
+        sqlx::query("SAVEPOINT lockstep_mutations").execute(&mut *self.tx).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> StoreResult<()> {
+        sqlx::query("ROLLBACK TO SAVEPOINT lockstep_mutations").execute(&mut *self.tx).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn idempotent_response(&mut self, subject: &Uid, key: &str) -> StoreResult<Option<(Vec<u8>, String)>> {
+        let row =
+            sqlx::query("SELECT request_hash, response FROM idempotency WHERE etype = ?1 AND eid = ?2 AND key = ?3")
+                .bind(&subject.ty)
+                .bind(&subject.id)
+                .bind(key)
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+        row.map(|r| Ok((r.try_get(0).map_err(map_err)?, r.try_get(1).map_err(map_err)?))).transpose()
+    }
+
+    async fn save_idempotent_response(
+        &mut self,
+        subject: &Uid,
+        key: &str,
+        request_hash: &[u8],
+        response: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO idempotency (etype, eid, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&subject.ty)
+        .bind(&subject.id)
+        .bind(key)
+        .bind(request_hash)
+        .bind(response)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn append_audit(&mut self, ev: &NewAuditEvent, now: i64) -> StoreResult<u64> {
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING seq",
+        )
+        .bind(now)
+        .bind(ev.kind as i64)
+        .bind(ev.principal.as_ref().map(|p| p.ty.as_str()))
+        .bind(ev.principal.as_ref().map(|p| p.id.as_str()))
+        .bind(&ev.token_id)
+        .bind(serde_json::to_string(&ev.mutations).map_err(json_err)?)
+        .bind(serde_json::to_string(&ev.entities).map_err(json_err)?)
+        .bind(&ev.detail)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(to_u64(seq))
+    }
+
+    async fn audit_events(&mut self, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditEvent>> {
+        let rows = sqlx::query("SELECT * FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .bind(to_i64(after_seq))
+            .bind(i64::from(limit))
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                let kind: i64 = r.try_get("kind").map_err(map_err)?;
+                let pt: Option<String> = r.try_get("principal_type").map_err(map_err)?;
+                let pi: Option<String> = r.try_get("principal_id").map_err(map_err)?;
+                let mutations: String = r.try_get("mutations").map_err(map_err)?;
+                let entities: String = r.try_get("entities").map_err(map_err)?;
+                Ok(AuditEvent {
+                    seq: to_u64(r.try_get("seq").map_err(map_err)?),
+                    time: r.try_get("time").map_err(map_err)?,
+                    event: NewAuditEvent {
+                        kind: AuditKind::from_i64(kind)
+                            .ok_or_else(|| StoreError::Internal(format!("unknown audit kind {kind}")))?,
+                        principal: pt.zip(pi).map(|(t, i)| Uid::new(t, i)),
+                        token_id: r.try_get("token_id").map_err(map_err)?,
+                        mutations: serde_json::from_str(&mutations).map_err(json_err)?,
+                        entities: serde_json::from_str(&entities).map_err(json_err)?,
+                        detail: r.try_get("detail").map_err(map_err)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)> {
+        let tokens = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at_secs < ?1")
+            .bind(now_secs)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        let keys = sqlx::query("DELETE FROM idempotency WHERE created_at < ?1")
+            .bind(idempotency_before)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok((tokens.rows_affected(), keys.rows_affected()))
+    }
+
+    async fn commit(self: Box<Self>) -> StoreResult<()> {
+        self.tx.commit().await.map_err(map_err)
+    }
+}

@@ -1,0 +1,320 @@
+//! JWT verification. `parse` reads what can be read without the database (size, header,
+//! `kid`); `verify` checks the signature and claims against a key that the caller read
+//! inside its transaction. Revocation is checked by the use case, in the same transaction.
+//! The token text is never logged, stored or put in an error message.
+
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::model::{KeyRecord, Uid};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::str::FromStr;
+
+/// A token whose header has been read but whose signature is not yet checked.
+pub struct ParsedToken {
+    raw: String,
+    pub kid: String,
+    pub alg: Algorithm,
+}
+
+/// A token whose signature, lifetime, issuer and audience have been checked.
+/// Not yet trusted: revocation is checked by the use case, inside its transaction.
+#[derive(Clone, Debug)]
+pub struct VerifiedToken {
+    /// `<principal_type>::"<sub>"`.
+    pub principal: Uid,
+    /// `jti`, or when absent `sha256:<hex of the signature>`.
+    pub token_id: String,
+    pub kid: String,
+    pub sub: String,
+    pub iss: String,
+    pub aud: String,
+    pub iat: Option<i64>,
+    pub exp: i64,
+    pub scopes: Vec<String>,
+    /// Every claim, cleaned so that Cedar reads it as plain data (see `cedar_safe`).
+    pub claims: Map<String, Value>,
+}
+
+fn unauth(msg: impl Into<String>) -> Error {
+    Error::Unauthenticated(msg.into())
+}
+
+/// Reads the `authorization` metadata value: `Bearer <jwt>`.
+pub fn bearer(value: Option<&str>) -> Result<&str> {
+    let v = value.ok_or_else(|| unauth("missing `authorization` metadata: send `authorization: Bearer <jwt>`"))?;
+    let token = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .ok_or_else(|| unauth("`authorization` metadata must be `Bearer <jwt>`"))?
+        .trim();
+    if token.is_empty() {
+        return Err(unauth("empty bearer token"));
+    }
+    Ok(token)
+}
+
+/// Checks size and header. Refuses `none`, unknown `crit` and tokens without `kid`;
+/// `jku`, `x5u`, `jwk` and `x5c` are never used to find a key (RFC 8725).
+pub fn parse(raw: &str, settings: &Settings) -> Result<ParsedToken> {
+    if raw.len() > settings.max_token_bytes {
+        return Err(unauth(format!("token larger than {} bytes", settings.max_token_bytes)));
+    }
+    if raw.split('.').count() != 3 {
+        return Err(unauth("malformed token: a JWS in compact form has three parts"));
+    }
+    let header = jsonwebtoken::decode_header(raw)
+        .map_err(|e| unauth(format!("malformed token header: {}", describe(e.kind()))))?;
+    if header.crit.is_some() {
+        return Err(unauth("token header has `crit` parameters, which are not supported"));
+    }
+    let kid = header.kid.filter(|k| !k.is_empty()).ok_or_else(|| unauth("token header has no `kid`"))?;
+    if kid.len() > 256 {
+        return Err(unauth("token `kid` longer than 256 bytes"));
+    }
+    Ok(ParsedToken { raw: raw.to_owned(), kid, alg: header.alg })
+}
+
+/// The decoding key for a stored key record, or why it cannot be used.
+pub fn decoding_key(key: &KeyRecord) -> std::result::Result<(Algorithm, DecodingKey), String> {
+    let alg = Algorithm::from_str(&key.algorithm).map_err(|_| format!("unknown algorithm `{}`", key.algorithm))?;
+    let pem = key.public_key_pem.as_bytes();
+    let dk = match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            if key.secret.len() < 32 {
+                return Err("HMAC secrets must be at least 32 bytes".into());
+            }
+            DecodingKey::from_secret(&key.secret)
+        }
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem),
+        Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+        other => return Err(format!("algorithm {other:?} is not supported")),
+    }
+    .map_err(|e| format!("unusable key material for {}: {}", key.algorithm, describe(e.kind())))?;
+    Ok((alg, dk))
+}
+
+/// Verifies signature and claims with `key` (which the caller has checked is not revoked).
+pub fn verify(token: &ParsedToken, key: &KeyRecord, now_secs: i64, settings: &Settings) -> Result<VerifiedToken> {
+    let (alg, dk) = decoding_key(key).map_err(|e| unauth(format!("key `{}` cannot verify: {e}", key.kid)))?;
+    if token.alg != alg {
+        return Err(unauth(format!(
+            "token algorithm {:?} does not match key `{}` ({})",
+            token.alg, key.kid, key.algorithm
+        )));
+    }
+    let mut v = Validation::new(alg);
+    v.leeway = settings.leeway_secs;
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    if key.issuer.is_empty() {
+        v.iss = None;
+    } else {
+        v.set_issuer(&[&key.issuer]);
+        required.push("iss");
+    }
+    if key.audience.is_empty() {
+        v.validate_aud = false;
+    } else {
+        v.set_audience(&[&key.audience]);
+        required.push("aud");
+    }
+    v.set_required_spec_claims(&required);
+    let data = jsonwebtoken::decode::<Map<String, Value>>(&token.raw, &dk, &v)
+        .map_err(|e| unauth(format!("token rejected: {}", describe(e.kind()))))?;
+    let c = data.claims;
+
+    // jsonwebtoken skips claims of the wrong type unless required: read each one here,
+    // by type, and check the times again, so nothing is skipped.
+    let exp = numeric_date(&c, "exp")?.ok_or_else(|| unauth("token has no `exp`"))?;
+    let nbf = numeric_date(&c, "nbf")?;
+    let iat = numeric_date(&c, "iat")?;
+    let leeway = i64::try_from(settings.leeway_secs).unwrap_or(60);
+    if exp.saturating_add(leeway) < now_secs {
+        return Err(unauth("token rejected: expired"));
+    }
+    if nbf.is_some_and(|n| n > now_secs.saturating_add(leeway)) {
+        return Err(unauth("token rejected: not yet valid (`nbf`)"));
+    }
+    if iat.is_some_and(|i| i > now_secs.saturating_add(leeway)) {
+        return Err(unauth("token rejected: issued in the future (`iat`)"));
+    }
+    let max_life = i64::try_from(settings.max_token_lifetime_secs).unwrap_or(i64::MAX);
+    if exp.saturating_sub(now_secs) > max_life.saturating_add(leeway) {
+        return Err(unauth(format!(
+            "token rejected: expires more than {}s from now, the server's maximum token lifetime",
+            settings.max_token_lifetime_secs
+        )));
+    }
+    let sub = match c.get("sub") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= settings.max_id_bytes => s.clone(),
+        _ => return Err(unauth("token `sub` must be a non-empty string")),
+    };
+    let iss = opt_string(&c, "iss")?.unwrap_or_default();
+    if !key.issuer.is_empty() && iss != key.issuer {
+        return Err(unauth("token rejected: wrong issuer"));
+    }
+    let aud = match c.get("aud") {
+        None => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            let auds: Vec<&str> = a.iter().filter_map(Value::as_str).collect();
+            if !key.audience.is_empty() && auds.contains(&key.audience.as_str()) {
+                key.audience.clone()
+            } else {
+                auds.first().map(|s| (*s).to_owned()).unwrap_or_default()
+            }
+        }
+        Some(_) => return Err(unauth("token `aud` must be a string or an array of strings")),
+    };
+    if !key.audience.is_empty() && aud != key.audience {
+        return Err(unauth("token rejected: wrong audience"));
+    }
+    let token_id = match opt_string(&c, "jti")? {
+        Some(j) if !j.is_empty() && j.len() <= 256 => j,
+        Some(_) => return Err(unauth("token `jti` must be 1 to 256 bytes")),
+        None => {
+            let sig = token.raw.rsplit('.').next().unwrap_or_default();
+            format!("sha256:{}", hex::encode(Sha256::digest(sig.as_bytes())))
+        }
+    };
+    let mut scopes: Vec<String> = match c.get("scope") {
+        None => Vec::new(),
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        Some(_) => return Err(unauth("token `scope` must be a space-separated string")),
+    };
+    match c.get("scp") {
+        None => {}
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            scopes.extend(a.iter().filter_map(Value::as_str).map(str::to_owned));
+        }
+        Some(Value::String(s)) => scopes.extend(s.split_whitespace().map(str::to_owned)),
+        Some(_) => return Err(unauth("token `scp` must be an array of strings")),
+    }
+    scopes.sort();
+    scopes.dedup();
+    let principal_type = if key.principal_type.is_empty() { "User" } else { key.principal_type.as_str() };
+    let claims = c
+        .into_iter()
+        .filter_map(|(k, v)| cedar_safe(v, 0).map(|v| (k, v)))
+        .filter(|(k, _)| !k.starts_with("__"))
+        .collect();
+    Ok(VerifiedToken {
+        principal: Uid::new(principal_type, sub.clone()),
+        token_id,
+        kid: key.kid.clone(),
+        sub,
+        iss,
+        aud,
+        iat,
+        exp,
+        scopes,
+        claims,
+    })
+}
+
+/// A NumericDate claim: absent, or a number (fractions are cut). Any other type is an error.
+fn numeric_date(c: &Map<String, Value>, name: &str) -> Result<Option<i64>> {
+    match c.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15).map(|f| f.floor() as i64))
+            .map(Some)
+            .ok_or_else(|| unauth(format!("token `{name}` is out of range"))),
+        Some(_) => Err(unauth(format!("token `{name}` must be a number (NumericDate)"))),
+    }
+}
+
+fn opt_string(c: &Map<String, Value>, name: &str) -> Result<Option<String>> {
+    match c.get(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(unauth(format!("token `{name}` must be a string"))),
+    }
+}
+
+/// Claims are issuer data, not caller-written Cedar JSON: keep what Cedar can hold as
+/// plain values (strings, booleans, integers, sets, records), drop nulls and fractions,
+/// and drop `__`-prefixed keys so a claim can never be read as an entity reference or
+/// an extension value.
+fn cedar_safe(v: Value, depth: usize) -> Option<Value> {
+    if depth > 8 {
+        return None;
+    }
+    match v {
+        Value::Null => None,
+        Value::Bool(_) | Value::String(_) => Some(v),
+        Value::Number(ref n) => n.as_i64().map(|_| v),
+        Value::Array(a) => Some(Value::Array(a.into_iter().filter_map(|x| cedar_safe(x, depth + 1)).collect())),
+        Value::Object(o) => Some(Value::Object(
+            o.into_iter()
+                .filter(|(k, _)| !k.starts_with("__"))
+                .filter_map(|(k, x)| cedar_safe(x, depth + 1).map(|x| (k, x)))
+                .collect(),
+        )),
+    }
+}
+
+/// Says what is wrong without echoing any part of the token.
+fn describe(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::InvalidToken => "malformed token",
+        ErrorKind::InvalidSignature => "bad signature",
+        ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidEddsaKey | ErrorKind::InvalidRsaKey(_) => "invalid key",
+        ErrorKind::InvalidKeyFormat => "invalid key format",
+        ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => "unsupported algorithm",
+        ErrorKind::InvalidAlgorithm => "algorithm not allowed for this key",
+        ErrorKind::MissingAlgorithm => "missing algorithm",
+        ErrorKind::MissingRequiredClaim(_) => "a required claim (exp, sub, iss or aud) is missing",
+        ErrorKind::InvalidClaimFormat(_) => "a claim has the wrong type",
+        ErrorKind::ExpiredSignature => "expired",
+        ErrorKind::ImmatureSignature => "not yet valid (`nbf`)",
+        ErrorKind::InvalidIssuer => "wrong issuer",
+        ErrorKind::InvalidAudience => "wrong audience",
+        ErrorKind::InvalidSubject => "wrong subject",
+        ErrorKind::Base64(_) => "malformed base64url",
+        ErrorKind::Json(_) | ErrorKind::Utf8(_) => "malformed JSON",
+        _ => "verification failed",
+    }
+}
+
+/// Makes a signed token for a first-party HMAC key (`lockstep token issue`, the demo).
+pub fn issue_hmac(key: &KeyRecord, sub: &str, ttl_secs: u64, scope: &str, now_secs: i64) -> anyhow::Result<String> {
+    let alg = Algorithm::from_str(&key.algorithm)?;
+    if !matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+        anyhow::bail!("`token issue` signs with HMAC keys only; key `{}` is {}", key.kid, key.algorithm);
+    }
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(key.kid.clone());
+    let mut claims = serde_json::json!({
+        "sub": sub,
+        "iat": now_secs,
+        "exp": now_secs.saturating_add(i64::try_from(ttl_secs)?),
+        "jti": uuid_like(),
+    });
+    if !key.issuer.is_empty() {
+        claims["iss"] = Value::String(key.issuer.clone());
+    }
+    if !key.audience.is_empty() {
+        claims["aud"] = Value::String(key.audience.clone());
+    }
+    if !scope.trim().is_empty() {
+        claims["scope"] = Value::String(scope.trim().to_owned());
+    }
+    let ek = jsonwebtoken::EncodingKey::from_secret(&key.secret)?;
+    Ok(jsonwebtoken::encode(&header, &claims, &ek)?)
+}
+
+/// A random 128-bit id, hex.
+pub fn uuid_like() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}

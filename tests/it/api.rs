@@ -1,0 +1,424 @@
+//! The contract's behaviour and status codes over a real client: every status code the
+//! contract names is produced here (or in `consistency` and `outage`).
+
+use crate::common::*;
+use lockstep::grpc::pb;
+use serde_json::json;
+use tonic::Code;
+
+async fn commit(
+    addr: std::net::SocketAddr,
+    tok: &str,
+    m: Vec<pb::Mutation>,
+) -> Result<pb::AuthorizeAndCommitResponse, tonic::Status> {
+    client(addr).await.authorize_and_commit(authed(tok, commit_req(m))).await.map(|r| r.into_inner())
+}
+
+fn touch() -> Vec<pb::Mutation> {
+    vec![update("UpdateItem", "Item", "doc", json!({ "title": "x" }), None)]
+}
+
+/// OK: create, update, delete in one request, each seeing the one before; versions
+/// count changes; determining policies are returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_apply_in_order_and_all_or_nothing() {
+    let s = start().await;
+    let tok = token("k1", "alice");
+    let owner = json!({ "__entity": { "type": "User", "id": "alice" } });
+    let r = commit(
+        s.addr,
+        &tok,
+        vec![
+            create("CreateItem", "Item", "new", json!({ "owner": owner, "tags": ["a", "b"], "meta": { "k": 1 } })),
+            update("UpdateItem", "Item", "new", json!({ "meta": { "k": null, "j": 2 } }), Some(1)),
+            pb::Mutation {
+                action: "DeleteItem".into(),
+                resource: uid("Item", "new"),
+                change: Some(pb::mutation::Change::Delete(pb::DeleteEntity {})),
+                if_version: Some(2),
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.entities.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        r.entities[1].attributes.as_ref().unwrap().fields["meta"],
+        st(json!({"meta": {"j": 2}})).unwrap().fields["meta"]
+    );
+    assert!(r.determining_policies.contains(&"create-own".to_string()));
+    assert!(read(s.addr, "Item", "new").await.is_none());
+
+    // All or nothing: the second mutation is denied, so the first is not committed.
+    let err = commit(
+        s.addr,
+        &tok,
+        vec![
+            update("UpdateItem", "Item", "doc", json!({ "title": "kept?" }), None),
+            update("UpdateItem", "Item", "shared", json!({ "title": "no" }), None),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("mutation 1"), "{}", err.message());
+    assert_eq!(read(s.addr, "Item", "doc").await.unwrap().version, 1);
+    let last = audit(s.addr).await.pop().unwrap();
+    assert_eq!(last.kind, pb::audit_event::Kind::Deny as i32);
+    assert_eq!(last.mutations.len(), 2);
+}
+
+/// PERMISSION_DENIED for a denied write and for a missing entity alike; ABORTED on a
+/// stale if_version; ALREADY_EXISTS for an allowed create of an existing entity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_missing_aborted_already_exists() {
+    let s = start().await;
+    let alice = token("k1", "alice");
+    let mallory = token("k1", "mallory");
+    let denied = commit(s.addr, &mallory, touch()).await.unwrap_err();
+    let missing =
+        commit(s.addr, &alice, vec![update("UpdateItem", "Item", "nope", json!({"a": 1}), None)]).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert_eq!(missing.code(), Code::PermissionDenied);
+    let stale =
+        commit(s.addr, &alice, vec![update("UpdateItem", "Item", "doc", json!({"a": 1}), Some(7))]).await.unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    let owner = json!({ "__entity": { "type": "User", "id": "alice" } });
+    let exists =
+        commit(s.addr, &alice, vec![create("CreateItem", "Item", "doc", json!({ "owner": owner }))]).await.unwrap_err();
+    assert_eq!(exists.code(), Code::AlreadyExists, "{exists:?}");
+    // A create that policy denies is PERMISSION_DENIED even though it exists.
+    let mallory_owner = json!({ "__entity": { "type": "User", "id": "alice" } });
+    let e = commit(s.addr, &mallory, vec![create("CreateItem", "Item", "doc", json!({ "owner": mallory_owner }))])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // GetEntity: denied and missing are one answer.
+    let mut c = client(s.addr).await;
+    let d = c
+        .get_entity(authed(&mallory, pb::GetEntityRequest { uid: uid("Item", "doc"), action: "ReadItem".into() }))
+        .await
+        .unwrap_err();
+    let m = c
+        .get_entity(authed(&alice, pb::GetEntityRequest { uid: uid("Item", "zzz"), action: "ReadItem".into() }))
+        .await
+        .unwrap_err();
+    assert_eq!((d.code(), m.code()), (Code::PermissionDenied, Code::PermissionDenied));
+    assert_eq!(read(s.addr, "Item", "doc").await.unwrap().version, 1, "nothing was committed");
+}
+
+/// The owner may transfer; others may not change the owner (a property-level rule that
+/// reads `context.change.changed_attributes`); the caller cannot override `change`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn property_rules_see_the_change() {
+    let s = start().await;
+    let bob = token("k1", "bob");
+    let to_bob = json!({ "owner": { "__entity": { "type": "User", "id": "bob" } } });
+    // bob may update Item::"shared" as a writer, but not its owner.
+    let mut req = commit_req(vec![update("UpdateItem", "Item", "shared", to_bob.clone(), None)]);
+    req.context = st(json!({ "change": { "kind": "create", "changed_attributes": [] } }));
+    let e = client(s.addr).await.authorize_and_commit(authed(&bob, req)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    commit(s.addr, &bob, vec![update("UpdateItem", "Item", "shared", json!({ "n": 5 }), None)]).await.unwrap();
+    // alice, the owner, may give Item::"doc" to bob.
+    commit(s.addr, &token("k1", "alice"), vec![update("UpdateItem", "Item", "doc", to_bob, None)]).await.unwrap();
+}
+
+/// Authorize answers DENY as a value (OK), with determining policies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_is_a_decision() {
+    let s = start().await;
+    let mut c = client(s.addr).await;
+    let req =
+        |action: &str| pb::AuthorizeRequest { action: action.into(), resource: uid("Item", "doc"), context: None };
+    let allow = c.authorize(authed(&token("k1", "alice"), req("UpdateItem"))).await.unwrap().into_inner();
+    assert_eq!(allow.decision, pb::Decision::Allow as i32);
+    assert_eq!(allow.determining_policies, vec!["owner-manages"]);
+    let deny = c.authorize(authed(&token("k1", "mallory"), req("UpdateItem"))).await.unwrap().into_inner();
+    assert_eq!(deny.decision, pb::Decision::Deny as i32);
+    let bad = c.authorize(authed(&token("k1", "alice"), req(""))).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+
+/// UNAUTHENTICATED for every kind of bad token; nothing is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_unauthenticated() {
+    let s = start().await;
+    let n = now();
+    let claims = |extra: serde_json::Value| {
+        let mut c = json!({ "sub": "alice", "iat": n, "exp": n + 600, "jti": lockstep::token::uuid_like() });
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    };
+    let good = sign("k1", &claims(json!({})));
+    let mut tampered = good.clone();
+    let parts: Vec<&str> = good.split('.').collect();
+    let payload = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        serde_json::to_vec(&claims(json!({"sub": "root"}))).unwrap(),
+    );
+    tampered =
+        format!("{}.{}.{}", parts[0], payload, parts[2]).to_string() + if tampered.is_empty() { "x" } else { "" };
+    let none_header =
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, br#"{"alg":"none","kid":"k1"}"#);
+    let cases: Vec<(&str, String)> = vec![
+        ("expired", sign("k1", &claims(json!({ "exp": n - 3600, "iat": n - 7200 })))),
+        ("not yet valid", sign("k1", &claims(json!({ "nbf": n + 3600 })))),
+        ("missing exp", sign("k1", &claims(json!({ "exp": null })))),
+        ("string exp", sign("k1", &claims(json!({ "exp": (n + 600).to_string() })))),
+        ("string nbf", sign("k1", &claims(json!({ "nbf": "0" })))),
+        ("missing sub", sign("k1", &claims(json!({ "sub": null })))),
+        ("iat in the future", sign("k1", &claims(json!({ "iat": n + 3600 })))),
+        ("too long-lived", sign("k1", &claims(json!({ "exp": n + 10 * 86400 })))),
+        ("wrong iss", sign("k3", &claims(json!({ "iss": "https://evil.example", "aud": "lockstep-tests" })))),
+        ("wrong aud", sign("k3", &claims(json!({ "iss": "https://issuer.example", "aud": "other" })))),
+        ("missing iss", sign("k3", &claims(json!({ "aud": "lockstep-tests" })))),
+        ("tampered payload", tampered),
+        ("stripped signature", format!("{}.{}.", parts[0], parts[1])),
+        ("alg none", format!("{none_header}.{}.", parts[1])),
+        ("unknown kid", sign("k9", &claims(json!({})))),
+        ("garbage", "not-a-jwt".into()),
+        ("oversized", "a".repeat(9000)),
+        ("signed with another key's secret", {
+            let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+            h.kid = Some("k1".into());
+            jsonwebtoken::encode(&h, &claims(json!({})), &jsonwebtoken::EncodingKey::from_secret(SECRET_K2).unwrap())
+                .unwrap()
+        }),
+        ("HS384 under an HS256 key", {
+            let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS384);
+            h.kid = Some("k1".into());
+            jsonwebtoken::encode(&h, &claims(json!({})), &jsonwebtoken::EncodingKey::from_secret(SECRET_K1).unwrap())
+                .unwrap()
+        }),
+    ];
+    let mut c = client(s.addr).await;
+    for (name, tok) in &cases {
+        let e = c.authorize_and_commit(authed(tok, commit_req(touch()))).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{name}: {e:?}");
+        assert!(!e.message().contains(tok.as_str()) || tok.len() < 12, "{name}: the token is echoed");
+    }
+    // No metadata, or not a bearer.
+    let e = c.authorize_and_commit(tonic::Request::new(commit_req(touch()))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut r = tonic::Request::new(commit_req(touch()));
+    r.metadata_mut().insert("authorization", format!("Basic {good}").parse().unwrap());
+    assert_eq!(c.authorize_and_commit(r).await.unwrap_err().code(), Code::Unauthenticated);
+    // The good one, for contrast, and the right issuer/audience under k3.
+    c.authorize_and_commit(authed(&good, commit_req(touch()))).await.unwrap();
+    let k3 = sign("k3", &claims(json!({ "iss": "https://issuer.example", "aud": ["x", "lockstep-tests"] })));
+    c.authorize_and_commit(authed(&k3, commit_req(touch()))).await.unwrap();
+    assert_eq!(read(s.addr, "Item", "doc").await.unwrap().version, 3, "only the two good tokens committed");
+}
+
+/// Logout is always allowed and ends the token; a new token of the same subject works.
+/// Revoking another token needs Lockstep::Action::"RevokeToken"; RevokeSubject ends
+/// every token issued until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_by_token_and_subject() {
+    let s = start().await;
+    let mut c = client(s.addr).await;
+    let a1 = token("k1", "alice");
+    let a2 = token("k1", "alice");
+    c.revoke_token(authed(&a1, pb::RevokeTokenRequest::default())).await.unwrap();
+    assert_eq!(
+        c.authorize_and_commit(authed(&a1, commit_req(touch()))).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    c.authorize_and_commit(authed(&a2, commit_req(touch()))).await.unwrap();
+
+    // mallory may not revoke alice's token by jti; root may.
+    let jti = |t: &str| -> String {
+        let p = t.split('.').nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).unwrap(),
+        )
+        .unwrap();
+        v["jti"].as_str().unwrap().to_owned()
+    };
+    let req = pb::RevokeTokenRequest { jti: jti(&a2), expires_at: None };
+    assert_eq!(
+        c.revoke_token(authed(&token("k1", "mallory"), req.clone())).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    c.authorize_and_commit(authed(&a2, commit_req(touch()))).await.unwrap();
+    c.revoke_token(authed(&token("k2", "root"), req)).await.unwrap();
+    assert_eq!(
+        c.authorize_and_commit(authed(&a2, commit_req(touch()))).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    // RevokeSubject of someone else needs permission; of oneself is always allowed.
+    let other = pb::RevokeSubjectRequest { subject: uid("User", "alice") };
+    assert_eq!(
+        c.revoke_subject(authed(&token("k1", "mallory"), other)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let m = token("k1", "mallory");
+    c.revoke_subject(authed(&m, pb::RevokeSubjectRequest::default())).await.unwrap();
+    assert_eq!(
+        c.authorize(authed(
+            &m,
+            pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "doc"), context: None }
+        ))
+        .await
+        .unwrap_err()
+        .code(),
+        Code::Unauthenticated
+    );
+    let kinds: Vec<i32> = audit(s.addr).await.iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&(pb::audit_event::Kind::RevokeToken as i32)));
+    assert!(kinds.contains(&(pb::audit_event::Kind::RevokeSubject as i32)));
+}
+
+/// INVALID_ARGUMENT for malformed and oversized requests; nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_invalid_argument() {
+    let s = start().await;
+    let tok = token("k1", "alice");
+    let mut c = client(s.addr).await;
+    let mut deep = json!(1);
+    for _ in 0..20 {
+        deep = json!({ "d": deep });
+    }
+    let cases: Vec<(&str, pb::AuthorizeAndCommitRequest)> = vec![
+        ("no mutations", commit_req(vec![])),
+        ("fraction", commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "x": 1.5 }), None)])),
+        ("null in create", commit_req(vec![create("CreateItem", "Item", "z", json!({ "x": null }))])),
+        ("too deep", commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "x": deep }), None)])),
+        (
+            "no change",
+            commit_req(vec![pb::Mutation {
+                action: "UpdateItem".into(),
+                resource: uid("Item", "doc"),
+                change: None,
+                if_version: None,
+            }]),
+        ),
+        (
+            "no resource",
+            commit_req(vec![pb::Mutation {
+                action: "UpdateItem".into(),
+                resource: None,
+                change: Some(pb::mutation::Change::Delete(pb::DeleteEntity {})),
+                if_version: None,
+            }]),
+        ),
+        ("bad type", commit_req(vec![update("UpdateItem", "Not A Type", "doc", json!({}), None)])),
+        ("bad action", commit_req(vec![update("User::\"x\"", "Item", "doc", json!({}), None)])),
+        (
+            "too many mutations",
+            commit_req((0..101).map(|_| update("UpdateItem", "Item", "doc", json!({}), None)).collect()),
+        ),
+        (
+            "huge attribute",
+            commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "x": "a".repeat(70_000) }), None)]),
+        ),
+        (
+            "oversized request",
+            commit_req(
+                (0..60)
+                    .map(|i| update("UpdateItem", "Item", "doc", json!({ "x": "a".repeat(20_000 + i) }), None))
+                    .collect(),
+            ),
+        ),
+        (
+            "bad entity ref",
+            commit_req(vec![update(
+                "UpdateItem",
+                "Item",
+                "doc",
+                json!({ "x": { "__entity": { "type": "no such type!", "id": "1" } } }),
+                None,
+            )]),
+        ),
+    ];
+    for (name, req) in cases {
+        let e = c.authorize_and_commit(authed(&tok, req)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e:?}");
+    }
+    assert_eq!(read(s.addr, "Item", "doc").await.unwrap().version, 1);
+}
+
+/// The control plane: PutPolicies validates (INVALID_ARGUMENT keeps the active set),
+/// keys are managed under ManageKeys, never show secrets, and kids are not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_policies_and_keys() {
+    let s = start().await;
+    let mut a = admin(s.addr).await;
+    let root = token("k2", "root");
+    let bad = a
+        .put_policies(authed(
+            &root,
+            pb::PutPoliciesRequest { policies: "permit(principal, action, resource".into(), schema: String::new() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("1:"), "messages carry line:column: {}", bad.message());
+    let schema = "entity User; entity Item; action UpdateItem appliesTo { principal: User, resource: Item };";
+    let invalid = a
+        .put_policies(authed(
+            &root,
+            pb::PutPoliciesRequest {
+                policies: "permit(principal, action == Action::\"Nope\", resource);".into(),
+                schema: schema.into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
+    let got = a.get_policies(authed(&root, pb::GetPoliciesRequest {})).await.unwrap().into_inner();
+    assert_eq!((got.version, got.policies.as_str()), (1, POLICIES), "the active set is unchanged");
+    let denied = a
+        .put_policies(authed(
+            &token("k1", "alice"),
+            pb::PutPoliciesRequest { policies: "permit(principal, action, resource);".into(), schema: String::new() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let add = |kid: &str, secret: &[u8]| pb::AddKeyRequest {
+        kid: kid.into(),
+        algorithm: "HS256".into(),
+        secret: secret.to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(a.add_key(authed(&root, add("short", b"too-short"))).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        a.add_key(authed(&root, pb::AddKeyRequest { algorithm: "none".into(), ..add("n", &[7; 32]) }))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    a.add_key(authed(&root, add("k4", &[7; 32]))).await.unwrap();
+    assert_eq!(a.add_key(authed(&root, add("k4", &[8; 32]))).await.unwrap_err().code(), Code::AlreadyExists);
+    assert_eq!(
+        a.add_key(authed(&token("k1", "alice"), add("k5", &[8; 32]))).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        a.revoke_key(authed(&root, pb::RevokeKeyRequest { kid: "nope".into() })).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let keys = a.list_keys(authed(&root, pb::ListKeysRequest {})).await.unwrap().into_inner().keys;
+    assert_eq!(keys.iter().map(|k| k.kid.as_str()).collect::<Vec<_>>(), vec!["k1", "k2", "k3", "k4"]);
+    assert!(keys.iter().all(|k| k.principal_type == "User" && !k.revoked));
+    // ReadAudit is a Cedar action too.
+    let e = client(s.addr)
+        .await
+        .list_audit_events(authed(&token("k1", "alice"), pb::ListAuditEventsRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let seqs: Vec<u64> = audit(s.addr).await.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+}

@@ -1,0 +1,258 @@
+//! Test harness: a real server on 127.0.0.1:0 (its own OS threads and runtime, as a
+//! separate process would have), a real SQLite file, real tonic clients, and tokens
+//! minted with the keys the harness installs.
+
+#![allow(dead_code)]
+
+use lockstep::config::{Settings, StoreOptions};
+use lockstep::engine::{CallOptions, Caller, Engine};
+use lockstep::grpc::pb;
+use lockstep::grpc::pb::admin_client::AdminClient;
+use lockstep::grpc::pb::lockstep_client::LockstepClient;
+use lockstep::model::KeyRecord;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+/// The HMAC secrets of the harness's keys `k1` and `k2` (32 bytes each).
+pub const SECRET_K1: &[u8; 32] = b"k1-secret-k1-secret-k1-secret-32";
+pub const SECRET_K2: &[u8; 32] = b"k2-secret-k2-secret-k2-secret-32";
+/// Key `k3` requires issuer and audience.
+pub const SECRET_K3: &[u8; 32] = b"k3-secret-k3-secret-k3-secret-32";
+
+/// Policies for the tests: admins do anything; owners manage their items; members of
+/// `Group::"writers"` update shared items; anyone reads the counter.
+pub const POLICIES: &str = r#"
+@id("admins") permit (principal in Group::"admins", action, resource);
+@id("owner-manages") permit (principal, action in [Action::"ReadItem", Action::"UpdateItem", Action::"DeleteItem"], resource is Item)
+  when { resource has owner && resource.owner == principal };
+@id("create-own") permit (principal, action == Action::"CreateItem", resource is Item)
+  when { resource has owner && resource.owner == principal };
+@id("writers-update-shared") permit (principal in Group::"writers", action == Action::"UpdateItem", resource is Item)
+  when { resource has shared && resource.shared };
+@id("owner-immutable") forbid (principal, action == Action::"UpdateItem", resource is Item)
+  when { context.change.changed_attributes.contains("owner") }
+  unless { resource.owner == principal || principal in Group::"admins" };
+"#;
+
+pub const ENTITIES: &str = r#"[
+  { "uid": { "type": "Group", "id": "admins" } },
+  { "uid": { "type": "Group", "id": "writers" } },
+  { "uid": { "type": "User", "id": "root" }, "parents": [{ "type": "Group", "id": "admins" }] },
+  { "uid": { "type": "User", "id": "alice" } },
+  { "uid": { "type": "User", "id": "bob" }, "parents": [{ "type": "Group", "id": "writers" }] },
+  { "uid": { "type": "User", "id": "mallory" } },
+  { "uid": { "type": "Item", "id": "doc" }, "attrs": { "owner": { "__entity": { "type": "User", "id": "alice" } }, "n": 0 } },
+  { "uid": { "type": "Item", "id": "shared" }, "attrs": { "owner": { "__entity": { "type": "User", "id": "root" } }, "shared": true, "n": 0 } }
+]"#;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        // The server drains in the background; joining here could block the test's own
+        // runtime thread, which the draining client connections need.
+        drop(self.thread.take());
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Bootstraps a fresh database (keys k1, k2, k3; the test policies and entities) the way
+/// an operator would, then serves it.
+pub async fn start() -> TestServer {
+    start_with(StoreOptions::default()).await
+}
+
+pub async fn start_with(opts: StoreOptions) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("lockstep.db").display());
+    bootstrap(&url).await;
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let u = url.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let store = lockstep::store::open(&u, &opts).await.unwrap();
+            let engine = Arc::new(Engine::new(store, Settings::default()));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            lockstep::server::run(engine, listener, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let addr = addr_rx.recv().unwrap();
+    TestServer { addr, url, dir, stop: Some(stop_tx), thread: Some(thread) }
+}
+
+async fn bootstrap(url: &str) {
+    let store = lockstep::store::open(url, &StoreOptions::default()).await.unwrap();
+    let engine = Engine::new(store, Settings::default());
+    let op = CallOptions::default();
+    for (kid, secret, iss, aud) in [
+        ("k1", SECRET_K1, "", ""),
+        ("k2", SECRET_K2, "", ""),
+        ("k3", SECRET_K3, "https://issuer.example", "lockstep-tests"),
+    ] {
+        let key = KeyRecord {
+            kid: kid.into(),
+            algorithm: "HS256".into(),
+            secret: secret.to_vec(),
+            public_key_pem: String::new(),
+            issuer: iss.into(),
+            audience: aud.into(),
+            principal_type: String::new(),
+            revoked: false,
+            added_at: 0,
+        };
+        engine.add_key(Caller::Operator, key, op).await.unwrap();
+    }
+    engine.put_policies(Caller::Operator, POLICIES, "", op).await.unwrap();
+    engine.import_entities(lockstep::cli::parse_entities(ENTITIES).unwrap()).await.unwrap();
+}
+
+/// Signs `claims` with HS256 under `kid` (header `kid` set), secret chosen by kid.
+pub fn sign(kid: &str, claims: &Value) -> String {
+    let secret: &[u8] = match kid {
+        "k1" => SECRET_K1,
+        "k2" => SECRET_K2,
+        "k3" => SECRET_K3,
+        _ => SECRET_K1,
+    };
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    h.kid = Some(kid.into());
+    jsonwebtoken::encode(&h, claims, &jsonwebtoken::EncodingKey::from_secret(secret).unwrap()).unwrap()
+}
+
+/// A valid 10-minute token for `sub` under `kid`, with a fresh jti.
+pub fn token(kid: &str, sub: &str) -> String {
+    let n = now();
+    sign(kid, &json!({ "sub": sub, "iat": n, "exp": n + 600, "jti": lockstep::token::uuid_like() }))
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}
+
+pub async fn client(addr: SocketAddr) -> LockstepClient<Channel> {
+    LockstepClient::new(channel(addr).await)
+}
+
+pub async fn admin(addr: SocketAddr) -> AdminClient<Channel> {
+    AdminClient::new(channel(addr).await)
+}
+
+/// Wraps a message with `authorization: Bearer <token>`.
+pub fn authed<T>(token: &str, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+pub fn uid(ty: &str, id: &str) -> Option<pb::EntityRef> {
+    Some(pb::EntityRef { r#type: ty.into(), id: id.into() })
+}
+
+/// A `Struct` from a JSON object.
+pub fn st(v: Value) -> Option<prost_types::Struct> {
+    fn val(v: &Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match v {
+            Value::Null => Kind::NullValue(0),
+            Value::Bool(b) => Kind::BoolValue(*b),
+            Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
+            Value::String(s) => Kind::StringValue(s.clone()),
+            Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(val).collect() }),
+            Value::Object(o) => {
+                Kind::StructValue(prost_types::Struct { fields: o.iter().map(|(k, v)| (k.clone(), val(v))).collect() })
+            }
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    match v {
+        Value::Object(o) => Some(prost_types::Struct { fields: o.iter().map(|(k, v)| (k.clone(), val(v))).collect() }),
+        _ => panic!("st() takes an object"),
+    }
+}
+
+/// An update mutation with a merge patch.
+pub fn update(action: &str, ty: &str, id: &str, patch: Value, if_version: Option<u64>) -> pb::Mutation {
+    pb::Mutation {
+        action: action.into(),
+        resource: uid(ty, id),
+        change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
+            merge_patch: st(patch),
+            add_parents: vec![],
+            remove_parents: vec![],
+        })),
+        if_version,
+    }
+}
+
+pub fn create(action: &str, ty: &str, id: &str, attrs: Value) -> pb::Mutation {
+    pb::Mutation {
+        action: action.into(),
+        resource: uid(ty, id),
+        change: Some(pb::mutation::Change::Create(pb::CreateEntity { attributes: st(attrs), parents: vec![] })),
+        if_version: None,
+    }
+}
+
+pub fn commit_req(mutations: Vec<pb::Mutation>) -> pb::AuthorizeAndCommitRequest {
+    pb::AuthorizeAndCommitRequest { mutations, context: None, idempotency_key: String::new() }
+}
+
+/// Reads an entity as `root` (an admin).
+pub async fn read(addr: SocketAddr, ty: &str, id: &str) -> Option<pb::Entity> {
+    let mut c = client(addr).await;
+    match c
+        .get_entity(authed(&token("k2", "root"), pb::GetEntityRequest { uid: uid(ty, id), action: "ReadItem".into() }))
+        .await
+    {
+        Ok(r) => r.into_inner().entity,
+        Err(s) if s.code() == Code::PermissionDenied => None,
+        Err(s) => panic!("read {ty}::{id}: {s:?}"),
+    }
+}
+
+/// The whole audit log, read as `root`.
+pub async fn audit(addr: SocketAddr) -> Vec<pb::AuditEvent> {
+    let mut c = client(addr).await;
+    let t = token("k2", "root");
+    let mut out = Vec::new();
+    loop {
+        let after = out.last().map_or(0, |e: &pb::AuditEvent| e.seq);
+        let page = c
+            .list_audit_events(authed(&t, pb::ListAuditEventsRequest { after_seq: after, limit: 1000 }))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
+}
+
+pub fn wait() -> Duration {
+    Duration::from_millis(20)
+}

@@ -1,0 +1,9 @@
+//! Integration tests: a real server over loopback, a real SQLite file, real clients.
+//! One test binary (modules below) so the suite links once.
+
+mod api;
+mod cli;
+mod common;
+mod consistency;
+mod outage;
+mod races;

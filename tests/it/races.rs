@@ -1,0 +1,290 @@
+//! The guarantee: once a revoking call (logout, RevokeSubject, RevokeKey, an ownership
+//! transfer, a group removal, a policy change) has returned, no write it forbids lands.
+//!
+//! Each test runs many writers in parallel (their own OS threads via a multi-threaded
+//! runtime, against a server on its own threads) and fires the revoking call mid-stream.
+//! It then checks, by audit seq and entity version, that no commit the new state forbids
+//! was serialized after the revocation, that every call started after the revocation
+//! returned was refused, and that the race really overlapped.
+
+use crate::common::*;
+use lockstep::grpc::pb;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+const WRITERS: usize = 16;
+const MAX_CALLS_PER_WRITER: usize = 400;
+
+struct Outcome {
+    writer: usize,
+    start: Instant,
+    end: Instant,
+    result: Result<(u64, u64), Code>,
+}
+
+pub struct Report {
+    outcomes: Vec<Outcome>,
+    revoke_start: Instant,
+    revoke_end: Instant,
+    revoke_seq: u64,
+}
+
+/// Runs `WRITERS` parallel writers (each request from `make(writer, i)`), waits until
+/// commits are flowing, runs `revoke`, lets every writer make a few more calls, stops.
+async fn race<F, R>(addr: SocketAddr, make: F, revoke: R) -> Report
+where
+    F: Fn(usize, usize) -> (String, pb::AuthorizeAndCommitRequest) + Send + Sync + 'static,
+    R: std::future::Future<Output = u64>,
+{
+    let make = Arc::new(make);
+    let stop = Arc::new(AtomicBool::new(false));
+    let oks = Arc::new(AtomicUsize::new(0));
+    let revoked_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::new(std::sync::Mutex::new(None));
+    let mut handles = Vec::new();
+    for w in 0..WRITERS {
+        let (make, stop, oks, revoked_at) = (make.clone(), stop.clone(), oks.clone(), revoked_at.clone());
+        handles.push(tokio::spawn(async move {
+            let mut c = client(addr).await;
+            let mut out = Vec::new();
+            let mut after = 0;
+            for i in 0..MAX_CALLS_PER_WRITER {
+                if stop.load(Ordering::SeqCst) || after >= 3 {
+                    break;
+                }
+                let (tok, req) = make(w, i);
+                let start = Instant::now();
+                let r = c.authorize_and_commit(authed(&tok, req)).await;
+                let end = Instant::now();
+                let result = match r {
+                    Ok(resp) => {
+                        oks.fetch_add(1, Ordering::SeqCst);
+                        let resp = resp.into_inner();
+                        Ok((resp.audit_seq, resp.entities[0].version))
+                    }
+                    Err(s) => Err(s.code()),
+                };
+                if revoked_at.lock().unwrap().is_some_and(|t| start > t) {
+                    after += 1;
+                }
+                out.push(Outcome { writer: w, start, end, result });
+            }
+            out
+        }));
+    }
+    let t0 = Instant::now();
+    while oks.load(Ordering::SeqCst) < 2 * WRITERS && t0.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let revoke_start = Instant::now();
+    let revoke_seq = revoke.await;
+    let revoke_end = Instant::now();
+    *revoked_at.lock().unwrap() = Some(revoke_end);
+    let mut outcomes = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for h in handles {
+        let rest = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(rest, h).await {
+            Ok(r) => outcomes.extend(r.unwrap()),
+            Err(_) => {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    Report { outcomes, revoke_start, revoke_end, revoke_seq }
+}
+
+impl Report {
+    /// Asserts the guarantee and that the race was real; prints the figures.
+    fn check(&self, name: &str, refused: &[Code]) -> (usize, usize) {
+        let allowed = self.outcomes.iter().filter(|o| o.result.is_ok()).count();
+        let denied = self.outcomes.iter().filter(|o| o.result.as_ref().is_err_and(|c| refused.contains(c))).count();
+        let other: Vec<_> =
+            self.outcomes.iter().filter_map(|o| o.result.as_ref().err().filter(|c| !refused.contains(c))).collect();
+        assert!(other.is_empty(), "{name}: unexpected status codes {other:?}");
+        let overlapping: Vec<&Outcome> =
+            self.outcomes.iter().filter(|o| o.start < self.revoke_end && o.end > self.revoke_start).collect();
+        let overlap_allowed = overlapping.iter().filter(|o| o.result.is_ok()).count();
+        let overlap_denied = overlapping.len() - overlap_allowed;
+        // Violation 1: a commit serialized after the revocation.
+        let late_commits: Vec<_> = self
+            .outcomes
+            .iter()
+            .filter_map(|o| o.result.as_ref().ok().filter(|(seq, _)| *seq > self.revoke_seq))
+            .collect();
+        // Violation 2: a call that started after the revocation returned, and was allowed.
+        let late_starts = self.outcomes.iter().filter(|o| o.start > self.revoke_end && o.result.is_ok()).count();
+        let after = self.outcomes.iter().filter(|o| o.start > self.revoke_end).count();
+        let writers_after =
+            (0..WRITERS).filter(|w| self.outcomes.iter().any(|o| o.writer == *w && o.start > self.revoke_end)).count();
+        eprintln!(
+            "race {name}: calls={} allowed={allowed} denied={denied} overlapping_revoke={} (allowed {overlap_allowed}, denied {overlap_denied}) started_after_revoke={after} violations={}",
+            self.outcomes.len(),
+            overlapping.len(),
+            late_commits.len() + late_starts
+        );
+        assert!(
+            late_commits.is_empty(),
+            "{name}: commits serialized after the revocation (seq > {}): {late_commits:?}",
+            self.revoke_seq
+        );
+        assert_eq!(late_starts, 0, "{name}: calls started after the revocation returned were allowed");
+        assert!(allowed > 0, "{name}: no write was allowed before the revocation: the race did not run");
+        assert!(denied > 0, "{name}: no write was refused after the revocation");
+        assert!(writers_after > 0, "{name}: no call started after the revocation returned");
+        assert!(!overlapping.is_empty(), "{name}: no call overlapped the revoking call: the race did not race");
+        (allowed, denied)
+    }
+}
+
+/// The audit log agrees: no COMMIT by `principal` was serialized after `revoke_seq`,
+/// and the entity's version grew by exactly the number of allowed writes.
+async fn check_audit_and_version(
+    addr: SocketAddr,
+    name: &str,
+    principal: &str,
+    report: &Report,
+    entity: (&str, &str),
+    base_version: u64,
+    extra_changes: u64,
+) {
+    let events = audit(addr).await;
+    let late: Vec<u64> = events
+        .iter()
+        .filter(|e| e.kind == pb::audit_event::Kind::Commit as i32)
+        .filter(|e| e.principal.as_ref().is_some_and(|p| p.id == principal))
+        .map(|e| e.seq)
+        .filter(|s| *s > report.revoke_seq)
+        .collect();
+    assert!(late.is_empty(), "{name}: audit shows commits by {principal} after the revocation: {late:?}");
+    let allowed = report.outcomes.iter().filter(|o| o.result.is_ok()).count() as u64;
+    let max_version_allowed =
+        report.outcomes.iter().filter_map(|o| o.result.as_ref().ok().map(|(_, v)| *v)).max().unwrap_or(0);
+    if let Some(e) = read(addr, entity.0, entity.1).await {
+        assert_eq!(
+            e.version,
+            base_version + allowed + extra_changes,
+            "{name}: version does not count the allowed writes"
+        );
+        assert!(max_version_allowed <= e.version);
+    }
+}
+
+fn write(tok: &str, ty: &str, id: &str, w: usize, i: usize) -> (String, pb::AuthorizeAndCommitRequest) {
+    (tok.to_owned(), commit_req(vec![update("UpdateItem", ty, id, json!({ "n": (w * 10_000 + i) as i64 }), None)]))
+}
+
+/// Logout: the token's own RevokeToken call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logout_races_writes() {
+    let s = start().await;
+    let tok = token("k1", "alice");
+    let t = tok.clone();
+    let report = race(s.addr, move |w, i| write(&t, "Item", "doc", w, i), async {
+        let mut c = client(s.addr).await;
+        c.revoke_token(authed(&tok, pb::RevokeTokenRequest::default())).await.unwrap().into_inner().audit_seq
+    })
+    .await;
+    report.check("logout", &[tonic::Code::Unauthenticated]);
+    check_audit_and_version(s.addr, "logout", "alice", &report, ("Item", "doc"), 1, 0).await;
+}
+
+/// RevokeSubject by an admin: every token of alice (many jtis) stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoke_subject_races_writes() {
+    let s = start().await;
+    let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
+    let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
+        let mut c = client(s.addr).await;
+        let req = pb::RevokeSubjectRequest { subject: uid("User", "alice") };
+        c.revoke_subject(authed(&token("k2", "root"), req)).await.unwrap().into_inner().audit_seq
+    })
+    .await;
+    report.check("revoke-subject", &[tonic::Code::Unauthenticated]);
+    check_audit_and_version(s.addr, "revoke-subject", "alice", &report, ("Item", "doc"), 1, 0).await;
+}
+
+/// RevokeKey: alice's tokens are signed with k1; root (on k2) revokes k1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoke_key_races_writes() {
+    let s = start().await;
+    let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
+    let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
+        let mut a = admin(s.addr).await;
+        a.revoke_key(authed(&token("k2", "root"), pb::RevokeKeyRequest { kid: "k1".into() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .audit_seq
+    })
+    .await;
+    report.check("revoke-key", &[tonic::Code::Unauthenticated]);
+    check_audit_and_version(s.addr, "revoke-key", "alice", &report, ("Item", "doc"), 1, 0).await;
+}
+
+/// Ownership transfer: root moves Item::"doc" from alice to mallory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ownership_transfer_races_writes() {
+    let s = start().await;
+    let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
+    let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
+        let mut c = client(s.addr).await;
+        let m = update(
+            "UpdateItem",
+            "Item",
+            "doc",
+            json!({ "owner": { "__entity": { "type": "User", "id": "mallory" } } }),
+            None,
+        );
+        c.authorize_and_commit(authed(&token("k2", "root"), commit_req(vec![m]))).await.unwrap().into_inner().audit_seq
+    })
+    .await;
+    report.check("transfer", &[tonic::Code::PermissionDenied]);
+    check_audit_and_version(s.addr, "transfer", "alice", &report, ("Item", "doc"), 1, 1).await;
+}
+
+/// Group removal: bob may write Item::"shared" as a member of Group::"writers"; root
+/// removes him from the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_removal_races_writes() {
+    let s = start().await;
+    let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "bob")).collect();
+    let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "shared", w, i), async {
+        let mut c = client(s.addr).await;
+        let m = pb::Mutation {
+            action: "UpdateUser".into(),
+            resource: uid("User", "bob"),
+            change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
+                merge_patch: None,
+                add_parents: vec![],
+                remove_parents: vec![pb::EntityRef { r#type: "Group".into(), id: "writers".into() }],
+            })),
+            if_version: None,
+        };
+        c.authorize_and_commit(authed(&token("k2", "root"), commit_req(vec![m]))).await.unwrap().into_inner().audit_seq
+    })
+    .await;
+    report.check("group-removal", &[tonic::Code::PermissionDenied]);
+    check_audit_and_version(s.addr, "group-removal", "bob", &report, ("Item", "shared"), 1, 0).await;
+}
+
+/// PutPolicies that drops the policy permitting alice's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_change_races_writes() {
+    let s = start().await;
+    let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
+    let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
+        let mut a = admin(s.addr).await;
+        let without_owner: String =
+            POLICIES.split(";\n").filter(|p| !p.contains("owner-manages")).collect::<Vec<_>>().join(";\n");
+        let req = pb::PutPoliciesRequest { policies: without_owner, schema: String::new() };
+        a.put_policies(authed(&token("k2", "root"), req)).await.unwrap().into_inner().audit_seq
+    })
+    .await;
+    report.check("put-policies", &[tonic::Code::PermissionDenied]);
+    check_audit_and_version(s.addr, "put-policies", "alice", &report, ("Item", "doc"), 1, 0).await;
+}
