@@ -13,6 +13,7 @@ use crate::store::{Store, StoreError, Txn};
 use crate::token::{self, VerifiedToken};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
@@ -40,6 +41,32 @@ pub enum Caller<'a> {
 pub struct CallOptions {
     /// Nothing is committed after this instant; the call answers DEADLINE_EXCEEDED.
     pub deadline: Option<Instant>,
+}
+
+/// How many times a use case is attempted when the database reports a transient
+/// conflict (serialization failure or deadlock).
+const MAX_ATTEMPTS: u32 = 8;
+
+/// What one attempt of a use case yields: the transaction to commit, and the answer to
+/// give once it has committed (a denial commits its audit event and still answers
+/// PERMISSION_DENIED).
+type Prepared<T> = (Box<dyn Txn>, Result<T>);
+
+/// Builds audit events.
+struct Event;
+
+impl Event {
+    #[allow(clippy::new_ret_no_self)]
+    fn new(kind: AuditKind, token: Option<&VerifiedToken>, detail: String) -> NewAuditEvent {
+        NewAuditEvent {
+            kind,
+            principal: token.map(|t| t.principal.clone()),
+            token_id: token.map(|t| t.token_id.clone()).unwrap_or_default(),
+            mutations: Vec::new(),
+            entities: Vec::new(),
+            detail,
+        }
+    }
 }
 
 /// The result of evaluating and applying one mutation: a denial is a value.
@@ -86,26 +113,38 @@ impl Engine {
     ) -> Result<CommitResult> {
         self.check_commit_request(req)?;
         let parsed = token::parse(raw, &self.settings)?;
-        let request_hash =
-            Sha256::digest(serde_json::to_vec(req).map_err(|e| Error::Internal(e.to_string()))?).to_vec();
+        let hash = Sha256::digest(serde_json::to_vec(req).map_err(|e| Error::Internal(e.to_string()))?).to_vec();
+        self.run(opts, || self.authorize_and_commit_once(&parsed, req, &hash)).await
+    }
 
-        let mut txn = self.begin_write(opts).await?;
+    async fn authorize_and_commit_once(
+        &self,
+        parsed: &token::ParsedToken,
+        req: &CommitRequest,
+        request_hash: &[u8],
+    ) -> Result<Prepared<CommitResult>> {
+        let mut txn = self.store.write().await?;
         let now = now_micros();
-        let token = self.authenticate(&mut *txn, &parsed, now).await?;
+        let token = self.authenticate(&mut *txn, parsed, now).await?;
 
-        if !req.idempotency_key.is_empty() {
-            if let Some((hash, response)) = txn.idempotent_response(&token.principal, &req.idempotency_key).await? {
+        // Everything after this point is undone by a denial, except the denial's audit event.
+        txn.savepoint().await?;
+        let key = req.idempotency_key.as_str();
+        if !key.is_empty() {
+            // Claiming the key waits for a concurrent holder of the same key to finish.
+            if let Some((hash, response)) = txn.claim_idempotency_key(&token.principal, key, request_hash, now).await? {
                 if hash != request_hash {
                     return Err(Error::InvalidArgument(
                         "idempotency key already used for a different request by this subject".into(),
                     ));
                 }
-                return serde_json::from_str(&response).map_err(|e| Error::Internal(format!("stored response: {e}")));
+                let first =
+                    serde_json::from_str(&response).map_err(|e| Error::Internal(format!("stored response: {e}")))?;
+                return Ok((txn, Ok(first)));
             }
         }
 
         let policies = self.policies_in(&mut *txn).await?;
-        txn.savepoint().await?;
         let mut entities = Vec::with_capacity(req.mutations.len());
         let mut determining: Vec<String> = Vec::new();
         for (i, m) in req.mutations.iter().enumerate() {
@@ -120,56 +159,37 @@ impl Engine {
                 }
                 Step::Denied { decision, reason } => {
                     txn.rollback_to_savepoint().await?;
+                    let what = format!("mutation {i} ({} `{}` on {})", m.change.kind(), m.action, m.resource);
+                    let errors = if decision.errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; errors: {}", decision.errors.join("; "))
+                    };
                     let detail = format!(
-                        "mutation {i} ({} `{}` on {}) denied: {reason}; determining policies: [{}]{}",
-                        m.change.kind(),
-                        m.action,
-                        m.resource,
-                        decision.determining_policies.join(", "),
-                        if decision.errors.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; errors: {}", decision.errors.join("; "))
-                        },
+                        "{what} denied: {reason}; determining policies: [{}]{errors}",
+                        decision.determining_policies.join(", ")
                     );
-                    self.audit(
-                        &mut *txn,
-                        AuditKind::Deny,
-                        Some(&token),
-                        req.mutations.clone(),
-                        Vec::new(),
-                        detail,
-                        now,
-                    )
-                    .await?;
-                    self.commit(txn, opts).await?;
-                    return Err(Error::Denied(format!(
-                        "mutation {i} ({} `{}` on {}) is not permitted, or its entity does not exist; nothing was committed",
-                        m.change.kind(),
-                        m.action,
-                        m.resource
-                    )));
+                    let deny = Event::new(AuditKind::Deny, Some(&token), detail).mutations(req.mutations.clone());
+                    self.audit(&mut *txn, deny, now).await?;
+                    return Ok((
+                        txn,
+                        Err(Error::Denied(format!(
+                            "{what} is not permitted, or its entity does not exist; nothing was committed"
+                        ))),
+                    ));
                 }
             }
         }
-        let audit_seq = self
-            .audit(
-                &mut *txn,
-                AuditKind::Commit,
-                Some(&token),
-                req.mutations.clone(),
-                entities.clone(),
-                String::new(),
-                now,
-            )
-            .await?;
+        let event = Event::new(AuditKind::Commit, Some(&token), String::new())
+            .mutations(req.mutations.clone())
+            .entities(entities.clone());
+        let audit_seq = self.audit(&mut *txn, event, now).await?;
         let result = CommitResult { entities, audit_seq, determining_policies: determining };
-        if !req.idempotency_key.is_empty() {
+        if !key.is_empty() {
             let response = serde_json::to_string(&result).map_err(|e| Error::Internal(e.to_string()))?;
-            txn.save_idempotent_response(&token.principal, &req.idempotency_key, &request_hash, &response, now).await?;
+            txn.complete_idempotency_key(&token.principal, key, &response).await?;
         }
-        self.commit(txn, opts).await?;
-        Ok(result)
+        Ok((txn, Ok(result)))
     }
 
     /// Evaluates one mutation against the current state (in `txn`) and applies it when
@@ -300,14 +320,18 @@ impl Engine {
         policy::entity_uid(resource).map_err(Error::InvalidArgument)?;
         self.check_value_sizes(context, "context")?;
         let parsed = token::parse(raw, &self.settings)?;
-        let mut txn = self.begin_read(opts).await?;
-        let token = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
-        let policies = self.policies_in(&mut *txn).await?;
-        let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
-        let ctx = build_context(context, &token, None)?;
-        policies
-            .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
-            .map_err(Error::Internal)
+        self.run(opts, || async {
+            let mut txn = self.store.read().await?;
+            let token = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+            let policies = self.policies_in(&mut *txn).await?;
+            let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
+            let ctx = build_context(context, &token, None)?;
+            let decision = policies
+                .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
+                .map_err(Error::Internal);
+            Ok((txn, decision))
+        })
+        .await
     }
 
     /// An authorized read of one entity; denied and missing are the same answer.
@@ -315,19 +339,23 @@ impl Engine {
         let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
         policy::entity_uid(uid).map_err(Error::InvalidArgument)?;
         let parsed = token::parse(raw, &self.settings)?;
-        let mut txn = self.begin_read(opts).await?;
-        let token = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
-        let policies = self.policies_in(&mut *txn).await?;
-        let denied = || Error::Denied(format!("reading {uid} is not permitted, or it does not exist"));
-        let Some(entity) = txn.entity(uid).await? else { return Err(denied()) };
-        let mut wanted = vec![token.principal.clone()];
-        wanted.extend(entity.parents.iter().cloned());
-        let loaded = txn.entities_with_ancestors(&wanted).await?;
-        let mut all: Vec<&EntityRecord> = loaded.iter().collect();
-        all.push(&entity);
-        let ctx = build_context(&Map::new(), &token, None)?;
-        let decision = policies.evaluate(&token.principal, &action, uid, ctx, &all).map_err(Error::Internal)?;
-        if decision.allowed { Ok(entity) } else { Err(denied()) }
+        self.run(opts, || async {
+            let mut txn = self.store.read().await?;
+            let token = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+            let policies = self.policies_in(&mut *txn).await?;
+            let denied = || Error::Denied(format!("reading {uid} is not permitted, or it does not exist"));
+            let Some(entity) = txn.entity(uid).await? else { return Err(denied()) };
+            let mut wanted = vec![token.principal.clone()];
+            wanted.extend(entity.parents.iter().cloned());
+            let loaded = txn.entities_with_ancestors(&wanted).await?;
+            let mut all: Vec<&EntityRecord> = loaded.iter().collect();
+            all.push(&entity);
+            let ctx = build_context(&Map::new(), &token, None)?;
+            let decision = policies.evaluate(&token.principal, &action, uid, ctx, &all).map_err(Error::Internal)?;
+            let answer = if decision.allowed { Ok(entity) } else { Err(denied()) };
+            Ok((txn, answer))
+        })
+        .await
     }
 
     /// A page of the audit log (Lockstep::Action::"ReadAudit").
@@ -342,9 +370,13 @@ impl Engine {
             0 => self.settings.default_audit_page,
             n => n.min(self.settings.max_audit_page),
         };
-        let mut txn = self.begin_read(opts).await?;
-        self.admit(&mut *txn, caller, "ReadAudit", &service_uid()).await?;
-        Ok(txn.audit_events(after_seq, limit).await?)
+        self.run(opts, || async {
+            let mut txn = self.store.read().await?;
+            self.admit(&mut *txn, caller, "ReadAudit", &service_uid()).await?;
+            let events = txn.audit_events(after_seq, limit).await?;
+            Ok((txn, Ok(events)))
+        })
+        .await
     }
 
     // ---------------------------------------------------------------------------------
@@ -364,32 +396,27 @@ impl Engine {
             return Err(Error::InvalidArgument("jti longer than 256 bytes".into()));
         }
         let parsed = token::parse(raw, &self.settings)?;
-        let mut txn = self.begin_write(opts).await?;
-        let now = now_micros();
-        let token = self.authenticate(&mut *txn, &parsed, now).await?;
-        let (target, expires) = if jti.is_empty() || jti == token.token_id {
-            (token.token_id.clone(), token.exp)
-        } else {
-            let policies = self.policies_in(&mut *txn).await?;
-            self.require(&mut *txn, &policies, &token, "RevokeToken", &service_uid()).await?;
-            let max = i64::try_from(self.settings.max_token_lifetime_secs).unwrap_or(i64::MAX);
-            (jti.to_owned(), expires_at_secs.unwrap_or(now / 1_000_000 + max))
-        };
-        let keep_until = expires.saturating_add(i64::try_from(self.settings.leeway_secs).unwrap_or(0));
-        txn.revoke_token(&target, keep_until, now).await?;
-        let seq = self
-            .audit(
-                &mut *txn,
-                AuditKind::RevokeToken,
-                Some(&token),
-                Vec::new(),
-                Vec::new(),
-                format!("revoked token `{target}`"),
-                now,
-            )
-            .await?;
-        self.commit(txn, opts).await?;
-        Ok(seq)
+        self.run(opts, || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let token = self.authenticate(&mut *txn, &parsed, now).await?;
+            let leeway = i64::try_from(self.settings.leeway_secs).unwrap_or(0);
+            if jti.is_empty() || jti == token.token_id {
+                let keep_until = token.exp.saturating_add(leeway);
+                txn.revoke_token(&token.token_id, Some(&token.principal), keep_until, now).await?;
+            } else {
+                let policies = self.policies_in(&mut *txn).await?;
+                self.require(&mut *txn, &policies, &token, "RevokeToken", &service_uid()).await?;
+                let max = i64::try_from(self.settings.max_token_lifetime_secs).unwrap_or(i64::MAX);
+                let keep_until = expires_at_secs.unwrap_or(now / 1_000_000 + max).saturating_add(leeway);
+                txn.revoke_token(jti, None, keep_until, now).await?;
+            }
+            let target = if jti.is_empty() { token.token_id.as_str() } else { jti };
+            let event = Event::new(AuditKind::RevokeToken, Some(&token), format!("revoked token `{target}`"));
+            let seq = self.audit(&mut *txn, event, now).await?;
+            Ok((txn, Ok(seq)))
+        })
+        .await
     }
 
     /// Revokes every token of a subject issued at or before now: the caller itself when
@@ -399,28 +426,21 @@ impl Engine {
             policy::entity_uid(s).map_err(Error::InvalidArgument)?;
         }
         let parsed = token::parse(raw, &self.settings)?;
-        let mut txn = self.begin_write(opts).await?;
-        let now = now_micros();
-        let token = self.authenticate(&mut *txn, &parsed, now).await?;
-        let target = subject.cloned().unwrap_or_else(|| token.principal.clone());
-        if target != token.principal {
-            let policies = self.policies_in(&mut *txn).await?;
-            self.require(&mut *txn, &policies, &token, "RevokeSubject", &target).await?;
-        }
-        txn.revoke_subject(&target, now / 1_000_000).await?;
-        let seq = self
-            .audit(
-                &mut *txn,
-                AuditKind::RevokeSubject,
-                Some(&token),
-                Vec::new(),
-                Vec::new(),
-                format!("revoked every token of {target} issued until now"),
-                now,
-            )
-            .await?;
-        self.commit(txn, opts).await?;
-        Ok(seq)
+        self.run(opts, || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let token = self.authenticate(&mut *txn, &parsed, now).await?;
+            let target = subject.cloned().unwrap_or_else(|| token.principal.clone());
+            if target != token.principal {
+                let policies = self.policies_in(&mut *txn).await?;
+                self.require(&mut *txn, &policies, &token, "RevokeSubject", &target).await?;
+            }
+            txn.revoke_subject(&target, now / 1_000_000).await?;
+            let detail = format!("revoked every token of {target} issued until now");
+            let seq = self.audit(&mut *txn, Event::new(AuditKind::RevokeSubject, Some(&token), detail), now).await?;
+            Ok((txn, Ok(seq)))
+        })
+        .await
     }
 
     // ---------------------------------------------------------------------------------
@@ -442,25 +462,27 @@ impl Engine {
             )));
         }
         let compiled = policy::compile(0, policies, schema);
-        let mut txn = self.begin_write(opts).await?;
-        let now = now_micros();
-        let token = self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
-        let mut compiled = compiled
-            .map_err(|e| Error::InvalidArgument(format!("policies are invalid; the active set is unchanged:\n{e}")))?;
-        let version = txn.insert_policies(policies, schema, now).await?;
-        compiled.version = version;
-        let seq = self
-            .audit(
-                &mut *txn,
-                AuditKind::PutPolicies,
-                token.as_ref(),
-                Vec::new(),
-                Vec::new(),
-                operator_note(caller, format!("policy version {version}")),
-                now,
-            )
+        let (version, seq, compiled) = self
+            .run(opts, || async {
+                let mut txn = self.store.write().await?;
+                let now = now_micros();
+                let token = self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
+                let mut compiled = match &compiled {
+                    Ok(c) => c.clone(),
+                    Err(e) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "policies are invalid; the active set is unchanged:\n{e}"
+                        )));
+                    }
+                };
+                let version = txn.insert_policies(policies, schema, now).await?;
+                compiled.version = version;
+                let detail = operator_note(caller, format!("policy version {version}"));
+                let seq =
+                    self.audit(&mut *txn, Event::new(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+                Ok((txn, Ok((version, seq, compiled))))
+            })
             .await?;
-        self.commit(txn, opts).await?;
         self.remember(Arc::new(compiled));
         Ok((version, seq))
     }
@@ -468,83 +490,80 @@ impl Engine {
     /// The active policy set (authorized as Lockstep::Action::"PutPolicies": whoever may
     /// change the policies may read them).
     pub async fn get_policies(&self, caller: Caller<'_>, opts: CallOptions) -> Result<Option<PolicyRecord>> {
-        let mut txn = self.begin_read(opts).await?;
-        self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
-        match txn.policy_version().await? {
-            Some(v) => Ok(txn.policies(v).await?),
-            None => Ok(None),
-        }
+        self.run(opts, || async {
+            let mut txn = self.store.read().await?;
+            self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
+            let record = match txn.policy_version().await? {
+                Some(v) => txn.policies(v).await?,
+                None => None,
+            };
+            Ok((txn, Ok(record)))
+        })
+        .await
     }
 
     /// Adds a verification key (Lockstep::Action::"ManageKeys").
     pub async fn add_key(&self, caller: Caller<'_>, mut key: KeyRecord, opts: CallOptions) -> Result<u64> {
         self.check_key(&mut key)?;
-        let mut txn = self.begin_write(opts).await?;
-        let now = now_micros();
-        let token = self.admit(&mut *txn, caller, "ManageKeys", &service_uid()).await?;
-        key.added_at = now;
-        key.revoked = false;
-        match txn.insert_key(&key).await {
-            Err(StoreError::Conflict(_)) => {
-                return Err(Error::AlreadyExists(format!(
-                    "a key with kid `{}` exists already (kids are never reused)",
-                    key.kid
-                )));
+        let key = &key;
+        self.run(opts, || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let token = self.admit(&mut *txn, caller, "ManageKeys", &service_uid()).await?;
+            let record = KeyRecord { added_at: now, revoked: false, ..key.clone() };
+            match txn.insert_key(&record).await {
+                Err(StoreError::Conflict(_)) => {
+                    return Err(Error::AlreadyExists(format!(
+                        "a key with kid `{}` exists already (kids are never reused)",
+                        key.kid
+                    )));
+                }
+                other => other?,
             }
-            other => other?,
-        }
-        let seq = self
-            .audit(
-                &mut *txn,
-                AuditKind::AddKey,
-                token.as_ref(),
-                Vec::new(),
-                Vec::new(),
-                operator_note(caller, format!("added key `{}` ({})", key.kid, key.algorithm)),
-                now,
-            )
-            .await?;
-        self.commit(txn, opts).await?;
-        Ok(seq)
+            let detail = operator_note(caller, format!("added key `{}` ({})", key.kid, key.algorithm));
+            let seq = self.audit(&mut *txn, Event::new(AuditKind::AddKey, token.as_ref(), detail), now).await?;
+            Ok((txn, Ok(seq)))
+        })
+        .await
     }
 
     /// Revokes a key: once this returns, no token signed with it is accepted.
     pub async fn revoke_key(&self, caller: Caller<'_>, kid: &str, opts: CallOptions) -> Result<u64> {
-        let mut txn = self.begin_write(opts).await?;
-        let now = now_micros();
-        let token = self.admit(&mut *txn, caller, "ManageKeys", &service_uid()).await?;
-        if !txn.revoke_key(kid, now).await? {
-            return Err(Error::NotFound(format!("no key with kid `{kid}`")));
-        }
-        let seq = self
-            .audit(
-                &mut *txn,
-                AuditKind::RevokeKey,
-                token.as_ref(),
-                Vec::new(),
-                Vec::new(),
-                operator_note(caller, format!("revoked key `{kid}`")),
-                now,
-            )
-            .await?;
-        self.commit(txn, opts).await?;
-        Ok(seq)
+        self.run(opts, || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let token = self.admit(&mut *txn, caller, "ManageKeys", &service_uid()).await?;
+            if !txn.revoke_key(kid, now).await? {
+                return Err(Error::NotFound(format!("no key with kid `{kid}`")));
+            }
+            let detail = operator_note(caller, format!("revoked key `{kid}`"));
+            let seq = self.audit(&mut *txn, Event::new(AuditKind::RevokeKey, token.as_ref(), detail), now).await?;
+            Ok((txn, Ok(seq)))
+        })
+        .await
     }
 
     pub async fn list_keys(&self, caller: Caller<'_>, opts: CallOptions) -> Result<Vec<KeyRecord>> {
-        let mut txn = self.begin_read(opts).await?;
-        self.admit(&mut *txn, caller, "ManageKeys", &service_uid()).await?;
-        Ok(txn.list_keys().await?)
+        self.run(opts, || async {
+            let mut txn = self.store.read().await?;
+            self.admit(&mut *txn, caller, "ManageKeys", &service_uid()).await?;
+            let keys = txn.list_keys().await?;
+            Ok((txn, Ok(keys)))
+        })
+        .await
     }
 
     /// The key record itself, secret included: for the operator's `token issue` only.
     pub async fn operator_key(&self, kid: &str) -> Result<KeyRecord> {
-        let mut txn = self.begin_read(CallOptions::default()).await?;
-        let key = txn.key(kid).await?.ok_or_else(|| Error::NotFound(format!("no key with kid `{kid}`")))?;
-        if key.revoked {
-            return Err(Error::InvalidArgument(format!("key `{kid}` is revoked")));
-        }
-        Ok(key)
+        self.run(CallOptions::default(), || async {
+            let mut txn = self.store.read().await?;
+            let key = txn.key(kid).await?.ok_or_else(|| Error::NotFound(format!("no key with kid `{kid}`")))?;
+            if key.revoked {
+                return Err(Error::InvalidArgument(format!("key `{kid}` is revoked")));
+            }
+            Ok((txn, Ok(key)))
+        })
+        .await
     }
 
     /// Writes entities directly (operator bootstrap: `entities import`, the demo),
@@ -554,67 +573,87 @@ impl Engine {
             self.check_attributes(e)?;
             policy::check_entity(e).map_err(Error::InvalidArgument)?;
         }
-        let mut txn = self.begin_write(CallOptions::default()).await?;
-        let now = now_micros();
-        let mut written = Vec::new();
-        for mut e in entities {
-            match txn.entity(&e.uid).await? {
-                Some(cur) => {
-                    e.version = cur.version + 1;
-                    txn.update_entity(&e).await?;
+        let entities = &entities;
+        self.run(CallOptions::default(), || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let mut written = Vec::new();
+            for e in entities {
+                let mut e = e.clone();
+                match txn.entity(&e.uid).await? {
+                    Some(cur) => {
+                        e.version = cur.version + 1;
+                        txn.update_entity(&e).await?;
+                    }
+                    None => {
+                        e.version = 1;
+                        txn.insert_entity(&e).await?;
+                    }
                 }
-                None => {
-                    e.version = 1;
-                    txn.insert_entity(&e).await?;
-                }
+                written.push(e);
             }
-            written.push(e);
-        }
-        let n = written.len();
-        let seq = self
-            .audit(&mut *txn, AuditKind::Commit, None, Vec::new(), written, format!("imported {n} entities (cli)"), now)
-            .await?;
-        self.commit(txn, CallOptions::default()).await?;
-        Ok(seq)
+            let detail = format!("imported {} entities (cli)", written.len());
+            let seq = self.audit(&mut *txn, Event::new(AuditKind::Commit, None, detail).entities(written), now).await?;
+            Ok((txn, Ok(seq)))
+        })
+        .await
     }
 
     /// Deletes expired revocations and idempotency records past their retention.
     pub async fn purge(&self) -> Result<(u64, u64)> {
-        let mut txn = self.begin_write(CallOptions::default()).await?;
-        let now = now_micros();
-        let leeway = i64::try_from(self.settings.leeway_secs).unwrap_or(0);
-        let retention = i64::try_from(self.settings.idempotency_retention.as_micros()).unwrap_or(i64::MAX);
-        let purged = txn.purge(now / 1_000_000 - leeway, now.saturating_sub(retention)).await?;
-        txn.commit().await?;
-        Ok(purged)
+        self.run(CallOptions::default(), || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let leeway = i64::try_from(self.settings.leeway_secs).unwrap_or(0);
+            let retention = i64::try_from(self.settings.idempotency_retention.as_micros()).unwrap_or(i64::MAX);
+            let purged = txn.purge(now / 1_000_000 - leeway, now.saturating_sub(retention)).await?;
+            Ok((txn, Ok(purged)))
+        })
+        .await
     }
 
     // ---------------------------------------------------------------------------------
     // Pieces shared by the use cases
     // ---------------------------------------------------------------------------------
 
-    async fn begin_write(&self, opts: CallOptions) -> Result<Box<dyn Txn>> {
-        match opts.deadline {
-            Some(d) => tokio::time::timeout_at(d, self.store.write()).await.map_err(|_| Error::DeadlineExceeded)?,
-            None => self.store.write().await,
+    /// Runs one attempt of a use case after another until it yields a transaction to
+    /// commit, then commits it and gives the use case's answer. Attempts that hit a
+    /// transient conflict (serialization failure, deadlock) are retried a bounded number
+    /// of times. Nothing is committed after the caller's deadline: an attempt still
+    /// running then is dropped (its transaction rolls back) and the commit itself is
+    /// only started before the deadline.
+    async fn run<T, F, Fut>(&self, opts: CallOptions, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Prepared<T>>>,
+    {
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let prepared = match opts.deadline {
+                Some(d) => tokio::time::timeout_at(d, attempt()).await.unwrap_or(Err(Error::DeadlineExceeded)),
+                None => attempt().await,
+            };
+            let outcome = match prepared {
+                Ok((txn, answer)) => {
+                    if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(Error::DeadlineExceeded);
+                    }
+                    txn.commit().await.map(|()| answer)
+                }
+                Err(Error::Retry(m)) => Err(StoreError::Retry(m)),
+                Err(e) => return Err(e),
+            };
+            match outcome {
+                Ok(answer) => return answer,
+                Err(StoreError::Retry(m)) if tries < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt = tries, reason = %m, "transient conflict; retrying");
+                    let jitter = u64::from(rand::random::<u8>() % 8);
+                    tokio::time::sleep(std::time::Duration::from_millis(u64::from(tries) * 2 + jitter)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        .map_err(Error::from)
-    }
-
-    async fn begin_read(&self, opts: CallOptions) -> Result<Box<dyn Txn>> {
-        match opts.deadline {
-            Some(d) => tokio::time::timeout_at(d, self.store.read()).await.map_err(|_| Error::DeadlineExceeded)?,
-            None => self.store.read().await,
-        }
-        .map_err(Error::from)
-    }
-
-    /// Commits unless the caller's deadline has passed (then nothing is committed).
-    async fn commit(&self, txn: Box<dyn Txn>, opts: CallOptions) -> Result<()> {
-        if opts.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(Error::DeadlineExceeded);
-        }
-        Ok(txn.commit().await?)
     }
 
     /// Checks the token against the key, token and subject revocations read in `txn`.
@@ -716,25 +755,7 @@ impl Engine {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn audit(
-        &self,
-        txn: &mut dyn Txn,
-        kind: AuditKind,
-        token: Option<&VerifiedToken>,
-        mutations: Vec<Mutation>,
-        entities: Vec<EntityRecord>,
-        detail: String,
-        now: i64,
-    ) -> Result<u64> {
-        let event = NewAuditEvent {
-            kind,
-            principal: token.map(|t| t.principal.clone()),
-            token_id: token.map(|t| t.token_id.clone()).unwrap_or_default(),
-            mutations,
-            entities,
-            detail,
-        };
+    async fn audit(&self, txn: &mut dyn Txn, event: NewAuditEvent, now: i64) -> Result<u64> {
         Ok(txn.append_audit(&event, now).await?)
     }
 

@@ -30,6 +30,10 @@ pub enum Error {
     /// The caller's deadline passed before the transaction committed: nothing was committed.
     #[error("deadline exceeded before the transaction committed; nothing was committed")]
     DeadlineExceeded,
+    /// A transient conflict (serialization failure, deadlock): the use case is retried;
+    /// a caller sees it only as UNAVAILABLE after the retries ran out.
+    #[error("transient database conflict: {0}")]
+    Retry(String),
     /// A bug or a corrupt database; the details are logged, not sent.
     #[error("{0}")]
     Internal(String),
@@ -43,6 +47,7 @@ impl From<crate::store::StoreError> for Error {
         match e {
             S::Unavailable(m) => Error::Unavailable(format!("database unavailable: {m}")),
             S::Conflict(m) => Error::Internal(format!("unexpected conflict: {m}")),
+            S::Retry(m) => Error::Retry(m),
             S::Internal(m) => Error::Internal(m),
         }
     }

@@ -170,6 +170,20 @@ pub struct NewAuditEvent {
     pub detail: String,
 }
 
+impl NewAuditEvent {
+    /// The event with the request's mutations.
+    pub fn mutations(mut self, m: Vec<Mutation>) -> Self {
+        self.mutations = m;
+        self
+    }
+
+    /// The event with the committed entities.
+    pub fn entities(mut self, e: Vec<EntityRecord>) -> Self {
+        self.entities = e;
+        self
+    }
+}
+
 /// A stored audit event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuditEvent {

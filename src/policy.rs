@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 /// A parsed and validated policy set at one version: what the cache holds.
+#[derive(Clone)]
 pub struct CompiledPolicies {
     pub version: u64,
     pub set: PolicySet,

@@ -33,6 +33,9 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::Unavailable(m) => Status::unavailable(m),
+            Error::Retry(m) => {
+                Status::unavailable(format!("{m}; retries exhausted, nothing was committed, retry later"))
+            }
             Error::DeadlineExceeded => Status::deadline_exceeded(Error::DeadlineExceeded.to_string()),
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");

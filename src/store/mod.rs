@@ -19,6 +19,9 @@ pub enum StoreError {
     /// A uniqueness constraint refused a write (e.g. a key or entity that exists).
     #[error("{0}")]
     Conflict(String),
+    /// A serialization failure or deadlock: the whole transaction may be retried.
+    #[error("{0}")]
+    Retry(String),
     /// Anything else: a bug or corrupt data.
     #[error("{0}")]
     Internal(String),
@@ -61,8 +64,16 @@ pub trait Txn: Send {
     /// Marks a key revoked; false if there is no such key.
     async fn revoke_key(&mut self, kid: &str, now: i64) -> StoreResult<bool>;
     async fn token_revoked(&mut self, token_id: &str) -> StoreResult<bool>;
-    /// Records a revoked token id until `expires_at` (unix seconds).
-    async fn revoke_token(&mut self, token_id: &str, expires_at: i64, now: i64) -> StoreResult<()>;
+    /// Records a revoked token id until `expires_at` (unix seconds). `subject` is the
+    /// token's subject when known (logout): the revocation then locks that subject, which
+    /// every in-flight commit of the subject holds; otherwise it locks out every commit.
+    async fn revoke_token(
+        &mut self,
+        token_id: &str,
+        subject: Option<&Uid>,
+        expires_at: i64,
+        now: i64,
+    ) -> StoreResult<()>;
     /// Unix seconds: tokens of this subject issued at or before it are revoked.
     async fn subject_revoked_at(&mut self, subject: &Uid) -> StoreResult<Option<i64>>;
     async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()>;
@@ -90,16 +101,19 @@ pub trait Txn: Send {
     async fn rollback_to_savepoint(&mut self) -> StoreResult<()>;
 
     // --- idempotency ---------------------------------------------------------------------
-    /// The stored (request hash, response JSON) for this subject's key, if any.
-    async fn idempotent_response(&mut self, subject: &Uid, key: &str) -> StoreResult<Option<(Vec<u8>, String)>>;
-    async fn save_idempotent_response(
+    /// Claims this subject's idempotency key for this transaction, waiting for a
+    /// concurrent transaction that holds it to finish. Returns the stored (request hash,
+    /// response) when the key was already committed; else the key is claimed (undone by
+    /// a rollback, including `rollback_to_savepoint`) and None is returned.
+    async fn claim_idempotency_key(
         &mut self,
         subject: &Uid,
         key: &str,
         request_hash: &[u8],
-        response: &str,
         now: i64,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<Option<(Vec<u8>, String)>>;
+    /// Stores the response for a key claimed by this transaction.
+    async fn complete_idempotency_key(&mut self, subject: &Uid, key: &str, response: &str) -> StoreResult<()>;
 
     // --- audit ---------------------------------------------------------------------------
     /// Appends an event; returns its `seq`, which is larger than that of every event

@@ -201,7 +201,13 @@ impl Txn for SqliteTxn {
         Ok(row.is_some())
     }
 
-    async fn revoke_token(&mut self, token_id: &str, expires_at: i64, now: i64) -> StoreResult<()> {
+    async fn revoke_token(
+        &mut self,
+        token_id: &str,
+        _subject: Option<&Uid>,
+        expires_at: i64,
+        now: i64,
+    ) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO revoked_tokens (token_id, expires_at_secs, revoked_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (token_id) DO UPDATE SET expires_at_secs = max(expires_at_secs, excluded.expires_at_secs)",
@@ -361,7 +367,14 @@ impl Txn for SqliteTxn {
         Ok(())
     }
 
-    async fn idempotent_response(&mut self, subject: &Uid, key: &str) -> StoreResult<Option<(Vec<u8>, String)>> {
+    async fn claim_idempotency_key(
+        &mut self,
+        subject: &Uid,
+        key: &str,
+        request_hash: &[u8],
+        now: i64,
+    ) -> StoreResult<Option<(Vec<u8>, String)>> {
+        // Writers are serialized, so a row seen here was committed by an earlier writer.
         let row =
             sqlx::query("SELECT request_hash, response FROM idempotency WHERE etype = ?1 AND eid = ?2 AND key = ?3")
                 .bind(&subject.ty)
@@ -370,29 +383,32 @@ impl Txn for SqliteTxn {
                 .fetch_optional(&mut *self.tx)
                 .await
                 .map_err(map_err)?;
-        row.map(|r| Ok((r.try_get(0).map_err(map_err)?, r.try_get(1).map_err(map_err)?))).transpose()
-    }
-
-    async fn save_idempotent_response(
-        &mut self,
-        subject: &Uid,
-        key: &str,
-        request_hash: &[u8],
-        response: &str,
-        now: i64,
-    ) -> StoreResult<()> {
+        if let Some(r) = row {
+            return Ok(Some((r.try_get(0).map_err(map_err)?, r.try_get(1).map_err(map_err)?)));
+        }
         sqlx::query(
-            "INSERT INTO idempotency (etype, eid, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO idempotency (etype, eid, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, '', ?5)",
         )
         .bind(&subject.ty)
         .bind(&subject.id)
         .bind(key)
         .bind(request_hash)
-        .bind(response)
         .bind(now)
         .execute(&mut *self.tx)
         .await
         .map_err(map_err)?;
+        Ok(None)
+    }
+
+    async fn complete_idempotency_key(&mut self, subject: &Uid, key: &str, response: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE idempotency SET response = ?4 WHERE etype = ?1 AND eid = ?2 AND key = ?3")
+            .bind(&subject.ty)
+            .bind(&subject.id)
+            .bind(key)
+            .bind(response)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 
