@@ -17,7 +17,7 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(name = "lockstep", version, about = "Authorize and commit state changes in one transaction")]
 pub struct Cli {
-    /// Database URL: sqlite:///abs/path.db or sqlite://relative.db.
+    /// Database URL: sqlite:///abs/path.db, sqlite://relative.db or postgres://user@host:port/db.
     #[arg(long, global = true, env = "LOCKSTEP_DATABASE_URL", default_value = "sqlite://lockstep.db")]
     pub database: String,
     #[command(flatten)]
@@ -29,13 +29,19 @@ pub struct Cli {
 /// Database connection settings shared by every command.
 #[derive(Args, Debug, Clone)]
 pub struct DbArgs {
-    /// Milliseconds a call waits for the database (its turn at the writer, or a
-    /// connection) before it answers UNAVAILABLE.
-    #[arg(long, global = true, env = "LOCKSTEP_ACQUIRE_TIMEOUT_MS", default_value_t = 10_000)]
+    /// Milliseconds a call waits for the database (a pooled connection, or on SQLite its
+    /// turn at the writer) before it answers UNAVAILABLE.
+    #[arg(long, global = true, env = "LOCKSTEP_ACQUIRE_TIMEOUT_MS", default_value_t = 2_000)]
     pub acquire_timeout_ms: u64,
     /// SQLite: milliseconds to wait on a lock held by another process.
     #[arg(long, global = true, env = "LOCKSTEP_BUSY_TIMEOUT_MS", default_value_t = 5_000)]
     pub busy_timeout_ms: u64,
+    /// PostgreSQL: connections in this instance's pool.
+    #[arg(long, global = true, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 16)]
+    pub max_connections: u32,
+    /// PostgreSQL: statement timeout in milliseconds (lock waits included).
+    #[arg(long, global = true, env = "LOCKSTEP_STATEMENT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub statement_timeout_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +174,8 @@ fn store_options(db: &DbArgs) -> StoreOptions {
     StoreOptions {
         acquire_timeout: Duration::from_millis(db.acquire_timeout_ms),
         busy_timeout: Duration::from_millis(db.busy_timeout_ms),
+        max_connections: db.max_connections,
+        statement_timeout: Duration::from_millis(db.statement_timeout_ms),
         ..StoreOptions::default()
     }
 }

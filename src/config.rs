@@ -11,13 +11,23 @@ pub struct StoreOptions {
     /// SQLite: how long a statement waits on a lock held by another process (the CLI,
     /// a second server) before it fails; such a failure is UNAVAILABLE, never "locked".
     pub busy_timeout: Duration,
-    /// Connections for read-only calls (Authorize, GetEntity, listings).
+    /// SQLite: connections for read-only calls (Authorize, GetEntity, listings).
     pub read_connections: u32,
+    /// PostgreSQL: the pool size of this instance.
+    pub max_connections: u32,
+    /// PostgreSQL: `statement_timeout` of every connection (includes lock waits).
+    pub statement_timeout: Duration,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { acquire_timeout: Duration::from_secs(10), busy_timeout: Duration::from_secs(5), read_connections: 4 }
+        Self {
+            acquire_timeout: Duration::from_secs(2),
+            busy_timeout: Duration::from_secs(5),
+            read_connections: 4,
+            max_connections: 16,
+            statement_timeout: Duration::from_secs(5),
+        }
     }
 }
 

@@ -283,7 +283,16 @@ impl Engine {
                         m.resource
                     )));
                 }
-                txn.insert_entity(&after).await?;
+                match txn.insert_entity(&after).await {
+                    // A concurrent create of the same entity committed first.
+                    Err(StoreError::Conflict(_)) => {
+                        return Err(Error::AlreadyExists(format!(
+                            "entity {} already exists; nothing was committed",
+                            m.resource
+                        )));
+                    }
+                    other => other?,
+                }
             }
             (_, Some(cur)) => {
                 if let Some(v) = m.if_version.filter(|v| *v != cur.version) {
@@ -667,9 +676,9 @@ impl Engine {
             return Err(Error::Unauthenticated(format!("the token's signing key `{}` has been revoked", key.kid)));
         }
         let token = token::verify(parsed, &key, now_secs, &self.settings)?;
-        if txn.token_revoked(&token.token_id).await? {
-            return Err(Error::Unauthenticated("token has been revoked".into()));
-        }
+        // The subject first: on PostgreSQL this share-locks the subject's row, which a
+        // logout or RevokeSubject locks exclusively, so the token check below runs after
+        // any such revocation that got there first has committed.
         if let Some(at) = txn.subject_revoked_at(&token.principal).await? {
             // A token without `iat` cannot prove it was issued after the revocation.
             if token.iat.is_none_or(|iat| iat <= at) {
@@ -678,6 +687,9 @@ impl Engine {
                     token.principal
                 )));
             }
+        }
+        if txn.token_revoked(&token.token_id).await? {
+            return Err(Error::Unauthenticated("token has been revoked".into()));
         }
         Ok(token)
     }

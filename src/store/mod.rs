@@ -3,6 +3,7 @@
 //! Everything that decides a call is read through a `Txn`, and a write call's decision
 //! and its writes share one `Txn`. SQL lives only below this module.
 
+pub mod postgres;
 pub mod sqlite;
 
 use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
@@ -130,13 +131,15 @@ pub trait Txn: Send {
     async fn commit(self: Box<Self>) -> StoreResult<()>;
 }
 
-/// Opens the store named by a database URL (`sqlite://…`).
+/// Opens the store named by a database URL (`sqlite://…` or `postgres://…`).
 pub async fn open(url: &str, opts: &crate::config::StoreOptions) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::open(url, opts).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        anyhow::bail!("PostgreSQL support is not built yet (tracked by the PostgreSQL issue); use a sqlite:// URL")
+        Ok(Arc::new(postgres::PgStore::open(url, opts).await?))
     } else {
-        anyhow::bail!("unsupported database URL `{url}`: use sqlite:///abs/path.db or sqlite://relative.db")
+        anyhow::bail!(
+            "unsupported database URL `{url}`: use sqlite:///abs/path.db, sqlite://relative.db or postgres://user@host/db"
+        )
     }
 }

@@ -20,9 +20,8 @@ fn touch() -> Vec<pb::Mutation> {
 
 /// OK: create, update, delete in one request, each seeing the one before; versions
 /// count changes; determining policies are returned.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutations_apply_in_order_and_all_or_nothing() {
-    let s = start().await;
+async fn mutations_apply_in_order_and_all_or_nothing(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let tok = token("k1", "alice");
     let owner = json!({ "__entity": { "type": "User", "id": "alice" } });
     let r = commit(
@@ -70,9 +69,8 @@ async fn mutations_apply_in_order_and_all_or_nothing() {
 
 /// PERMISSION_DENIED for a denied write and for a missing entity alike; ABORTED on a
 /// stale if_version; ALREADY_EXISTS for an allowed create of an existing entity.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn denied_missing_aborted_already_exists() {
-    let s = start().await;
+async fn denied_missing_aborted_already_exists(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let alice = token("k1", "alice");
     let mallory = token("k1", "mallory");
     let denied = commit(s.addr, &mallory, touch()).await.unwrap_err();
@@ -109,9 +107,8 @@ async fn denied_missing_aborted_already_exists() {
 
 /// The owner may transfer; others may not change the owner (a property-level rule that
 /// reads `context.change.changed_attributes`); the caller cannot override `change`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn property_rules_see_the_change() {
-    let s = start().await;
+async fn property_rules_see_the_change(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let bob = token("k1", "bob");
     let to_bob = json!({ "owner": { "__entity": { "type": "User", "id": "bob" } } });
     // bob may update Item::"shared" as a writer, but not its owner.
@@ -125,9 +122,8 @@ async fn property_rules_see_the_change() {
 }
 
 /// Authorize answers DENY as a value (OK), with determining policies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn authorize_is_a_decision() {
-    let s = start().await;
+async fn authorize_is_a_decision(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let mut c = client(s.addr).await;
     let req =
         |action: &str| pb::AuthorizeRequest { action: action.into(), resource: uid("Item", "doc"), context: None };
@@ -141,9 +137,8 @@ async fn authorize_is_a_decision() {
 }
 
 /// UNAUTHENTICATED for every kind of bad token; nothing is committed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_tokens_are_unauthenticated() {
-    let s = start().await;
+async fn bad_tokens_are_unauthenticated(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let n = now();
     let claims = |extra: serde_json::Value| {
         let mut c = json!({ "sub": "alice", "iat": n, "exp": n + 600, "jti": lockstep::token::uuid_like() });
@@ -220,9 +215,8 @@ async fn bad_tokens_are_unauthenticated() {
 /// Logout is always allowed and ends the token; a new token of the same subject works.
 /// Revoking another token needs Lockstep::Action::"RevokeToken"; RevokeSubject ends
 /// every token issued until then.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocation_by_token_and_subject() {
-    let s = start().await;
+async fn revocation_by_token_and_subject(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let mut c = client(s.addr).await;
     let a1 = token("k1", "alice");
     let a2 = token("k1", "alice");
@@ -278,9 +272,8 @@ async fn revocation_by_token_and_subject() {
 }
 
 /// INVALID_ARGUMENT for malformed and oversized requests; nothing changes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_requests_are_invalid_argument() {
-    let s = start().await;
+async fn malformed_requests_are_invalid_argument(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let tok = token("k1", "alice");
     let mut c = client(s.addr).await;
     let mut deep = json!(1);
@@ -348,9 +341,8 @@ async fn malformed_requests_are_invalid_argument() {
 
 /// The control plane: PutPolicies validates (INVALID_ARGUMENT keeps the active set),
 /// keys are managed under ManageKeys, never show secrets, and kids are not reused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_policies_and_keys() {
-    let s = start().await;
+async fn admin_policies_and_keys(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let mut a = admin(s.addr).await;
     let root = token("k2", "root");
     let bad = a
@@ -422,3 +414,14 @@ async fn admin_policies_and_keys() {
     let seqs: Vec<u64> = audit(s.addr).await.iter().map(|e| e.seq).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
 }
+
+crate::on_both_backends!(
+    mutations_apply_in_order_and_all_or_nothing,
+    denied_missing_aborted_already_exists,
+    property_rules_see_the_change,
+    authorize_is_a_decision,
+    bad_tokens_are_unauthenticated,
+    revocation_by_token_and_subject,
+    malformed_requests_are_invalid_argument,
+    admin_policies_and_keys
+);

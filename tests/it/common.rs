@@ -49,12 +49,87 @@ pub const ENTITIES: &str = r#"[
   { "uid": { "type": "Item", "id": "shared" }, "attrs": { "owner": { "__entity": { "type": "User", "id": "root" } }, "shared": true, "n": 0 } }
 ]"#;
 
+/// Which database a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The machine's PostgreSQL (trust auth); override with LOCKSTEP_TEST_PG.
+pub fn pg_admin_url() -> String {
+    std::env::var("LOCKSTEP_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A database for one test: a SQLite file in a temp dir, or a fresh PostgreSQL database
+/// dropped when the test ends. None (and a loud message) when PostgreSQL is not there
+/// — except under CI=true, where that is a failure.
+pub struct TestDb {
+    pub url: String,
+    pub backend: Backend,
+    dir: tempfile::TempDir,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        match backend {
+            Backend::Sqlite => {
+                let url = format!("sqlite://{}", dir.path().join("lockstep.db").display());
+                Some(Self { url, backend, dir, pg_name: None })
+            }
+            Backend::Postgres => {
+                use sqlx::Connection;
+                let admin = pg_admin_url();
+                let mut conn = match sqlx::PgConnection::connect(&admin).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        if std::env::var("CI").is_ok_and(|v| v == "true") {
+                            panic!("PostgreSQL is required under CI=true but {admin} is unreachable: {e}");
+                        }
+                        eprintln!("\n*** SKIPPED: PostgreSQL test, {admin} unreachable: {e} ***\n");
+                        return None;
+                    }
+                };
+                let name = format!("lockstep_t_{}", lockstep::token::uuid_like());
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+                let base = admin.rsplit_once('/').unwrap().0;
+                Some(Self { url: format!("{base}/{name}"), backend, dir, pg_name: Some(name) })
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = self.pg_name.take() {
+            // A thread of its own: Drop may run on a runtime thread.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&pg_admin_url()).await {
+                        let _ =
+                            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                                .execute(&mut c)
+                                .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// A running server (its own OS threads and runtime, as another process would have).
 pub struct TestServer {
     pub addr: SocketAddr,
     pub url: String,
-    pub dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Declared last: the database outlives the server that uses it.
+    pub db: Option<Arc<TestDb>>,
 }
 
 impl Drop for TestServer {
@@ -73,18 +148,27 @@ pub fn now() -> i64 {
 }
 
 /// Bootstraps a fresh database (keys k1, k2, k3; the test policies and entities) the way
-/// an operator would, then serves it.
-pub async fn start() -> TestServer {
-    start_with(StoreOptions::default()).await
+/// an operator would, then serves it. None when the backend is not available here.
+pub async fn start(b: Backend) -> Option<TestServer> {
+    start_with(b, StoreOptions::default()).await
 }
 
-pub async fn start_with(opts: StoreOptions) -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("lockstep.db").display());
-    bootstrap(&url).await;
+pub async fn start_with(b: Backend, opts: StoreOptions) -> Option<TestServer> {
+    let db = Arc::new(TestDb::new(b).await?);
+    bootstrap(&db.url).await;
+    Some(serve(db, opts).await)
+}
+
+/// Another server (instance) on the same database.
+pub async fn serve(db: Arc<TestDb>, opts: StoreOptions) -> TestServer {
+    serve_url(&db.url.clone(), opts, Some(db)).await
+}
+
+/// A server on any database URL (e.g. through a proxy).
+pub async fn serve_url(url: &str, opts: StoreOptions, db: Option<Arc<TestDb>>) -> TestServer {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let u = url.clone();
+    let u = url.to_owned();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
@@ -100,7 +184,24 @@ pub async fn start_with(opts: StoreOptions) -> TestServer {
         });
     });
     let addr = addr_rx.recv().unwrap();
-    TestServer { addr, url, dir, stop: Some(stop_tx), thread: Some(thread) }
+    TestServer { addr, url: url.to_owned(), stop: Some(stop_tx), thread: Some(thread), db }
+}
+
+/// Generates `NAME::sqlite` and `NAME::postgres` tests that call `async fn NAME(Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name($crate::common::Backend::Postgres).await
+            }
+        })*
+    };
 }
 
 async fn bootstrap(url: &str) {

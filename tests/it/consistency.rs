@@ -7,9 +7,8 @@ use tonic::Code;
 
 /// Concurrent read-modify-write with `if_version` loses nothing: 8 writers × 15
 /// increments of one counter end at exactly 120, version 121.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn if_version_loses_no_update() {
-    let s = start().await;
+async fn if_version_loses_no_update(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let writers = 8;
     let per_writer = 15;
     let mut handles = Vec::new();
@@ -65,9 +64,8 @@ async fn if_version_loses_no_update() {
 /// Sixteen concurrent copies of one request with one idempotency key apply once and all
 /// return the first response; a later repeat too; another request under the key is
 /// INVALID_ARGUMENT; another subject's same key is independent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn idempotency_key_applies_once_under_concurrency() {
-    let s = start().await;
+async fn idempotency_key_applies_once_under_concurrency(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let tok = token("k1", "alice");
     let req = pb::AuthorizeAndCommitRequest {
         mutations: vec![update("UpdateItem", "Item", "doc", json!({ "n": 42 }), None)],
@@ -115,3 +113,5 @@ async fn idempotency_key_applies_once_under_concurrency() {
     assert_eq!(read(s.addr, "Item", "doc").await.unwrap().version, 3);
     eprintln!("idempotency: concurrent_duplicates=16 applied=1 (version 1 -> 2)");
 }
+
+crate::on_both_backends!(if_version_loses_no_update, idempotency_key_applies_once_under_concurrency);

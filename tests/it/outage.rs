@@ -15,7 +15,12 @@ use tonic::Code;
 /// succeed again once the lock is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locked_database_fails_closed_and_recovers() {
-    let s = start_with(StoreOptions { busy_timeout: Duration::from_millis(300), ..StoreOptions::default() }).await;
+    let s = start_with(
+        Backend::Sqlite,
+        StoreOptions { busy_timeout: Duration::from_millis(300), ..StoreOptions::default() },
+    )
+    .await
+    .unwrap();
     let tok = token("k1", "alice");
     let mut c = client(s.addr).await;
     let m = || commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "n": 1 }), None)]);

@@ -179,9 +179,8 @@ fn write(tok: &str, ty: &str, id: &str, w: usize, i: usize) -> (String, pb::Auth
 }
 
 /// Logout: the token's own RevokeToken call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn logout_races_writes() {
-    let s = start().await;
+async fn logout_races_writes(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let tok = token("k1", "alice");
     let t = tok.clone();
     let report = race(s.addr, move |w, i| write(&t, "Item", "doc", w, i), async {
@@ -194,9 +193,8 @@ async fn logout_races_writes() {
 }
 
 /// RevokeSubject by an admin: every token of alice (many jtis) stops at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn revoke_subject_races_writes() {
-    let s = start().await;
+async fn revoke_subject_races_writes(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
     let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
         let mut c = client(s.addr).await;
@@ -209,9 +207,8 @@ async fn revoke_subject_races_writes() {
 }
 
 /// RevokeKey: alice's tokens are signed with k1; root (on k2) revokes k1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn revoke_key_races_writes() {
-    let s = start().await;
+async fn revoke_key_races_writes(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
     let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
         let mut a = admin(s.addr).await;
@@ -227,9 +224,8 @@ async fn revoke_key_races_writes() {
 }
 
 /// Ownership transfer: root moves Item::"doc" from alice to mallory.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ownership_transfer_races_writes() {
-    let s = start().await;
+async fn ownership_transfer_races_writes(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
     let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
         let mut c = client(s.addr).await;
@@ -249,9 +245,8 @@ async fn ownership_transfer_races_writes() {
 
 /// Group removal: bob may write Item::"shared" as a member of Group::"writers"; root
 /// removes him from the group.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn group_removal_races_writes() {
-    let s = start().await;
+async fn group_removal_races_writes(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "bob")).collect();
     let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "shared", w, i), async {
         let mut c = client(s.addr).await;
@@ -273,9 +268,8 @@ async fn group_removal_races_writes() {
 }
 
 /// PutPolicies that drops the policy permitting alice's writes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn policy_change_races_writes() {
-    let s = start().await;
+async fn policy_change_races_writes(b: Backend) {
+    let Some(s) = start(b).await else { return };
     let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
     let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
         let mut a = admin(s.addr).await;
@@ -288,3 +282,12 @@ async fn policy_change_races_writes() {
     report.check("put-policies", &[tonic::Code::PermissionDenied]);
     check_audit_and_version(s.addr, "put-policies", "alice", &report, ("Item", "doc"), 1, 0).await;
 }
+
+crate::on_both_backends!(
+    logout_races_writes,
+    revoke_subject_races_writes,
+    revoke_key_races_writes,
+    ownership_transfer_races_writes,
+    group_removal_races_writes,
+    policy_change_races_writes
+);

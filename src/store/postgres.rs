@@ -1,0 +1,591 @@
+//! The PostgreSQL store: several stateless Lockstep instances on one database.
+//!
+//! # Locking protocol
+//!
+//! Write transactions run at READ COMMITTED; each statement reads the latest committed
+//! state, and the locks below make every revoking change and every commit it could
+//! forbid meet on something both lock, so one waits for the other. The one that waits
+//! takes its audit `seq` (a sequence, drawn by the last statement before commit) after
+//! the other has committed, so `seq` orders conflicting changes as they were serialized.
+//!
+//! | a commit (AuthorizeAndCommit, …) | conflicts with |
+//! |---|---|
+//! | plain read of `keys` (ACCESS SHARE) | RevokeKey: `LOCK TABLE keys IN ACCESS EXCLUSIVE MODE` |
+//! | its subject's advisory lock, shared, taken **before** the revocation reads | RevokeSubject and logout: the same lock, exclusive |
+//! | plain read of `revoked_tokens` (after the subject lock) | RevokeToken by jti of a token whose subject is unknown: `LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE` |
+//! | plain read of `policies` (ACCESS SHARE) | PutPolicies: `LOCK TABLE policies IN ACCESS EXCLUSIVE MODE` |
+//! | principal and ancestors: their entity advisory locks, shared, level by level | any change of those entities (membership is the child's `parents`) |
+//! | the resource: its entity advisory lock, exclusive (create: also the unique index) | transfers and any other change of the resource |
+//!
+//! Entity and subject locks are transaction-scoped advisory locks keyed by a 64-bit hash
+//! of the uid (`hashtextextended`): a collision only serializes two unrelated writers.
+//! Every writer of an entity first reads it through `Txn::entity`, which takes the
+//! exclusive lock (an invariant of the engine).
+//!
+//! A statement that waited for a lock runs on a snapshot taken after the wait, so it
+//! sees what the holder committed. Rare writers (keys, policies, revocation of another
+//! subject's token) take table locks instead of one hot row that every commit would
+//! share-lock; frequent ones take advisory locks, which write nothing and queue fairly. Deadlocks and serialization failures (40P01, 40001) are retried by the
+//! engine. Read-only calls use a REPEATABLE READ snapshot and take no row locks.
+
+use super::{Store, StoreError, StoreResult, Txn};
+use crate::config::StoreOptions;
+use crate::model::{AuditEvent, AuditKind, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::collections::HashSet;
+use std::str::FromStr;
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects (lazily: the pool opens connections on demand, so a server starts and
+    /// reports NOT_SERVING while the database is down) and runs the migrations.
+    pub async fn open(url: &str, opts: &StoreOptions) -> anyhow::Result<Self> {
+        let timeout_ms = opts.statement_timeout.as_millis().to_string();
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?
+            .application_name("lockstep")
+            .options([("statement_timeout", timeout_ms.as_str()), ("idle_in_transaction_session_timeout", "60000")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections.max(2))
+            .min_connections(0)
+            .acquire_timeout(opts.acquire_timeout)
+            .test_before_acquire(false)
+            .connect_lazy_with(connect);
+        sqlx::migrate!("migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach or migrate the PostgreSQL database: {e}"))?;
+        Ok(Self { pool })
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn write(&self) -> StoreResult<Box<dyn Txn>> {
+        let tx = self.pool.begin().await.map_err(map_err)?;
+        Ok(Box::new(PgTxn { tx, write: true }))
+    }
+
+    async fn read(&self) -> StoreResult<Box<dyn Txn>> {
+        let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_err)?;
+        Ok(Box::new(PgTxn { tx, write: false }))
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT max(version) FROM policies").execute(&self.pool).await.map_err(map_err)?;
+        Ok(())
+    }
+}
+
+struct PgTxn {
+    tx: Transaction<'static, Postgres>,
+    /// Write transactions take the locks of the protocol; read-only ones take none.
+    write: bool,
+}
+
+/// Maps a driver error: retry (serialization failure, deadlock), unavailable
+/// (connection lost, server shutting down, timeouts), conflict, or a bug.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::PoolTimedOut => {
+            StoreError::Unavailable("timed out waiting for a database connection; nothing was committed, retry".into())
+        }
+        sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(format!("database connection failed: {e}")),
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            match code.as_str() {
+                "40001" | "40P01" => StoreError::Retry(db.message().to_owned()),
+                "23505" => StoreError::Conflict(db.message().to_owned()),
+                "57014" | "55P03" => StoreError::Unavailable("the database did not answer in time".into()),
+                c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
+                    StoreError::Unavailable(format!("database unavailable: {}", db.message()))
+                }
+                _ => StoreError::Internal(e.to_string()),
+            }
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Internal(format!("corrupt JSON in the database: {e}"))
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn key_from_row(r: &PgRow) -> StoreResult<KeyRecord> {
+    Ok(KeyRecord {
+        kid: r.try_get("kid").map_err(map_err)?,
+        algorithm: r.try_get("algorithm").map_err(map_err)?,
+        secret: r.try_get("secret").map_err(map_err)?,
+        public_key_pem: r.try_get("public_key_pem").map_err(map_err)?,
+        issuer: r.try_get("issuer").map_err(map_err)?,
+        audience: r.try_get("audience").map_err(map_err)?,
+        principal_type: r.try_get("principal_type").map_err(map_err)?,
+        revoked: r.try_get("revoked").map_err(map_err)?,
+        added_at: r.try_get("added_at").map_err(map_err)?,
+    })
+}
+
+fn entity_from_row(r: &PgRow) -> StoreResult<EntityRecord> {
+    let attributes: String = r.try_get("attributes").map_err(map_err)?;
+    let parents: String = r.try_get("parents").map_err(map_err)?;
+    Ok(EntityRecord {
+        uid: Uid::new(
+            r.try_get::<String, _>("etype").map_err(map_err)?,
+            r.try_get::<String, _>("eid").map_err(map_err)?,
+        ),
+        attributes: serde_json::from_str(&attributes).map_err(json_err)?,
+        parents: serde_json::from_str(&parents).map_err(json_err)?,
+        version: to_u64(r.try_get("version").map_err(map_err)?),
+    })
+}
+
+/// Advisory-lock key of a subject (its tokens' revocation state).
+fn subject_lock_key(u: &Uid) -> String {
+    format!("lockstep\u{1f}subject\u{1f}{}\u{1f}{}", u.ty, u.id)
+}
+
+/// Advisory-lock key of an entity.
+fn entity_lock_key(u: &Uid) -> String {
+    format!("lockstep\u{1f}entity\u{1f}{}\u{1f}{}", u.ty, u.id)
+}
+
+impl PgTxn {
+    /// Transaction-scoped shared advisory locks, taken in a fixed (sorted) order. The
+    /// lock manager queues requests fairly, so a waiting exclusive request is not
+    /// starved by a stream of shared ones (as it would be by `FOR SHARE` on a hot row),
+    /// and nothing is written to the locked rows.
+    async fn lock_shared(&mut self, keys: &[String]) -> StoreResult<()> {
+        let mut keys = keys.to_vec();
+        keys.sort();
+        keys.dedup();
+        sqlx::query(
+            "SELECT count(pg_advisory_xact_lock_shared(hashtextextended(k, 0)))
+             FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) AS s",
+        )
+        .bind(keys)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn lock_exclusive(&mut self, key: &str) -> StoreResult<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(key)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
+
+fn split(uids: &[Uid]) -> (Vec<String>, Vec<String>) {
+    uids.iter().map(|u| (u.ty.clone(), u.id.clone())).unzip()
+}
+
+#[async_trait]
+impl Txn for PgTxn {
+    async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>> {
+        let row = sqlx::query("SELECT * FROM keys WHERE kid = $1")
+            .bind(kid)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM keys ORDER BY added_at, kid").fetch_all(&mut *self.tx).await.map_err(map_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn insert_key(&mut self, k: &KeyRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO keys (kid, algorithm, secret, public_key_pem, issuer, audience, principal_type, revoked, added_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&k.kid)
+        .bind(&k.algorithm)
+        .bind(&k.secret)
+        .bind(&k.public_key_pem)
+        .bind(&k.issuer)
+        .bind(&k.audience)
+        .bind(&k.principal_type)
+        .bind(k.revoked)
+        .bind(k.added_at)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn revoke_key(&mut self, kid: &str, now: i64) -> StoreResult<bool> {
+        sqlx::query("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
+        let done = sqlx::query("UPDATE keys SET revoked = TRUE, revoked_at = coalesce(revoked_at, $2) WHERE kid = $1")
+            .bind(kid)
+            .bind(now)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn token_revoked(&mut self, token_id: &str) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT 1 FROM revoked_tokens WHERE token_id = $1")
+            .bind(token_id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(row.is_some())
+    }
+
+    async fn revoke_token(
+        &mut self,
+        token_id: &str,
+        subject: Option<&Uid>,
+        expires_at: i64,
+        now: i64,
+    ) -> StoreResult<()> {
+        match subject {
+            Some(s) => self.lock_exclusive(&subject_lock_key(s)).await?,
+            None => {
+                sqlx::query("LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE")
+                    .execute(&mut *self.tx)
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO revoked_tokens (token_id, expires_at_secs, revoked_at) VALUES ($1, $2, $3)
+             ON CONFLICT (token_id) DO UPDATE SET expires_at_secs = GREATEST(revoked_tokens.expires_at_secs, EXCLUDED.expires_at_secs)",
+        )
+        .bind(token_id)
+        .bind(expires_at)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn subject_revoked_at(&mut self, subject: &Uid) -> StoreResult<Option<i64>> {
+        if self.write {
+            self.lock_shared(&[subject_lock_key(subject)]).await?;
+        }
+        // A new statement, so (at READ COMMITTED) a new snapshot taken after the lock.
+        let row = sqlx::query("SELECT revoked_at_secs FROM subjects WHERE etype = $1 AND eid = $2")
+            .bind(&subject.ty)
+            .bind(&subject.id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(row.map(|r| r.try_get::<Option<i64>, _>(0)).transpose().map_err(map_err)?.flatten())
+    }
+
+    async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()> {
+        self.lock_exclusive(&subject_lock_key(subject)).await?;
+        sqlx::query(
+            "INSERT INTO subjects (etype, eid, revoked_at_secs) VALUES ($1, $2, $3)
+             ON CONFLICT (etype, eid) DO UPDATE
+             SET revoked_at_secs = GREATEST(coalesce(subjects.revoked_at_secs, 0), EXCLUDED.revoked_at_secs)",
+        )
+        .bind(&subject.ty)
+        .bind(&subject.id)
+        .bind(at_secs)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn policy_version(&mut self) -> StoreResult<Option<u64>> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM policies").fetch_one(&mut *self.tx).await.map_err(map_err)?;
+        Ok(v.map(to_u64))
+    }
+
+    async fn policies(&mut self, version: u64) -> StoreResult<Option<PolicyRecord>> {
+        let row = sqlx::query("SELECT version, policies, schema, created_at FROM policies WHERE version = $1")
+            .bind(to_i64(version))
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        row.map(|r| {
+            Ok(PolicyRecord {
+                version: to_u64(r.try_get("version").map_err(map_err)?),
+                policies: r.try_get("policies").map_err(map_err)?,
+                schema: r.try_get("schema").map_err(map_err)?,
+                created_at: r.try_get("created_at").map_err(map_err)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn insert_policies(&mut self, policies: &str, schema: &str, now: i64) -> StoreResult<u64> {
+        sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
+        let v: i64 = sqlx::query_scalar(
+            "INSERT INTO policies (version, policies, schema, created_at)
+             SELECT coalesce(max(version), 0) + 1, $1, $2, $3 FROM policies RETURNING version",
+        )
+        .bind(policies)
+        .bind(schema)
+        .bind(now)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(to_u64(v))
+    }
+
+    async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
+        if self.write {
+            // INVARIANT: the engine reads an entity this way before it inserts, updates
+            // or deletes it, so every writer of an entity holds its exclusive lock.
+            self.lock_exclusive(&entity_lock_key(uid)).await?;
+        }
+        let sql = "SELECT etype, eid, attributes, parents, version FROM entities WHERE etype = $1 AND eid = $2";
+        let row = sqlx::query(sql).bind(&uid.ty).bind(&uid.id).fetch_optional(&mut *self.tx).await.map_err(map_err)?;
+        row.as_ref().map(entity_from_row).transpose()
+    }
+
+    async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.write {
+            let start = serde_json::to_string(uids).map_err(json_err)?;
+            let rows = sqlx::query(
+                "WITH RECURSIVE anc(etype, eid) AS (
+                     SELECT s ->> 'type', s ->> 'id' FROM jsonb_array_elements($1::jsonb) AS s
+                     UNION
+                     SELECT p ->> 'type', p ->> 'id'
+                     FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid,
+                          jsonb_array_elements(e.parents::jsonb) AS p
+                 )
+                 SELECT e.etype, e.eid, e.attributes, e.parents, e.version
+                 FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid",
+            )
+            .bind(start)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+            return rows.iter().map(entity_from_row).collect();
+        }
+        // Level by level, share-locking each level before reading it: a locked entity
+        // cannot change until this transaction ends, so the closure is exact.
+        let mut seen: HashSet<Uid> = uids.iter().cloned().collect();
+        let mut frontier: Vec<Uid> = seen.iter().cloned().collect();
+        let mut out = Vec::new();
+        while !frontier.is_empty() {
+            self.lock_shared(&frontier.iter().map(entity_lock_key).collect::<Vec<_>>()).await?;
+            let (types, ids) = split(&frontier);
+            let rows = sqlx::query(
+                "SELECT etype, eid, attributes, parents, version FROM entities
+                 WHERE (etype, eid) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+            )
+            .bind(types)
+            .bind(ids)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+            frontier = Vec::new();
+            for r in &rows {
+                let e = entity_from_row(r)?;
+                for p in &e.parents {
+                    if seen.insert(p.clone()) {
+                        frontier.push(p.clone());
+                    }
+                }
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        sqlx::query("INSERT INTO entities (etype, eid, attributes, parents, version) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&e.uid.ty)
+            .bind(&e.uid.id)
+            .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
+            .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
+            .bind(to_i64(e.version))
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE entities SET attributes = $3, parents = $4, version = $5 WHERE etype = $1 AND eid = $2",
+        )
+        .bind(&e.uid.ty)
+        .bind(&e.uid.id)
+        .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
+        .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
+        .bind(to_i64(e.version))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Internal(format!("update of missing entity {}", e.uid)));
+        }
+        Ok(())
+    }
+
+    async fn delete_entity(&mut self, uid: &Uid) -> StoreResult<()> {
+        sqlx::query("DELETE FROM entities WHERE etype = $1 AND eid = $2")
+            .bind(&uid.ty)
+            .bind(&uid.id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn savepoint(&mut self) -> StoreResult<()> {
+        sqlx::query("SAVEPOINT lockstep_mutations").execute(&mut *self.tx).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> StoreResult<()> {
+        sqlx::query("ROLLBACK TO SAVEPOINT lockstep_mutations").execute(&mut *self.tx).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn claim_idempotency_key(
+        &mut self,
+        subject: &Uid,
+        key: &str,
+        request_hash: &[u8],
+        now: i64,
+    ) -> StoreResult<Option<(Vec<u8>, String)>> {
+        // A concurrent holder of the key makes this INSERT wait until it commits (then
+        // nothing is inserted and its row is read below) or rolls back (then we insert).
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency (etype, eid, key, request_hash, response, created_at)
+             VALUES ($1, $2, $3, $4, '', $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(&subject.ty)
+        .bind(&subject.id)
+        .bind(key)
+        .bind(request_hash)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        if claimed.rows_affected() == 1 {
+            return Ok(None);
+        }
+        let row =
+            sqlx::query("SELECT request_hash, response FROM idempotency WHERE etype = $1 AND eid = $2 AND key = $3")
+                .bind(&subject.ty)
+                .bind(&subject.id)
+                .bind(key)
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+        match row {
+            Some(r) => Ok(Some((r.try_get(0).map_err(map_err)?, r.try_get(1).map_err(map_err)?))),
+            // Purged between the two statements: claim it again on the next attempt.
+            None => Err(StoreError::Retry("idempotency record vanished".into())),
+        }
+    }
+
+    async fn complete_idempotency_key(&mut self, subject: &Uid, key: &str, response: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE idempotency SET response = $4 WHERE etype = $1 AND eid = $2 AND key = $3")
+            .bind(&subject.ty)
+            .bind(&subject.id)
+            .bind(key)
+            .bind(response)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn append_audit(&mut self, ev: &NewAuditEvent, now: i64) -> StoreResult<u64> {
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
+        )
+        .bind(now)
+        .bind(ev.kind as i32)
+        .bind(ev.principal.as_ref().map(|p| p.ty.as_str()))
+        .bind(ev.principal.as_ref().map(|p| p.id.as_str()))
+        .bind(&ev.token_id)
+        .bind(serde_json::to_string(&ev.mutations).map_err(json_err)?)
+        .bind(serde_json::to_string(&ev.entities).map_err(json_err)?)
+        .bind(&ev.detail)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(to_u64(seq))
+    }
+
+    async fn audit_events(&mut self, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditEvent>> {
+        let rows = sqlx::query("SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
+            .bind(to_i64(after_seq))
+            .bind(i64::from(limit))
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                let kind: i32 = r.try_get("kind").map_err(map_err)?;
+                let pt: Option<String> = r.try_get("principal_type").map_err(map_err)?;
+                let pi: Option<String> = r.try_get("principal_id").map_err(map_err)?;
+                let mutations: String = r.try_get("mutations").map_err(map_err)?;
+                let entities: String = r.try_get("entities").map_err(map_err)?;
+                Ok(AuditEvent {
+                    seq: to_u64(r.try_get("seq").map_err(map_err)?),
+                    time: r.try_get("time").map_err(map_err)?,
+                    event: NewAuditEvent {
+                        kind: AuditKind::from_i64(i64::from(kind))
+                            .ok_or_else(|| StoreError::Internal(format!("unknown audit kind {kind}")))?,
+                        principal: pt.zip(pi).map(|(t, i)| Uid::new(t, i)),
+                        token_id: r.try_get("token_id").map_err(map_err)?,
+                        mutations: serde_json::from_str(&mutations).map_err(json_err)?,
+                        entities: serde_json::from_str(&entities).map_err(json_err)?,
+                        detail: r.try_get("detail").map_err(map_err)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)> {
+        let tokens = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at_secs < $1")
+            .bind(now_secs)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        let keys = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
+            .bind(idempotency_before)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok((tokens.rows_affected(), keys.rows_affected()))
+    }
+
+    async fn commit(self: Box<Self>) -> StoreResult<()> {
+        self.tx.commit().await.map_err(map_err)
+    }
+}
