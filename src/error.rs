@@ -34,6 +34,9 @@ pub enum Error {
     /// a caller sees it only as UNAVAILABLE after the retries ran out.
     #[error("transient database conflict: {0}")]
     Retry(String),
+    /// The commit's outcome cannot be known (connection lost during COMMIT): UNKNOWN.
+    #[error("{0}")]
+    OutcomeUnknown(String),
     /// A bug or a corrupt database; the details are logged, not sent.
     #[error("{0}")]
     Internal(String),
@@ -48,6 +51,7 @@ impl From<crate::store::StoreError> for Error {
             S::Unavailable(m) => Error::Unavailable(format!("database unavailable: {m}")),
             S::Conflict(m) => Error::Internal(format!("unexpected conflict: {m}")),
             S::Retry(m) => Error::Retry(m),
+            S::Unknown(m) => Error::OutcomeUnknown(m),
             S::Internal(m) => Error::Internal(m),
         }
     }

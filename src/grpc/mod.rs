@@ -36,6 +36,7 @@ impl From<Error> for Status {
             Error::Retry(m) => {
                 Status::unavailable(format!("{m}; retries exhausted, nothing was committed, retry later"))
             }
+            Error::OutcomeUnknown(m) => Status::unknown(m),
             Error::DeadlineExceeded => Status::deadline_exceeded(Error::DeadlineExceeded.to_string()),
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");

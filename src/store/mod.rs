@@ -20,6 +20,10 @@ pub enum StoreError {
     /// A uniqueness constraint refused a write (e.g. a key or entity that exists).
     #[error("{0}")]
     Conflict(String),
+    /// A commit whose outcome cannot be known (the connection failed during COMMIT and
+    /// the database is still unreachable).
+    #[error("{0}")]
+    Unknown(String),
     /// A serialization failure or deadlock: the whole transaction may be retried.
     #[error("{0}")]
     Retry(String),

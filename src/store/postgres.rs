@@ -68,12 +68,12 @@ impl PgStore {
 impl Store for PgStore {
     async fn write(&self) -> StoreResult<Box<dyn Txn>> {
         let tx = self.pool.begin().await.map_err(map_err)?;
-        Ok(Box::new(PgTxn { tx, write: true }))
+        Ok(Box::new(PgTxn { tx, write: true, pool: self.pool.clone(), audit_seq: None }))
     }
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_err)?;
-        Ok(Box::new(PgTxn { tx, write: false }))
+        Ok(Box::new(PgTxn { tx, write: false, pool: self.pool.clone(), audit_seq: None }))
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -86,6 +86,10 @@ struct PgTxn {
     tx: Transaction<'static, Postgres>,
     /// Write transactions take the locks of the protocol; read-only ones take none.
     write: bool,
+    /// For settling a commit whose acknowledgement was lost (see `commit`).
+    pool: PgPool,
+    /// The audit event this transaction appended: its presence proves the commit.
+    audit_seq: Option<u64>,
 }
 
 /// Maps a driver error: retry (serialization failure, deadlock), unavailable
@@ -537,6 +541,7 @@ impl Txn for PgTxn {
         .fetch_one(&mut *self.tx)
         .await
         .map_err(map_err)?;
+        self.audit_seq = Some(to_u64(seq));
         Ok(to_u64(seq))
     }
 
@@ -585,7 +590,27 @@ impl Txn for PgTxn {
         Ok((tokens.rows_affected(), keys.rows_affected()))
     }
 
+    /// Commits. When the connection fails during COMMIT the outcome is unknown to us:
+    /// the audit event this transaction wrote is then looked up on a new connection, so
+    /// that a committed call is never answered UNAVAILABLE; when even that is impossible
+    /// the answer is `Unknown`, never a guess.
     async fn commit(self: Box<Self>) -> StoreResult<()> {
-        self.tx.commit().await.map_err(map_err)
+        let PgTxn { tx, pool, audit_seq, .. } = *self;
+        match tx.commit().await.map_err(map_err) {
+            Err(StoreError::Unavailable(m)) => {
+                let Some(seq) = audit_seq else { return Err(StoreError::Unavailable(m)) };
+                let found =
+                    sqlx::query("SELECT 1 FROM audit WHERE seq = $1").bind(to_i64(seq)).fetch_optional(&pool).await;
+                match found {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err(StoreError::Unavailable(m)),
+                    Err(_) => Err(StoreError::Unknown(format!(
+                        "the connection failed during COMMIT and the database cannot be reached to tell whether it \
+                         committed: audit seq {seq} exists if it did"
+                    ))),
+                }
+            }
+            other => other,
+        }
     }
 }

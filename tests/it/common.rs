@@ -204,6 +204,11 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Bootstraps a database the way an operator would (keys, policies, entities).
+pub async fn bootstrap_db(url: &str) {
+    bootstrap(url).await
+}
+
 async fn bootstrap(url: &str) {
     let store = lockstep::store::open(url, &StoreOptions::default()).await.unwrap();
     let engine = Engine::new(store, Settings::default());

@@ -6,6 +6,8 @@ use lockstep::config::StoreOptions;
 use lockstep::grpc::pb;
 use serde_json::json;
 use sqlx::Connection;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::Code;
 
@@ -60,4 +62,214 @@ async fn locked_database_fails_closed_and_recovers() {
         .filter(|e| e.kind == pb::audit_event::Kind::Commit as i32 && e.principal.is_some())
         .count();
     assert_eq!(commits, 1);
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can cut and restore.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (c, cs) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                cs.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Self { addr, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+async fn health(addr: std::net::SocketAddr, service: &str) -> Option<i32> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    let r = h.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.ok()?;
+    Some(r.into_inner().status)
+}
+
+async fn wait_health(
+    addr: std::net::SocketAddr,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let a = health(addr, "").await;
+        let b = health(addr, "lockstep.v1.Lockstep").await;
+        if a == Some(want as i32) && b == Some(want as i32) {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "health did not become {want:?}: {a:?} {b:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// PostgreSQL cut off (a proxy drops every connection and refuses new ones), then its
+/// connections killed with pg_terminate_backend under load: every call answers
+/// UNAVAILABLE within the acquire timeout, never hangs, never allows; Authorize answers
+/// UNAVAILABLE, not DENY; health says NOT_SERVING for "" and "lockstep.v1.Lockstep";
+/// nothing answered UNAVAILABLE was committed; service comes back by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_outage_fails_closed_and_recovers() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let Some(db) = TestDb::new(Backend::Postgres).await else { return };
+    let db = Arc::new(db);
+    bootstrap_db(&db.url).await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let url = format!("postgres://postgres@{}/{name}", proxy.addr);
+    let opts = StoreOptions {
+        acquire_timeout: Duration::from_millis(1000),
+        statement_timeout: Duration::from_millis(2000),
+        ..StoreOptions::default()
+    };
+    let s = serve_url(&url, opts, Some(db.clone())).await;
+    wait_health(s.addr, ServingStatus::Serving).await;
+
+    // Writers: each call sets a unique `n`, so the audit log tells which ones committed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4i64 {
+        let (addr, stop) = (s.addr, stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut c = client(addr).await;
+            let tok = token("k1", "alice");
+            let mut out = Vec::new();
+            let mut i = 0i64;
+            while !stop.load(Ordering::SeqCst) {
+                let n = w * 1_000_000 + i;
+                i += 1;
+                let t0 = Instant::now();
+                let r = c
+                    .authorize_and_commit(authed(
+                        &tok,
+                        commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "n": n }), None)]),
+                    ))
+                    .await;
+                out.push((n, r.map(|r| r.into_inner().audit_seq).map_err(|e| e.code()), t0.elapsed()));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            out
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // 1. Cut the network.
+    proxy.cut();
+    let to_not_serving = wait_health(s.addr, ServingStatus::NotServing).await;
+    let mut c = client(s.addr).await;
+    let t0 = Instant::now();
+    let e = c
+        .authorize(authed(
+            &token("k1", "alice"),
+            pb::AuthorizeRequest { action: "UpdateItem".into(), resource: uid("Item", "doc"), context: None },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "Authorize must not answer DENY or OK: {e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "took {:?}", t0.elapsed());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // 2. Restore: service resumes by itself.
+    proxy.restore();
+    let to_serving = wait_health(s.addr, ServingStatus::Serving).await;
+    let t0 = Instant::now();
+    loop {
+        let r = c
+            .authorize_and_commit(authed(
+                &token("k1", "alice"),
+                commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "probe": 1 }), None)]),
+            ))
+            .await;
+        if r.is_ok() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no recovery: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovery = t0.elapsed();
+
+    // 3. Kill the server's connections mid-load.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    {
+        use sqlx::Connection;
+        let mut admin_conn = sqlx::PgConnection::connect(&pg_admin_url()).await.unwrap();
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'lockstep'",
+        )
+        .bind(&name)
+        .fetch_one(&mut admin_conn)
+        .await
+        .unwrap();
+        eprintln!("outage: pg_terminate_backend killed {killed} connections");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut calls = Vec::new();
+    for w in writers {
+        calls.extend(w.await.unwrap());
+    }
+
+    // Every answer was OK or UNAVAILABLE (UNKNOWN only for a lost COMMIT acknowledgement),
+    // none took longer than the timeouts allow.
+    let slowest = calls.iter().map(|c| c.2).max().unwrap();
+    assert!(slowest < Duration::from_secs(6), "a call hung for {slowest:?}");
+    let bad: Vec<_> = calls
+        .iter()
+        .filter(|c| matches!(c.1, Err(code) if code != Code::Unavailable && code != Code::Unknown))
+        .collect();
+    assert!(bad.is_empty(), "unexpected answers: {bad:?}");
+    let unavailable: std::collections::HashSet<i64> =
+        calls.iter().filter(|c| c.1 == Err(Code::Unavailable)).map(|c| c.0).collect();
+    let ok_seqs: Vec<u64> = calls.iter().filter_map(|c| c.1.ok()).collect();
+    assert!(!unavailable.is_empty(), "the outage was not seen by the writers");
+    // The audit log: no UNAVAILABLE call committed; every OK one did.
+    let events = audit(s.addr).await;
+    let committed_ns: std::collections::HashSet<i64> = events
+        .iter()
+        .filter(|e| e.kind == pb::audit_event::Kind::Commit as i32 && e.principal.is_some())
+        .filter_map(|e| match e.mutations[0].change.as_ref()? {
+            pb::mutation::Change::Update(u) => match u.merge_patch.as_ref()?.fields.get("n")?.kind {
+                Some(prost_types::value::Kind::NumberValue(n)) => Some(n as i64),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let lying: Vec<_> = unavailable.intersection(&committed_ns).collect();
+    assert!(lying.is_empty(), "calls answered UNAVAILABLE were committed: {lying:?}");
+    let seqs: std::collections::HashSet<u64> = events.iter().map(|e| e.seq).collect();
+    assert!(ok_seqs.iter().all(|s| seqs.contains(s)), "an OK call is missing from the audit log");
+    eprintln!(
+        "outage: calls={} ok={} unavailable={} not_serving_after={to_not_serving:?} serving_again_after={to_serving:?} first_write_after_restore={recovery:?} slowest_call={slowest:?}",
+        calls.len(),
+        ok_seqs.len(),
+        unavailable.len()
+    );
 }

@@ -291,3 +291,52 @@ crate::on_both_backends!(
     group_removal_races_writes,
     policy_change_races_writes
 );
+
+/// Two instances on one database: the writes go to one, the revoking calls to the other
+/// (logout, RevokeKey and PutPolicies in turn, each on a fresh database).
+async fn cross_instance_revocations(b: Backend) {
+    // Logout on instance B while instance A takes the writes.
+    let Some(a) = start(b).await else { return };
+    let b_inst = serve(a.db.clone().unwrap(), Default::default()).await;
+    let tok = token("k1", "alice");
+    let t = tok.clone();
+    let report = race(a.addr, move |w, i| write(&t, "Item", "doc", w, i), async {
+        let mut c = client(b_inst.addr).await;
+        c.revoke_token(authed(&tok, pb::RevokeTokenRequest::default())).await.unwrap().into_inner().audit_seq
+    })
+    .await;
+    report.check("cross-instance logout", &[tonic::Code::Unauthenticated]);
+    check_audit_and_version(a.addr, "cross-instance logout", "alice", &report, ("Item", "doc"), 1, 0).await;
+
+    // RevokeKey on B.
+    let Some(a) = start(b).await else { return };
+    let b_inst = serve(a.db.clone().unwrap(), Default::default()).await;
+    let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
+    let report = race(a.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
+        let mut adm = admin(b_inst.addr).await;
+        adm.revoke_key(authed(&token("k2", "root"), pb::RevokeKeyRequest { kid: "k1".into() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .audit_seq
+    })
+    .await;
+    report.check("cross-instance revoke-key", &[tonic::Code::Unauthenticated]);
+
+    // PutPolicies on B: A must not decide with its cached (old) policy set.
+    let Some(a) = start(b).await else { return };
+    let b_inst = serve(a.db.clone().unwrap(), Default::default()).await;
+    let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
+    let report = race(a.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
+        let mut adm = admin(b_inst.addr).await;
+        let without_owner: String =
+            POLICIES.split(";\n").filter(|p| !p.contains("owner-manages")).collect::<Vec<_>>().join(";\n");
+        let req = pb::PutPoliciesRequest { policies: without_owner, schema: String::new() };
+        adm.put_policies(authed(&token("k2", "root"), req)).await.unwrap().into_inner().audit_seq
+    })
+    .await;
+    report.check("cross-instance put-policies", &[tonic::Code::PermissionDenied]);
+    check_audit_and_version(a.addr, "cross-instance put-policies", "alice", &report, ("Item", "doc"), 1, 0).await;
+}
+
+crate::on_both_backends!(cross_instance_revocations);
