@@ -2,6 +2,7 @@
 //! One test binary (modules below) so the suite links once.
 
 mod api;
+mod bench;
 mod cli;
 mod common;
 mod consistency;
