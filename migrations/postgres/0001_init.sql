@@ -61,7 +61,7 @@ CREATE INDEX idempotency_created ON idempotency (created_at);
 CREATE TABLE audit (
     seq            BIGSERIAL PRIMARY KEY,
     time           BIGINT NOT NULL,
-    kind           INTEGER NOT NULL,
+    kind           BIGINT NOT NULL,
     principal_type TEXT,
     principal_id   TEXT,
     token_id       TEXT NOT NULL,

@@ -6,7 +6,7 @@
 pub mod postgres;
 pub mod sqlite;
 
-use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
+use crate::model::{AuditEvent, AuditKind, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -133,6 +133,116 @@ pub trait Txn: Send {
 
     /// Makes every write of this transaction durable and visible, atomically.
     async fn commit(self: Box<Self>) -> StoreResult<()>;
+}
+
+/// Row shapes shared by both backends (sqlx decodes them from either), and their
+/// conversion to domain records: the JSON columns are parsed in one place.
+#[derive(sqlx::FromRow)]
+pub(crate) struct EntityRow {
+    etype: String,
+    eid: String,
+    attributes: String,
+    parents: String,
+    version: i64,
+}
+
+impl TryFrom<EntityRow> for EntityRecord {
+    type Error = StoreError;
+    fn try_from(r: EntityRow) -> StoreResult<Self> {
+        Ok(EntityRecord {
+            uid: Uid::new(r.etype, r.eid),
+            attributes: serde_json::from_str(&r.attributes).map_err(json_err)?,
+            parents: serde_json::from_str(&r.parents).map_err(json_err)?,
+            version: to_u64(r.version),
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct KeyRow {
+    kid: String,
+    algorithm: String,
+    secret: Vec<u8>,
+    public_key_pem: String,
+    issuer: String,
+    audience: String,
+    principal_type: String,
+    revoked: bool,
+    added_at: i64,
+}
+
+impl From<KeyRow> for KeyRecord {
+    fn from(r: KeyRow) -> Self {
+        KeyRecord {
+            kid: r.kid,
+            algorithm: r.algorithm,
+            secret: r.secret,
+            public_key_pem: r.public_key_pem,
+            issuer: r.issuer,
+            audience: r.audience,
+            principal_type: r.principal_type,
+            revoked: r.revoked,
+            added_at: r.added_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct PolicyRow {
+    version: i64,
+    policies: String,
+    schema: String,
+    created_at: i64,
+}
+
+impl From<PolicyRow> for PolicyRecord {
+    fn from(r: PolicyRow) -> Self {
+        PolicyRecord { version: to_u64(r.version), policies: r.policies, schema: r.schema, created_at: r.created_at }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    seq: i64,
+    time: i64,
+    kind: i64,
+    principal_type: Option<String>,
+    principal_id: Option<String>,
+    token_id: String,
+    mutations: String,
+    entities: String,
+    detail: String,
+}
+
+impl TryFrom<AuditRow> for AuditEvent {
+    type Error = StoreError;
+    fn try_from(r: AuditRow) -> StoreResult<Self> {
+        Ok(AuditEvent {
+            seq: to_u64(r.seq),
+            time: r.time,
+            event: NewAuditEvent {
+                kind: AuditKind::from_i64(r.kind)
+                    .ok_or_else(|| StoreError::Internal(format!("unknown audit kind {}", r.kind)))?,
+                principal: r.principal_type.zip(r.principal_id).map(|(t, i)| Uid::new(t, i)),
+                token_id: r.token_id,
+                mutations: serde_json::from_str(&r.mutations).map_err(json_err)?,
+                entities: serde_json::from_str(&r.entities).map_err(json_err)?,
+                detail: r.detail,
+            },
+        })
+    }
+}
+
+pub(crate) fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Internal(format!("corrupt JSON in the database: {e}"))
+}
+
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Opens the store named by a database URL (`sqlite://…` or `postgres://…`).

@@ -28,11 +28,11 @@
 //! share-lock; frequent ones take advisory locks, which write nothing and queue fairly. Deadlocks and serialization failures (40P01, 40001) are retried by the
 //! engine. Read-only calls use a REPEATABLE READ snapshot and take no row locks.
 
-use super::{Store, StoreError, StoreResult, Txn};
+use super::{AuditRow, EntityRow, KeyRow, PolicyRow, Store, StoreError, StoreResult, Txn, json_err, to_i64, to_u64};
 use crate::config::StoreOptions;
-use crate::model::{AuditEvent, AuditKind, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
+use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -120,46 +120,6 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn json_err(e: serde_json::Error) -> StoreError {
-    StoreError::Internal(format!("corrupt JSON in the database: {e}"))
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn key_from_row(r: &PgRow) -> StoreResult<KeyRecord> {
-    Ok(KeyRecord {
-        kid: r.try_get("kid").map_err(map_err)?,
-        algorithm: r.try_get("algorithm").map_err(map_err)?,
-        secret: r.try_get("secret").map_err(map_err)?,
-        public_key_pem: r.try_get("public_key_pem").map_err(map_err)?,
-        issuer: r.try_get("issuer").map_err(map_err)?,
-        audience: r.try_get("audience").map_err(map_err)?,
-        principal_type: r.try_get("principal_type").map_err(map_err)?,
-        revoked: r.try_get("revoked").map_err(map_err)?,
-        added_at: r.try_get("added_at").map_err(map_err)?,
-    })
-}
-
-fn entity_from_row(r: &PgRow) -> StoreResult<EntityRecord> {
-    let attributes: String = r.try_get("attributes").map_err(map_err)?;
-    let parents: String = r.try_get("parents").map_err(map_err)?;
-    Ok(EntityRecord {
-        uid: Uid::new(
-            r.try_get::<String, _>("etype").map_err(map_err)?,
-            r.try_get::<String, _>("eid").map_err(map_err)?,
-        ),
-        attributes: serde_json::from_str(&attributes).map_err(json_err)?,
-        parents: serde_json::from_str(&parents).map_err(json_err)?,
-        version: to_u64(r.try_get("version").map_err(map_err)?),
-    })
-}
-
 /// Advisory-lock key of a subject (its tokens' revocation state).
 fn subject_lock_key(u: &Uid) -> String {
     format!("lockstep\u{1f}subject\u{1f}{}\u{1f}{}", u.ty, u.id)
@@ -207,18 +167,20 @@ fn split(uids: &[Uid]) -> (Vec<String>, Vec<String>) {
 #[async_trait]
 impl Txn for PgTxn {
     async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>> {
-        let row = sqlx::query("SELECT * FROM keys WHERE kid = $1")
+        let row = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys WHERE kid = $1")
             .bind(kid)
             .fetch_optional(&mut *self.tx)
             .await
             .map_err(map_err)?;
-        row.as_ref().map(key_from_row).transpose()
+        Ok(row.map(KeyRecord::from))
     }
 
     async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>> {
-        let rows =
-            sqlx::query("SELECT * FROM keys ORDER BY added_at, kid").fetch_all(&mut *self.tx).await.map_err(map_err)?;
-        rows.iter().map(key_from_row).collect()
+        let rows = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys ORDER BY added_at, kid")
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.into_iter().map(KeyRecord::from).collect())
     }
 
     async fn insert_key(&mut self, k: &KeyRecord) -> StoreResult<()> {
@@ -327,20 +289,14 @@ impl Txn for PgTxn {
     }
 
     async fn policies(&mut self, version: u64) -> StoreResult<Option<PolicyRecord>> {
-        let row = sqlx::query("SELECT version, policies, schema, created_at FROM policies WHERE version = $1")
-            .bind(to_i64(version))
-            .fetch_optional(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
-        row.map(|r| {
-            Ok(PolicyRecord {
-                version: to_u64(r.try_get("version").map_err(map_err)?),
-                policies: r.try_get("policies").map_err(map_err)?,
-                schema: r.try_get("schema").map_err(map_err)?,
-                created_at: r.try_get("created_at").map_err(map_err)?,
-            })
-        })
-        .transpose()
+        let row = sqlx::query_as::<_, PolicyRow>(
+            "SELECT version, policies, schema, created_at FROM policies WHERE version = $1",
+        )
+        .bind(to_i64(version))
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(row.map(PolicyRecord::from))
     }
 
     async fn insert_policies(&mut self, policies: &str, schema: &str, now: i64) -> StoreResult<u64> {
@@ -365,8 +321,13 @@ impl Txn for PgTxn {
             self.lock_exclusive(&entity_lock_key(uid)).await?;
         }
         let sql = "SELECT etype, eid, attributes, parents, version FROM entities WHERE etype = $1 AND eid = $2";
-        let row = sqlx::query(sql).bind(&uid.ty).bind(&uid.id).fetch_optional(&mut *self.tx).await.map_err(map_err)?;
-        row.as_ref().map(entity_from_row).transpose()
+        let row = sqlx::query_as::<_, EntityRow>(sql)
+            .bind(&uid.ty)
+            .bind(&uid.id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        row.map(EntityRecord::try_from).transpose()
     }
 
     async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>> {
@@ -375,7 +336,7 @@ impl Txn for PgTxn {
         }
         if !self.write {
             let start = serde_json::to_string(uids).map_err(json_err)?;
-            let rows = sqlx::query(
+            let rows = sqlx::query_as::<_, EntityRow>(
                 "WITH RECURSIVE anc(etype, eid) AS (
                      SELECT s ->> 'type', s ->> 'id' FROM jsonb_array_elements($1::jsonb) AS s
                      UNION
@@ -390,7 +351,7 @@ impl Txn for PgTxn {
             .fetch_all(&mut *self.tx)
             .await
             .map_err(map_err)?;
-            return rows.iter().map(entity_from_row).collect();
+            return rows.into_iter().map(EntityRecord::try_from).collect();
         }
         // Level by level, share-locking each level before reading it: a locked entity
         // cannot change until this transaction ends, so the closure is exact.
@@ -400,7 +361,7 @@ impl Txn for PgTxn {
         while !frontier.is_empty() {
             self.lock_shared(&frontier.iter().map(entity_lock_key).collect::<Vec<_>>()).await?;
             let (types, ids) = split(&frontier);
-            let rows = sqlx::query(
+            let rows = sqlx::query_as::<_, EntityRow>(
                 "SELECT etype, eid, attributes, parents, version FROM entities
                  WHERE (etype, eid) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
             )
@@ -410,8 +371,8 @@ impl Txn for PgTxn {
             .await
             .map_err(map_err)?;
             frontier = Vec::new();
-            for r in &rows {
-                let e = entity_from_row(r)?;
+            for r in rows {
+                let e = EntityRecord::try_from(r)?;
                 for p in &e.parents {
                     if seen.insert(p.clone()) {
                         frontier.push(p.clone());
@@ -531,7 +492,7 @@ impl Txn for PgTxn {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
         )
         .bind(now)
-        .bind(ev.kind as i32)
+        .bind(ev.kind as i64)
         .bind(ev.principal.as_ref().map(|p| p.ty.as_str()))
         .bind(ev.principal.as_ref().map(|p| p.id.as_str()))
         .bind(&ev.token_id)
@@ -546,34 +507,13 @@ impl Txn for PgTxn {
     }
 
     async fn audit_events(&mut self, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditEvent>> {
-        let rows = sqlx::query("SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
+        let rows = sqlx::query_as::<_, AuditRow>("SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
             .bind(to_i64(after_seq))
             .bind(i64::from(limit))
             .fetch_all(&mut *self.tx)
             .await
             .map_err(map_err)?;
-        rows.iter()
-            .map(|r| {
-                let kind: i32 = r.try_get("kind").map_err(map_err)?;
-                let pt: Option<String> = r.try_get("principal_type").map_err(map_err)?;
-                let pi: Option<String> = r.try_get("principal_id").map_err(map_err)?;
-                let mutations: String = r.try_get("mutations").map_err(map_err)?;
-                let entities: String = r.try_get("entities").map_err(map_err)?;
-                Ok(AuditEvent {
-                    seq: to_u64(r.try_get("seq").map_err(map_err)?),
-                    time: r.try_get("time").map_err(map_err)?,
-                    event: NewAuditEvent {
-                        kind: AuditKind::from_i64(i64::from(kind))
-                            .ok_or_else(|| StoreError::Internal(format!("unknown audit kind {kind}")))?,
-                        principal: pt.zip(pi).map(|(t, i)| Uid::new(t, i)),
-                        token_id: r.try_get("token_id").map_err(map_err)?,
-                        mutations: serde_json::from_str(&mutations).map_err(json_err)?,
-                        entities: serde_json::from_str(&entities).map_err(json_err)?,
-                        detail: r.try_get("detail").map_err(map_err)?,
-                    },
-                })
-            })
-            .collect()
+        rows.into_iter().map(AuditEvent::try_from).collect()
     }
 
     async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)> {

@@ -2,9 +2,9 @@
 //! queue for it in process, and `BEGIN IMMEDIATE` plus a busy timeout serializes them
 //! with other processes), a small pool of readers that never block (WAL).
 
-use super::{Store, StoreError, StoreResult, Txn};
+use super::{AuditRow, EntityRow, KeyRow, PolicyRow, Store, StoreError, StoreResult, Txn, json_err, to_i64, to_u64};
 use crate::config::StoreOptions;
-use crate::model::{AuditEvent, AuditKind, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
+use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
@@ -105,61 +105,23 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn json_err(e: serde_json::Error) -> StoreError {
-    StoreError::Internal(format!("corrupt JSON in the database: {e}"))
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn key_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<KeyRecord> {
-    Ok(KeyRecord {
-        kid: r.try_get("kid").map_err(map_err)?,
-        algorithm: r.try_get("algorithm").map_err(map_err)?,
-        secret: r.try_get("secret").map_err(map_err)?,
-        public_key_pem: r.try_get("public_key_pem").map_err(map_err)?,
-        issuer: r.try_get("issuer").map_err(map_err)?,
-        audience: r.try_get("audience").map_err(map_err)?,
-        principal_type: r.try_get("principal_type").map_err(map_err)?,
-        revoked: r.try_get::<i64, _>("revoked").map_err(map_err)? != 0,
-        added_at: r.try_get("added_at").map_err(map_err)?,
-    })
-}
-
-fn entity_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<EntityRecord> {
-    let attributes: String = r.try_get("attributes").map_err(map_err)?;
-    let parents: String = r.try_get("parents").map_err(map_err)?;
-    Ok(EntityRecord {
-        uid: Uid::new(
-            r.try_get::<String, _>("etype").map_err(map_err)?,
-            r.try_get::<String, _>("eid").map_err(map_err)?,
-        ),
-        attributes: serde_json::from_str(&attributes).map_err(json_err)?,
-        parents: serde_json::from_str(&parents).map_err(json_err)?,
-        version: to_u64(r.try_get("version").map_err(map_err)?),
-    })
-}
-
 #[async_trait]
 impl Txn for SqliteTxn {
     async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>> {
-        let row = sqlx::query("SELECT * FROM keys WHERE kid = ?1")
+        let row = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys WHERE kid = ?1")
             .bind(kid)
             .fetch_optional(&mut *self.tx)
             .await
             .map_err(map_err)?;
-        row.as_ref().map(key_from_row).transpose()
+        Ok(row.map(KeyRecord::from))
     }
 
     async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>> {
-        let rows =
-            sqlx::query("SELECT * FROM keys ORDER BY added_at, kid").fetch_all(&mut *self.tx).await.map_err(map_err)?;
-        rows.iter().map(key_from_row).collect()
+        let rows = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys ORDER BY added_at, kid")
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.into_iter().map(KeyRecord::from).collect())
     }
 
     async fn insert_key(&mut self, k: &KeyRecord) -> StoreResult<()> {
@@ -252,20 +214,14 @@ impl Txn for SqliteTxn {
     }
 
     async fn policies(&mut self, version: u64) -> StoreResult<Option<PolicyRecord>> {
-        let row = sqlx::query("SELECT version, policies, schema, created_at FROM policies WHERE version = ?1")
-            .bind(to_i64(version))
-            .fetch_optional(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
-        row.map(|r| {
-            Ok(PolicyRecord {
-                version: to_u64(r.try_get("version").map_err(map_err)?),
-                policies: r.try_get("policies").map_err(map_err)?,
-                schema: r.try_get("schema").map_err(map_err)?,
-                created_at: r.try_get("created_at").map_err(map_err)?,
-            })
-        })
-        .transpose()
+        let row = sqlx::query_as::<_, PolicyRow>(
+            "SELECT version, policies, schema, created_at FROM policies WHERE version = ?1",
+        )
+        .bind(to_i64(version))
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(row.map(PolicyRecord::from))
     }
 
     async fn insert_policies(&mut self, policies: &str, schema: &str, now: i64) -> StoreResult<u64> {
@@ -283,14 +239,15 @@ impl Txn for SqliteTxn {
     }
 
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
-        let row =
-            sqlx::query("SELECT etype, eid, attributes, parents, version FROM entities WHERE etype = ?1 AND eid = ?2")
-                .bind(&uid.ty)
-                .bind(&uid.id)
-                .fetch_optional(&mut *self.tx)
-                .await
-                .map_err(map_err)?;
-        row.as_ref().map(entity_from_row).transpose()
+        let row = sqlx::query_as::<_, EntityRow>(
+            "SELECT etype, eid, attributes, parents, version FROM entities WHERE etype = ?1 AND eid = ?2",
+        )
+        .bind(&uid.ty)
+        .bind(&uid.id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        row.map(EntityRecord::try_from).transpose()
     }
 
     async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>> {
@@ -299,7 +256,7 @@ impl Txn for SqliteTxn {
         }
         let start = serde_json::to_string(uids).map_err(json_err)?;
         // UNION (not UNION ALL) visits each entity once, so parent cycles terminate.
-        let rows = sqlx::query(
+        let rows = sqlx::query_as::<_, EntityRow>(
             "WITH RECURSIVE anc(etype, eid) AS (
                  SELECT s.value ->> '$.type', s.value ->> '$.id' FROM json_each(?1) AS s
                  UNION
@@ -313,7 +270,7 @@ impl Txn for SqliteTxn {
         .fetch_all(&mut *self.tx)
         .await
         .map_err(map_err)?;
-        rows.iter().map(entity_from_row).collect()
+        rows.into_iter().map(EntityRecord::try_from).collect()
     }
 
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
@@ -432,34 +389,13 @@ impl Txn for SqliteTxn {
     }
 
     async fn audit_events(&mut self, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditEvent>> {
-        let rows = sqlx::query("SELECT * FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+        let rows = sqlx::query_as::<_, AuditRow>("SELECT * FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")
             .bind(to_i64(after_seq))
             .bind(i64::from(limit))
             .fetch_all(&mut *self.tx)
             .await
             .map_err(map_err)?;
-        rows.iter()
-            .map(|r| {
-                let kind: i64 = r.try_get("kind").map_err(map_err)?;
-                let pt: Option<String> = r.try_get("principal_type").map_err(map_err)?;
-                let pi: Option<String> = r.try_get("principal_id").map_err(map_err)?;
-                let mutations: String = r.try_get("mutations").map_err(map_err)?;
-                let entities: String = r.try_get("entities").map_err(map_err)?;
-                Ok(AuditEvent {
-                    seq: to_u64(r.try_get("seq").map_err(map_err)?),
-                    time: r.try_get("time").map_err(map_err)?,
-                    event: NewAuditEvent {
-                        kind: AuditKind::from_i64(kind)
-                            .ok_or_else(|| StoreError::Internal(format!("unknown audit kind {kind}")))?,
-                        principal: pt.zip(pi).map(|(t, i)| Uid::new(t, i)),
-                        token_id: r.try_get("token_id").map_err(map_err)?,
-                        mutations: serde_json::from_str(&mutations).map_err(json_err)?,
-                        entities: serde_json::from_str(&entities).map_err(json_err)?,
-                        detail: r.try_get("detail").map_err(map_err)?,
-                    },
-                })
-            })
-            .collect()
+        rows.into_iter().map(AuditEvent::try_from).collect()
     }
 
     async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)> {
