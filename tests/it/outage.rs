@@ -273,3 +273,38 @@ async fn postgres_outage_fails_closed_and_recovers() {
         unavailable.len()
     );
 }
+
+/// A call whose deadline passes while its transaction waits (here: on a policy-table lock
+/// held by another session) answers DEADLINE_EXCEEDED, and nothing it did remains: its
+/// transaction is rolled back, the entity is unchanged, and no audit event was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_deadline_mid_transaction_rolls_back() {
+    use sqlx::Connection;
+    let Some(s) = start(Backend::Postgres).await else { return };
+    let tok = token("k1", "alice");
+    let mut c = client(s.addr).await;
+    let before = audit(s.addr).await.len();
+    let mut blocker = sqlx::PgConnection::connect(&s.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(&mut blocker).await.unwrap();
+
+    let mut req = authed(&tok, commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "n": 99 }), None)]));
+    req.set_timeout(Duration::from_millis(400));
+    let t0 = Instant::now();
+    let e = c.authorize_and_commit(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let doc = read(s.addr, "Item", "doc").await.unwrap();
+    assert_eq!(doc.version, 1, "the timed-out write remained");
+    assert_eq!(audit(s.addr).await.len(), before, "the timed-out call left an audit event");
+    // And the server is fine afterwards.
+    c.authorize_and_commit(authed(
+        &tok,
+        commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "n": 1 }), None)]),
+    ))
+    .await
+    .unwrap();
+}
