@@ -54,11 +54,33 @@ pub trait Store: Send + Sync + 'static {
 /// (one serializable snapshot that includes its own writes). `commit` makes the writes
 /// durable and visible at once; dropping the `Txn` without `commit` rolls everything back.
 ///
-/// Locking protocol (SQLite): a write transaction is `BEGIN IMMEDIATE` on the single
-/// writer connection, so write transactions run one at a time in the order they took the
-/// write lock, across threads and processes. Any revocation, transfer, membership change
-/// or policy change that has committed is therefore seen by every write transaction that
-/// starts later, and the audit `seq` (assigned inside the transaction) follows that order.
+/// # Locking protocol
+///
+/// The promise: once a revoking change (logout, RevokeSubject, RevokeKey, an ownership
+/// transfer, a membership change, PutPolicies) has committed, every write transaction
+/// that could be forbidden by it either committed before it (smaller audit `seq`) or
+/// sees it. Each implementation gets there its own way:
+///
+/// - **SQLite**: a write transaction is `BEGIN IMMEDIATE` on the single writer
+///   connection, so write transactions run one at a time in the order they took the
+///   write lock, across threads and processes. Every change that has committed is seen by
+///   every write transaction that starts later, and the audit `seq` (assigned inside the
+///   transaction) follows that order.
+/// - **PostgreSQL** (READ COMMITTED): a commit and every change that could forbid it
+///   lock something in common, so one waits for the other, and a statement run after the
+///   wait sees what the other committed. A commit reads `keys` and `policies` plainly
+///   (ACCESS SHARE; RevokeKey and PutPolicies take ACCESS EXCLUSIVE), takes its subject's
+///   advisory lock shared *before* reading the token and subject revocations (logout and
+///   RevokeSubject take it exclusive; RevokeToken of a token whose subject is unknown
+///   locks `revoked_tokens` ACCESS EXCLUSIVE), takes the advisory locks of its principal
+///   and all ancestors shared, level by level, before reading them, and its resource's
+///   exclusive before reading it (every entity writer does). The audit `seq` is drawn by
+///   the last statement, after all locks. Details in `postgres.rs`.
+///
+/// The calls below that read authorization state (`key`, `subject_revoked_at`,
+/// `token_revoked`, `policy_version`, `entity`, `entities_with_ancestors`) take these
+/// locks themselves in a write transaction; the engine's part is the order: the subject
+/// before the token revocation, and `entity` before any write of that entity.
 #[async_trait]
 pub trait Txn: Send {
     // --- credentials -------------------------------------------------------------------

@@ -425,3 +425,46 @@ crate::on_both_backends!(
     malformed_requests_are_invalid_argument,
     admin_policies_and_keys
 );
+
+/// Server reflection answers in both versions (grpcurl 1.8.6 speaks only v1alpha), and
+/// lists the contract's services; health is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_and_v1alpha_and_health() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let Some(s) = start(Backend::Sqlite).await else { return };
+    let ch = channel(s.addr).await;
+    let mut c1 = v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = c1.server_reflection_info(futures::stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) = resp.message_response else {
+        panic!("{resp:?}")
+    };
+    let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"lockstep.v1.Lockstep".to_string()) && names.contains(&"lockstep.v1.Admin".to_string()),
+        "{names:?}"
+    );
+
+    let mut c0 = v1alpha::server_reflection_client::ServerReflectionClient::new(ch.clone());
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = c0.server_reflection_info(futures::stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) = resp.message_response
+    else {
+        panic!("{resp:?}")
+    };
+    assert!(l.service.iter().any(|s| s.name == "lockstep.v1.Lockstep"));
+
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    for svc in ["", "lockstep.v1.Lockstep"] {
+        let r = h.check(tonic_health::pb::HealthCheckRequest { service: svc.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    }
+}
