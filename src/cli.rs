@@ -4,6 +4,7 @@
 
 use crate::config::{Settings, StoreOptions};
 use crate::engine::{CallOptions, Caller, Engine};
+use crate::jwks::{self, JwksSource};
 use crate::model::{EntityRecord, KeyRecord, Uid, now_micros};
 use crate::{server, store, token};
 use anyhow::{Context as _, bail};
@@ -76,6 +77,22 @@ pub struct ServeArgs {
     /// Longest token lifetime accepted (`exp` this far from now at most), e.g. 24h.
     #[arg(long, env = "LOCKSTEP_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     pub max_token_lifetime: Duration,
+    /// An identity provider's JWKS (e.g. https://idp/.well-known/jwks.json), fetched at
+    /// start, every --jwks-refresh, and on an unknown kid (at most every 30 s).
+    #[arg(long, env = "LOCKSTEP_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Required `iss` of tokens under the JWKS keys.
+    #[arg(long, default_value = "")]
+    pub jwks_issuer: String,
+    /// Required `aud` of tokens under the JWKS keys.
+    #[arg(long, default_value = "")]
+    pub jwks_audience: String,
+    /// Cedar type of the `sub` of tokens under the JWKS keys.
+    #[arg(long, default_value = "User")]
+    pub jwks_principal_type: String,
+    /// How often the JWKS is fetched again.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub jwks_refresh: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,6 +110,38 @@ pub enum KeysCommand {
         /// PEM public key for RS*, PS*, ES* and EdDSA.
         #[arg(long)]
         public_key_file: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        issuer: String,
+        #[arg(long, default_value = "")]
+        audience: String,
+        #[arg(long, default_value = "User")]
+        principal_type: String,
+        /// Required `typ` header, e.g. at+jwt (RFC 9068).
+        #[arg(long, default_value = "")]
+        typ: String,
+        /// Longest accepted token lifetime (exp - iat) under this key, e.g. 1h.
+        #[arg(long, value_parser = parse_duration)]
+        max_lifetime: Option<Duration>,
+    },
+    /// Imports the signing keys of a JWKS file; a later import retires keys it no longer
+    /// lists (revoked keys stay revoked).
+    ImportJwks {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        issuer: String,
+        #[arg(long, default_value = "")]
+        audience: String,
+        #[arg(long, default_value = "User")]
+        principal_type: String,
+    },
+    /// Makes a new first-party signing key; the previous one verifies until revoked.
+    Rotate {
+        #[arg(long)]
+        kid: String,
+        /// HS256, HS384, HS512, EdDSA, ES256 or ES384.
+        #[arg(long, default_value = "EdDSA")]
+        alg: String,
         #[arg(long, default_value = "")]
         issuer: String,
         #[arg(long, default_value = "")]
@@ -128,10 +177,11 @@ pub enum PoliciesCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
-    /// Signs a token with a first-party HMAC key and prints it.
+    /// Signs a token with a first-party key (HMAC, or one made by `keys rotate`).
     Issue {
+        /// The key; default: the current signing key (`keys rotate`).
         #[arg(long)]
-        kid: String,
+        kid: Option<String>,
         #[arg(long)]
         sub: String,
         /// Lifetime, e.g. 15m, 1h, 90s.
@@ -192,7 +242,22 @@ fn settings(args: Option<&ServeArgs>) -> Settings {
 async fn engine(cli: &Cli, args: Option<&ServeArgs>) -> anyhow::Result<Arc<Engine>> {
     server::check_crypto_provider()?;
     let store = store::open(&cli.database, &store_options(&cli.db)).await?;
-    Ok(Arc::new(Engine::new(store, settings(args))))
+    let mut sources = Vec::new();
+    if let Some(a) = args {
+        if let Some(url) = &a.jwks_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                bail!("--jwks-url must be an http(s) URL");
+            }
+            sources.push(JwksSource {
+                url: url.clone(),
+                issuer: a.jwks_issuer.clone(),
+                audience: a.jwks_audience.clone(),
+                principal_type: a.jwks_principal_type.clone(),
+                refresh: a.jwks_refresh,
+            });
+        }
+    }
+    Ok(Arc::new(Engine::new(store, settings(args)).with_jwks(sources)))
 }
 
 const OP: CallOptions = CallOptions { deadline: None };
@@ -217,7 +282,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(k) => {
             let engine = engine(&cli, None).await?;
             match k {
-                KeysCommand::Add { kid, alg, secret_file, public_key_file, issuer, audience, principal_type } => {
+                KeysCommand::Add {
+                    kid,
+                    alg,
+                    secret_file,
+                    public_key_file,
+                    issuer,
+                    audience,
+                    principal_type,
+                    typ,
+                    max_lifetime,
+                } => {
                     let secret = match secret_file {
                         Some(f) => std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
                         None => Vec::new(),
@@ -239,11 +314,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         issuer: issuer.clone(),
                         audience: audience.clone(),
                         principal_type: principal_type.clone(),
-                        revoked: false,
-                        added_at: 0,
+                        required_typ: typ.clone(),
+                        max_lifetime_secs: max_lifetime.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+                        ..KeyRecord::default()
                     };
                     let seq = engine.add_key(Caller::Operator, key, OP).await?;
                     println!("added key {kid} (audit seq {seq})");
+                }
+                KeysCommand::ImportJwks { file, issuer, audience, principal_type } => {
+                    let text =
+                        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+                    let src = JwksSource {
+                        issuer: issuer.clone(),
+                        audience: audience.clone(),
+                        principal_type: principal_type.clone(),
+                        ..JwksSource::default()
+                    };
+                    let (keys, skipped) = jwks::keys_from_jwks(&text, &src, "jwks-file").map_err(anyhow::Error::msg)?;
+                    for s in &skipped {
+                        eprintln!("skipped {s}");
+                    }
+                    let sync = engine.sync_jwks("jwks-file", keys).await?;
+                    println!(
+                        "added [{}], updated [{}], retired [{}], kept out (revoked or another source's) [{}]",
+                        sync.added.join(", "),
+                        sync.updated.join(", "),
+                        sync.retired.join(", "),
+                        sync.kept_out.join(", ")
+                    );
+                }
+                KeysCommand::Rotate { kid, alg, issuer, audience, principal_type } => {
+                    let template = KeyRecord {
+                        kid: kid.clone(),
+                        algorithm: alg.clone(),
+                        issuer: issuer.clone(),
+                        audience: audience.clone(),
+                        principal_type: principal_type.clone(),
+                        ..KeyRecord::default()
+                    };
+                    let (seq, old) = engine.rotate(template).await?;
+                    println!("{kid} ({alg}) is the signing key; verify-only: [{}] (audit seq {seq})", old.join(", "));
                 }
                 KeysCommand::List => {
                     println!(
@@ -252,8 +362,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                     for k in engine.list_keys(Caller::Operator, OP).await? {
                         println!(
-                            "{:<24} {:<6} {:<8} {:<14} {:<24} {:<24}",
-                            k.kid, k.algorithm, k.revoked, k.principal_type, k.issuer, k.audience
+                            "{:<24} {:<6} {:<8} {:<8} {:<8} {:<14} {:<24} {:<24}",
+                            k.kid, k.algorithm, k.revoked, k.retired, k.signing, k.principal_type, k.issuer, k.audience
                         );
                     }
                 }
@@ -294,12 +404,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::Issue { kid, sub, ttl, scope }) => {
             let engine = engine(&cli, None).await?;
-            let key = engine.operator_key(kid).await?;
+            let key = match kid {
+                Some(kid) => engine.operator_key(kid).await?,
+                None => engine.signing_key().await?,
+            };
             let max = engine.settings().max_token_lifetime_secs;
             if ttl.as_secs() == 0 || ttl.as_secs() > max {
                 bail!("--ttl must be between 1s and the maximum token lifetime ({max}s)");
             }
-            println!("{}", token::issue_hmac(&key, sub, ttl.as_secs(), scope, now_micros() / 1_000_000)?);
+            println!("{}", token::issue(&key, sub, ttl.as_secs(), scope, now_micros() / 1_000_000)?);
             Ok(())
         }
         Command::Entities(EntitiesCommand::Import { file }) => {
@@ -356,17 +469,16 @@ async fn demo(engine: &Engine, addr: &SocketAddr) -> anyhow::Result<()> {
                 issuer: "lockstep-demo".into(),
                 audience: String::new(),
                 principal_type: "User".into(),
-                revoked: false,
-                added_at: 0,
+                ..KeyRecord::default()
             };
             engine.add_key(Caller::Operator, key, OP).await?;
             engine.operator_key("demo").await?
         }
     };
     let now = now_micros() / 1_000_000;
-    let alice = token::issue_hmac(&key, "alice", 3600, "items:write", now)?;
-    let bob = token::issue_hmac(&key, "bob", 3600, "", now)?;
-    let carol = token::issue_hmac(&key, "carol", 3600, "", now)?;
+    let alice = token::issue(&key, "alice", 3600, "items:write", now)?;
+    let bob = token::issue(&key, "bob", 3600, "", now)?;
+    let carol = token::issue(&key, "carol", 3600, "", now)?;
     let a = addr.to_string();
     println!(
         r#"

@@ -4,6 +4,7 @@
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
+use crate::jwks::{self, JwksSource};
 use crate::model::{
     Attributes, AuditEvent, AuditKind, Change, CommitRequest, CommitResult, Decision, EntityRecord, KeyRecord,
     Mutation, NewAuditEvent, PolicyRecord, Uid, now_micros,
@@ -82,11 +83,47 @@ pub struct Engine {
     /// inside the deciding transaction selects it, so a new set is used by every
     /// transaction that starts after the new set committed.
     cache: Mutex<Arc<CompiledPolicies>>,
+    /// JWKS sources followed by this server (fetched at start, periodically, and on an
+    /// unknown `kid`, at most once per `JWKS_ON_DEMAND_INTERVAL`).
+    jwks: Vec<JwksSource>,
+    /// When an unknown `kid` last triggered a JWKS fetch.
+    jwks_on_demand: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// Unknown `kid`s trigger at most one JWKS fetch per this interval, so they cannot be
+/// used to hammer the identity provider.
+const JWKS_ON_DEMAND_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What a JWKS sync changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct JwksSync {
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub retired: Vec<String>,
+    /// Kids present in the JWKS but not taken: revoked here (revocation wins), or added
+    /// from another source.
+    pub kept_out: Vec<String>,
 }
 
 impl Engine {
     pub fn new(store: Arc<dyn Store>, settings: Settings) -> Self {
-        Self { store, settings, cache: Mutex::new(Arc::new(CompiledPolicies::empty())) }
+        Self {
+            store,
+            settings,
+            cache: Mutex::new(Arc::new(CompiledPolicies::empty())),
+            jwks: Vec::new(),
+            jwks_on_demand: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Follows these JWKS sources.
+    pub fn with_jwks(mut self, sources: Vec<JwksSource>) -> Self {
+        self.jwks = sources;
+        self
+    }
+
+    pub fn jwks_sources(&self) -> &[JwksSource] {
+        &self.jwks
     }
 
     pub fn settings(&self) -> &Settings {
@@ -608,6 +645,148 @@ impl Engine {
         .await
     }
 
+    /// Stores the keys of one JWKS (`tag`: its URL, or `jwks-file`): new kids are added,
+    /// changed JWKs updated, kids no longer listed retired (they stop verifying), retired
+    /// ones listed again restored. A revoked key stays revoked: revocation wins over any
+    /// later refresh. Audited as one ADD_KEY event when anything changed.
+    pub async fn sync_jwks(&self, tag: &str, keys: Vec<KeyRecord>) -> Result<JwksSync> {
+        // Not through `run`: an unknown kid inside `run` leads here, and a future may not
+        // contain itself. A transient conflict is retried once.
+        match self.sync_jwks_once(tag, &keys).await {
+            Err(Error::Retry(_)) => {}
+            Err(e) => return Err(e),
+            Ok((txn, answer)) => match txn.commit().await {
+                Ok(()) => return answer,
+                Err(StoreError::Retry(_)) => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
+        let (txn, answer) = self.sync_jwks_once(tag, &keys).await?;
+        txn.commit().await?;
+        answer
+    }
+
+    async fn sync_jwks_once(&self, tag: &str, keys: &[KeyRecord]) -> Result<Prepared<JwksSync>> {
+        {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let existing = txn.list_keys().await?;
+            let mut sync = JwksSync::default();
+            for k in keys {
+                match existing.iter().find(|e| e.kid == k.kid) {
+                    None => {
+                        txn.insert_key(&KeyRecord { added_at: now, ..k.clone() }).await?;
+                        sync.added.push(k.kid.clone());
+                    }
+                    Some(e) if e.revoked || e.source != tag => sync.kept_out.push(k.kid.clone()),
+                    Some(e) if e.jwk != k.jwk || e.retired => {
+                        txn.update_key(&KeyRecord { jwk: k.jwk.clone(), retired: false, ..e.clone() }).await?;
+                        sync.updated.push(k.kid.clone());
+                    }
+                    Some(_) => {}
+                }
+            }
+            for e in existing.iter().filter(|e| e.source == tag && !e.retired && !e.revoked) {
+                if !keys.iter().any(|k| k.kid == e.kid) {
+                    txn.update_key(&KeyRecord { retired: true, ..e.clone() }).await?;
+                    sync.retired.push(e.kid.clone());
+                }
+            }
+            if sync.added.is_empty() && sync.updated.is_empty() && sync.retired.is_empty() {
+                return Ok((txn, Ok(sync)));
+            }
+            let detail = format!(
+                "jwks {tag}: added [{}], updated [{}], retired [{}]",
+                sync.added.join(", "),
+                sync.updated.join(", "),
+                sync.retired.join(", ")
+            );
+            self.audit(&mut *txn, Event::new(AuditKind::AddKey, None, detail), now).await?;
+            Ok((txn, Ok(sync)))
+        }
+    }
+
+    /// Fetches every followed JWKS and syncs it; failures are logged and leave the keys
+    /// as they were (so an unreachable identity provider retires nothing).
+    pub async fn refresh_jwks(&self) -> bool {
+        let mut any = false;
+        for src in &self.jwks {
+            let fetched = jwks::fetch(&src.url).await.and_then(|text| jwks::keys_from_jwks(&text, src, &src.url));
+            match fetched {
+                Ok((keys, skipped)) => {
+                    for s in skipped {
+                        tracing::warn!(url = %src.url, key = %s, "jwks key skipped");
+                    }
+                    match self.sync_jwks(&src.url, keys).await {
+                        Ok(sync) => {
+                            any = true;
+                            if sync != JwksSync::default() {
+                                tracing::info!(url = %src.url, ?sync, "jwks synced");
+                            }
+                        }
+                        Err(e) => tracing::warn!(url = %src.url, error = %e, "jwks sync failed"),
+                    }
+                }
+                Err(e) => tracing::warn!(url = %src.url, error = %e, "jwks fetch failed"),
+            }
+        }
+        any
+    }
+
+    /// On an unknown `kid`: refresh the JWKS sources, at most once per interval.
+    async fn refresh_jwks_on_demand(&self) -> bool {
+        if self.jwks.is_empty() {
+            return false;
+        }
+        let mut last = self.jwks_on_demand.lock().await;
+        if last.is_some_and(|t| t.elapsed() < JWKS_ON_DEMAND_INTERVAL) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        self.refresh_jwks().await
+    }
+
+    /// Makes a new first-party signing key and moves the current one to verify-only:
+    /// tokens it signed keep working until they expire or it is revoked.
+    pub async fn rotate(&self, template: KeyRecord) -> Result<(u64, Vec<String>)> {
+        let mut key = token::generate_first_party(template).map_err(Error::InvalidArgument)?;
+        self.check_key(&mut key)?;
+        let key = &key;
+        self.run(CallOptions::default(), || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let previous: Vec<KeyRecord> = txn.list_keys().await?.into_iter().filter(|k| k.signing).collect();
+            match txn.insert_key(&KeyRecord { added_at: now, signing: true, ..key.clone() }).await {
+                Err(StoreError::Conflict(_)) => {
+                    return Err(Error::AlreadyExists(format!("a key with kid `{}` exists already", key.kid)));
+                }
+                other => other?,
+            }
+            for p in &previous {
+                txn.update_key(&KeyRecord { signing: false, ..p.clone() }).await?;
+            }
+            let old: Vec<String> = previous.iter().map(|p| p.kid.clone()).collect();
+            let detail =
+                format!("rotated (cli): `{}` ({}) signs; verify-only: [{}]", key.kid, key.algorithm, old.join(", "));
+            let seq = self.audit(&mut *txn, Event::new(AuditKind::AddKey, None, detail), now).await?;
+            Ok((txn, Ok((seq, old))))
+        })
+        .await
+    }
+
+    /// The current first-party signing key, secret included (operator only).
+    pub async fn signing_key(&self) -> Result<KeyRecord> {
+        self.run(CallOptions::default(), || async {
+            let mut txn = self.store.read().await?;
+            let key =
+                txn.list_keys().await?.into_iter().find(|k| k.signing && !k.revoked).ok_or_else(|| {
+                    Error::NotFound("no signing key: run `lockstep keys rotate` or give --kid".into())
+                })?;
+            Ok((txn, Ok(key)))
+        })
+        .await
+    }
+
     /// Deletes expired revocations and idempotency records past their retention.
     pub async fn purge(&self) -> Result<(u64, u64)> {
         self.run(CallOptions::default(), || async {
@@ -637,6 +816,7 @@ impl Engine {
         Fut: Future<Output = Result<Prepared<T>>>,
     {
         let mut tries = 0u32;
+        let mut refreshed = false;
         loop {
             tries += 1;
             let prepared = match opts.deadline {
@@ -651,6 +831,13 @@ impl Engine {
                     txn.commit().await.map(|()| answer)
                 }
                 Err(Error::Retry(m)) => Err(StoreError::Retry(m)),
+                Err(Error::UnknownKey(m)) => {
+                    if !refreshed && self.refresh_jwks_on_demand().await {
+                        refreshed = true;
+                        continue;
+                    }
+                    return Err(Error::UnknownKey(m));
+                }
                 Err(e) => return Err(e),
             };
             match outcome {
@@ -671,9 +858,15 @@ impl Engine {
         let key = txn
             .key(&parsed.kid)
             .await?
-            .ok_or_else(|| Error::Unauthenticated("token names an unknown key (`kid`)".into()))?;
+            .ok_or_else(|| Error::UnknownKey("token names an unknown key (`kid`)".into()))?;
         if key.revoked {
             return Err(Error::Unauthenticated(format!("the token's signing key `{}` has been revoked", key.kid)));
+        }
+        if key.retired {
+            return Err(Error::Unauthenticated(format!(
+                "the token's key `{}` is no longer published by its JWKS",
+                key.kid
+            )));
         }
         let token = token::verify(parsed, &key, now_secs, &self.settings)?;
         // The subject first: on PostgreSQL this share-locks the subject's row, which a
@@ -853,6 +1046,9 @@ impl Engine {
             key.principal_type = "User".into();
         }
         policy::entity_uid(&Uid::new(key.principal_type.clone(), "x")).map_err(Error::InvalidArgument)?;
+        if key.required_typ.len() > 64 || key.max_lifetime_secs < 0 {
+            return bad("required_typ must be at most 64 bytes and max lifetime not negative".into());
+        }
         let hmac = key.algorithm.starts_with("HS");
         if hmac && !key.public_key_pem.is_empty() {
             return bad(format!("{} keys take `secret`, not `public_key_pem`", key.algorithm));

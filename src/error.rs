@@ -9,6 +9,9 @@ pub enum Error {
     /// audience, or revoked.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The token names a key that is not known (possibly not fetched yet from a JWKS).
+    #[error("{0}")]
+    UnknownKey(String),
     /// A policy denied the action, or the entity does not exist: the two are one answer.
     #[error("{0}")]
     Denied(String),

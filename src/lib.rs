@@ -8,7 +8,8 @@
 //! - [`config`]: typed settings and limits.
 //! - [`model`]: domain types (uids, entities, mutations, keys, audit events).
 //! - [`error`]: the use cases' error type; one variant per status the contract names.
-//! - [`token`]: JWT parsing and verification (no I/O).
+//! - [`token`]: JWT parsing, verification and first-party signing (no I/O).
+//! - [`jwks`]: JSON Web Key Sets: parsing into keys, fetching.
 //! - [`policy`]: Cedar compilation and evaluation (no I/O).
 //! - [`engine`]: the use cases, each one transaction that reads, decides, writes, audits.
 //! - [`store`]: the `Store`/`Txn` traits and their SQLite implementation.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod jwks;
 pub mod model;
 pub mod policy;
 pub mod server;

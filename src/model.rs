@@ -92,7 +92,7 @@ pub struct CommitResult {
 }
 
 /// A verification key as stored.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub kid: String,
     pub algorithm: String,
@@ -105,6 +105,21 @@ pub struct KeyRecord {
     pub revoked: bool,
     /// Unix microseconds.
     pub added_at: i64,
+    /// The JWK (JSON) for keys imported from a JWKS; empty otherwise.
+    pub jwk: String,
+    /// Where the key came from: empty (added), a JWKS URL, or `jwks-file`.
+    pub source: String,
+    /// Gone from the JWKS it came from: no longer verifies (unlike `revoked`, a later
+    /// refresh that publishes it again brings it back).
+    pub retired: bool,
+    /// Required `typ` header (e.g. `at+jwt`, RFC 9068); empty: not checked.
+    pub required_typ: String,
+    /// Longest accepted `exp - iat`; 0: only the server's maximum applies.
+    pub max_lifetime_secs: i64,
+    /// The current first-party signing key (`token issue` without `--kid`).
+    pub signing: bool,
+    /// PKCS#8 private key of first-party asymmetric keys; never logged or returned.
+    pub private_key: Vec<u8>,
 }
 
 impl fmt::Debug for KeyRecord {
@@ -117,6 +132,12 @@ impl fmt::Debug for KeyRecord {
             .field("audience", &self.audience)
             .field("principal_type", &self.principal_type)
             .field("revoked", &self.revoked)
+            .field("source", &self.source)
+            .field("retired", &self.retired)
+            .field("required_typ", &self.required_typ)
+            .field("max_lifetime_secs", &self.max_lifetime_secs)
+            .field("signing", &self.signing)
+            .field("private_key", &"<redacted>")
             .finish()
     }
 }

@@ -84,6 +84,20 @@ pub async fn run(
         })
     };
 
+    // JWKS sources: fetched now, then every `refresh` (failures keep the keys as they were).
+    let jwks_refresh = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let every = engine.jwks_sources().iter().map(|s| s.refresh).min();
+            let Some(every) = every else { return };
+            let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+            loop {
+                tick.tick().await;
+                engine.refresh_jwks().await;
+            }
+        })
+    };
+
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -129,6 +143,7 @@ pub async fn run(
     };
     watcher.abort();
     housekeeping.abort();
+    jwks_refresh.abort();
     tracing::info!("lockstep stopped");
     result.map_err(Into::into)
 }

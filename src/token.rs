@@ -16,6 +16,8 @@ pub struct ParsedToken {
     raw: String,
     pub kid: String,
     pub alg: Algorithm,
+    /// The `typ` header, checked against a key's `required_typ`.
+    pub typ: Option<String>,
 }
 
 /// A token whose signature, lifetime, issuer and audience have been checked.
@@ -73,12 +75,19 @@ pub fn parse(raw: &str, settings: &Settings) -> Result<ParsedToken> {
     if kid.len() > 256 {
         return Err(unauth("token `kid` longer than 256 bytes"));
     }
-    Ok(ParsedToken { raw: raw.to_owned(), kid, alg: header.alg })
+    Ok(ParsedToken { raw: raw.to_owned(), kid, alg: header.alg, typ: header.typ })
 }
 
 /// The decoding key for a stored key record, or why it cannot be used.
 pub fn decoding_key(key: &KeyRecord) -> std::result::Result<(Algorithm, DecodingKey), String> {
     let alg = Algorithm::from_str(&key.algorithm).map_err(|_| format!("unknown algorithm `{}`", key.algorithm))?;
+    if !key.jwk.is_empty() {
+        let jwk: jsonwebtoken::jwk::Jwk =
+            serde_json::from_str(&key.jwk).map_err(|e| format!("unusable JWK for `{}`: {e}", key.kid))?;
+        let dk = DecodingKey::from_jwk(&jwk)
+            .map_err(|e| format!("unusable JWK for `{}`: {}", key.kid, describe(e.kind())))?;
+        return Ok((alg, dk));
+    }
     let pem = key.public_key_pem.as_bytes();
     let dk = match alg {
         Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
@@ -109,6 +118,14 @@ pub fn verify(token: &ParsedToken, key: &KeyRecord, now_secs: i64, settings: &Se
             "token algorithm {:?} does not match key `{}` ({})",
             token.alg, key.kid, key.algorithm
         )));
+    }
+    if !key.required_typ.is_empty() {
+        let want = key.required_typ.to_ascii_lowercase();
+        let got = token.typ.as_deref().unwrap_or_default().to_ascii_lowercase();
+        // RFC 7515 4.1.9: "application/" may be left out.
+        if got.strip_prefix("application/").unwrap_or(&got) != want.strip_prefix("application/").unwrap_or(&want) {
+            return Err(unauth(format!("token `typ` must be `{}` for key `{}`", key.required_typ, key.kid)));
+        }
     }
     let mut v = Validation::new(alg);
     v.leeway = settings.leeway_secs;
@@ -153,6 +170,16 @@ pub fn verify(token: &ParsedToken, key: &KeyRecord, now_secs: i64, settings: &Se
             "token rejected: expires more than {}s from now, the server's maximum token lifetime",
             settings.max_token_lifetime_secs
         )));
+    }
+    if key.max_lifetime_secs > 0 {
+        let iat =
+            iat.ok_or_else(|| unauth(format!("key `{}` limits token lifetime, so tokens need `iat`", key.kid)))?;
+        if exp.saturating_sub(iat) > key.max_lifetime_secs {
+            return Err(unauth(format!(
+                "token lifetime (exp - iat) exceeds {}s, the maximum for key `{}`",
+                key.max_lifetime_secs, key.kid
+            )));
+        }
     }
     let sub = match c.get("sub") {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= settings.max_id_bytes => s.clone(),
@@ -287,14 +314,25 @@ fn describe(kind: &ErrorKind) -> &'static str {
     }
 }
 
-/// Makes a signed token for a first-party HMAC key (`lockstep token issue`, the demo).
-pub fn issue_hmac(key: &KeyRecord, sub: &str, ttl_secs: u64, scope: &str, now_secs: i64) -> anyhow::Result<String> {
+/// Makes a signed token with a first-party key (`lockstep token issue`, the demo):
+/// HMAC keys sign with their secret, EdDSA and ES256/ES384 keys with their stored
+/// PKCS#8 private key. Always `jti`, `iat` and `exp`.
+pub fn issue(key: &KeyRecord, sub: &str, ttl_secs: u64, scope: &str, now_secs: i64) -> anyhow::Result<String> {
     let alg = Algorithm::from_str(&key.algorithm)?;
-    if !matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
-        anyhow::bail!("`token issue` signs with HMAC keys only; key `{}` is {}", key.kid, key.algorithm);
-    }
+    let ek = match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => jsonwebtoken::EncodingKey::from_secret(&key.secret)?,
+        _ if key.private_key.is_empty() => {
+            anyhow::bail!("key `{}` has no private key here: only first-party keys (`keys rotate`) can sign", key.kid)
+        }
+        Algorithm::EdDSA => jsonwebtoken::EncodingKey::from_ed_der(&key.private_key),
+        Algorithm::ES256 | Algorithm::ES384 => jsonwebtoken::EncodingKey::from_ec_der(&key.private_key),
+        other => anyhow::bail!("first-party signing with {other:?} is not supported"),
+    };
     let mut header = jsonwebtoken::Header::new(alg);
     header.kid = Some(key.kid.clone());
+    if !key.required_typ.is_empty() {
+        header.typ = Some(key.required_typ.clone());
+    }
     let mut claims = serde_json::json!({
         "sub": sub,
         "iat": now_secs,
@@ -310,8 +348,44 @@ pub fn issue_hmac(key: &KeyRecord, sub: &str, ttl_secs: u64, scope: &str, now_se
     if !scope.trim().is_empty() {
         claims["scope"] = Value::String(scope.trim().to_owned());
     }
-    let ek = jsonwebtoken::EncodingKey::from_secret(&key.secret)?;
     Ok(jsonwebtoken::encode(&header, &claims, &ek)?)
+}
+
+/// Fills in the key material of a new first-party key (`keys rotate`): a 64-byte secret
+/// for HMAC, or a fresh EdDSA / ES256 / ES384 key pair (private key as PKCS#8, public key
+/// as PEM).
+pub fn generate_first_party(mut key: KeyRecord) -> std::result::Result<KeyRecord, String> {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair,
+    };
+    let failed = |_| "key generation failed".to_string();
+    let pem = |der: &[u8]| {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
+        format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", lines.join("\n"))
+    };
+    match key.algorithm.as_str() {
+        "HS256" | "HS384" | "HS512" => key.secret = rand::random::<[u8; 64]>().to_vec(),
+        "EdDSA" => {
+            let kp = Ed25519KeyPair::generate().map_err(failed)?;
+            key.private_key = kp.to_pkcs8().map_err(failed)?.as_ref().to_vec();
+            key.public_key_pem = pem(kp.public_key().as_der().map_err(failed)?.as_ref());
+        }
+        "ES256" | "ES384" => {
+            let alg = if key.algorithm == "ES256" {
+                &ECDSA_P256_SHA256_FIXED_SIGNING
+            } else {
+                &ECDSA_P384_SHA384_FIXED_SIGNING
+            };
+            let kp = EcdsaKeyPair::generate(alg).map_err(failed)?;
+            key.private_key = kp.to_pkcs8v1().map_err(failed)?.as_ref().to_vec();
+            key.public_key_pem = pem(kp.public_key().as_der().map_err(failed)?.as_ref());
+        }
+        other => return Err(format!("first-party keys are HS256/384/512, EdDSA, ES256 or ES384, not `{other}`")),
+    }
+    Ok(key)
 }
 
 /// A random 128-bit id, hex.

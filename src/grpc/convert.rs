@@ -228,8 +228,9 @@ pub fn key_record(r: pb::AddKeyRequest) -> KeyRecord {
         issuer: r.issuer,
         audience: r.audience,
         principal_type: r.principal_type,
-        revoked: false,
-        added_at: 0,
+        required_typ: r.required_typ,
+        max_lifetime_secs: i64::try_from(r.max_lifetime_seconds).unwrap_or(i64::MAX),
+        ..KeyRecord::default()
     }
 }
 
@@ -243,6 +244,11 @@ pub fn key_info(k: &KeyRecord) -> pb::KeyInfo {
         principal_type: k.principal_type.clone(),
         revoked: k.revoked,
         added_at: Some(timestamp(k.added_at)),
+        required_typ: k.required_typ.clone(),
+        max_lifetime_seconds: u64::try_from(k.max_lifetime_secs).unwrap_or(0),
+        source: k.source.clone(),
+        retired: k.retired,
+        signing: k.signing,
     }
 }
 

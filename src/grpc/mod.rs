@@ -26,7 +26,7 @@ pub mod pb {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::Unauthenticated(m) => Status::unauthenticated(m),
+            Error::Unauthenticated(m) | Error::UnknownKey(m) => Status::unauthenticated(m),
             Error::Denied(m) => Status::permission_denied(m),
             Error::Aborted(m) => Status::aborted(m),
             Error::AlreadyExists(m) => Status::already_exists(m),

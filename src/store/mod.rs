@@ -88,6 +88,9 @@ pub trait Txn: Send {
     async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>>;
     /// Inserts a key; `Conflict` if the kid exists (revoked or not).
     async fn insert_key(&mut self, key: &KeyRecord) -> StoreResult<()>;
+    /// Updates what may change of a key that is not revoked: its JWK, whether it is
+    /// retired, and whether it is the signing key. Takes the same lock as `revoke_key`.
+    async fn update_key(&mut self, key: &KeyRecord) -> StoreResult<()>;
     /// Marks a key revoked; false if there is no such key.
     async fn revoke_key(&mut self, kid: &str, now: i64) -> StoreResult<bool>;
     async fn token_revoked(&mut self, token_id: &str) -> StoreResult<bool>;
@@ -191,6 +194,13 @@ pub(crate) struct KeyRow {
     principal_type: String,
     revoked: bool,
     added_at: i64,
+    jwk: String,
+    source: String,
+    retired: bool,
+    required_typ: String,
+    max_lifetime_secs: i64,
+    signing: bool,
+    private_key: Vec<u8>,
 }
 
 impl From<KeyRow> for KeyRecord {
@@ -205,6 +215,13 @@ impl From<KeyRow> for KeyRecord {
             principal_type: r.principal_type,
             revoked: r.revoked,
             added_at: r.added_at,
+            jwk: r.jwk,
+            source: r.source,
+            retired: r.retired,
+            required_typ: r.required_typ,
+            max_lifetime_secs: r.max_lifetime_secs,
+            signing: r.signing,
+            private_key: r.private_key,
         }
     }
 }

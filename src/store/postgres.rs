@@ -185,8 +185,9 @@ impl Txn for PgTxn {
 
     async fn insert_key(&mut self, k: &KeyRecord) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO keys (kid, algorithm, secret, public_key_pem, issuer, audience, principal_type, revoked, added_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO keys (kid, algorithm, secret, public_key_pem, issuer, audience, principal_type, revoked, added_at,
+                               jwk, source, retired, required_typ, max_lifetime_secs, signing, private_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(&k.kid)
         .bind(&k.algorithm)
@@ -197,9 +198,29 @@ impl Txn for PgTxn {
         .bind(&k.principal_type)
         .bind(k.revoked)
         .bind(k.added_at)
+        .bind(&k.jwk)
+        .bind(&k.source)
+        .bind(k.retired)
+        .bind(&k.required_typ)
+        .bind(k.max_lifetime_secs)
+        .bind(k.signing)
+        .bind(&k.private_key)
         .execute(&mut *self.tx)
         .await
         .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn update_key(&mut self, k: &KeyRecord) -> StoreResult<()> {
+        sqlx::query("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
+        sqlx::query("UPDATE keys SET jwk = $2, retired = $3, signing = $4 WHERE kid = $1")
+            .bind(&k.kid)
+            .bind(&k.jwk)
+            .bind(k.retired)
+            .bind(k.signing)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 

@@ -226,8 +226,7 @@ async fn bootstrap(url: &str) {
             issuer: iss.into(),
             audience: aud.into(),
             principal_type: String::new(),
-            revoked: false,
-            added_at: 0,
+            ..KeyRecord::default()
         };
         engine.add_key(Caller::Operator, key, op).await.unwrap();
     }
