@@ -438,8 +438,8 @@ impl Engine {
         expires_at_secs: Option<i64>,
         opts: CallOptions,
     ) -> Result<u64> {
-        if jti.len() > 256 {
-            return Err(Error::InvalidArgument("jti longer than 256 bytes".into()));
+        if jti.len() > 256 || jti.contains('\0') {
+            return Err(Error::InvalidArgument("jti must be at most 256 bytes without NUL".into()));
         }
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
@@ -506,6 +506,9 @@ impl Engine {
                 "policies and schema exceed {} bytes",
                 self.settings.max_request_bytes
             )));
+        }
+        if policies.contains('\0') || schema.contains('\0') {
+            return Err(Error::InvalidArgument("policies and schema must not contain NUL".into()));
         }
         let compiled = policy::compile(0, policies, schema);
         let (version, seq, compiled) = self
@@ -976,6 +979,9 @@ impl Engine {
                 s.max_mutations
             )));
         }
+        if req.idempotency_key.contains('\0') {
+            return Err(Error::InvalidArgument("idempotency_key must not contain NUL".into()));
+        }
         if req.idempotency_key.len() > s.max_idempotency_key_bytes {
             return Err(Error::InvalidArgument(format!(
                 "idempotency_key longer than {} bytes",
@@ -1009,6 +1015,9 @@ impl Engine {
         if uid.ty.is_empty() || uid.id.is_empty() {
             return Err("entity type and id must not be empty".into());
         }
+        if uid.ty.contains('\0') || uid.id.contains('\0') {
+            return Err("entity type and id must not contain NUL".into());
+        }
         if uid.ty.len() > 256 || uid.id.len() > self.settings.max_id_bytes {
             return Err(format!(
                 "entity type longer than 256 bytes or id longer than {} bytes",
@@ -1039,8 +1048,13 @@ impl Engine {
 
     fn check_key(&self, key: &mut KeyRecord) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
-        if key.kid.is_empty() || key.kid.len() > 256 {
-            return bad("kid must be 1 to 256 bytes".into());
+        if key.kid.is_empty() || key.kid.len() > 256 || key.kid.chars().any(char::is_control) {
+            return bad("kid must be 1 to 256 bytes without control characters".into());
+        }
+        let texts =
+            [&key.algorithm, &key.public_key_pem, &key.issuer, &key.audience, &key.principal_type, &key.required_typ];
+        if texts.iter().any(|t| t.contains('\0')) {
+            return bad("key fields must not contain NUL".into());
         }
         if key.principal_type.is_empty() {
             key.principal_type = "User".into();

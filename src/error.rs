@@ -54,6 +54,7 @@ impl From<crate::store::StoreError> for Error {
             S::Unavailable(m) => Error::Unavailable(format!("database unavailable: {m}")),
             S::Conflict(m) => Error::Internal(format!("unexpected conflict: {m}")),
             S::Retry(m) => Error::Retry(m),
+            S::Invalid(m) => Error::InvalidArgument(format!("the database refused a value: {m}")),
             S::Unknown(m) => Error::OutcomeUnknown(m),
             S::Internal(m) => Error::Internal(m),
         }

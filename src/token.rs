@@ -72,8 +72,8 @@ pub fn parse(raw: &str, settings: &Settings) -> Result<ParsedToken> {
         return Err(unauth("token header has `crit` parameters, which are not supported"));
     }
     let kid = header.kid.filter(|k| !k.is_empty()).ok_or_else(|| unauth("token header has no `kid`"))?;
-    if kid.len() > 256 {
-        return Err(unauth("token `kid` longer than 256 bytes"));
+    if kid.len() > 256 || kid.chars().any(char::is_control) {
+        return Err(unauth("token `kid` must be at most 256 bytes without control characters"));
     }
     Ok(ParsedToken { raw: raw.to_owned(), kid, alg: header.alg, typ: header.typ })
 }
@@ -182,8 +182,8 @@ pub fn verify(token: &ParsedToken, key: &KeyRecord, now_secs: i64, settings: &Se
         }
     }
     let sub = match c.get("sub") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= settings.max_id_bytes => s.clone(),
-        _ => return Err(unauth("token `sub` must be a non-empty string")),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= settings.max_id_bytes && !s.contains('\0') => s.clone(),
+        _ => return Err(unauth("token `sub` must be a non-empty string without NUL")),
     };
     let iss = opt_string(&c, "iss")?.unwrap_or_default();
     if !key.issuer.is_empty() && iss != key.issuer {
@@ -206,8 +206,8 @@ pub fn verify(token: &ParsedToken, key: &KeyRecord, now_secs: i64, settings: &Se
         return Err(unauth("token rejected: wrong audience"));
     }
     let token_id = match opt_string(&c, "jti")? {
-        Some(j) if !j.is_empty() && j.len() <= 256 => j,
-        Some(_) => return Err(unauth("token `jti` must be 1 to 256 bytes")),
+        Some(j) if !j.is_empty() && j.len() <= 256 && !j.contains('\0') => j,
+        Some(_) => return Err(unauth("token `jti` must be 1 to 256 bytes without NUL")),
         None => {
             let sig = token.raw.rsplit('.').next().unwrap_or_default();
             format!("sha256:{}", hex::encode(Sha256::digest(sig.as_bytes())))

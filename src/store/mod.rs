@@ -20,6 +20,9 @@ pub enum StoreError {
     /// A uniqueness constraint refused a write (e.g. a key or entity that exists).
     #[error("{0}")]
     Conflict(String),
+    /// The database refused a value of the request (e.g. text it cannot store).
+    #[error("{0}")]
+    Invalid(String),
     /// A commit whose outcome cannot be known (the connection failed during COMMIT and
     /// the database is still unreachable).
     #[error("{0}")]

@@ -109,6 +109,7 @@ fn map_err(e: sqlx::Error) -> StoreError {
             match code.as_str() {
                 "40001" | "40P01" => StoreError::Retry(db.message().to_owned()),
                 "23505" => StoreError::Conflict(db.message().to_owned()),
+                "22021" | "22P05" | "22001" => StoreError::Invalid(db.message().to_owned()),
                 "57014" | "55P03" => StoreError::Unavailable("the database did not answer in time".into()),
                 c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
                     StoreError::Unavailable(format!("database unavailable: {}", db.message()))

@@ -107,3 +107,90 @@ async fn cli_bootstrap_serve_revoke_and_sigterm() {
     };
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// First-party rotation with the CLI: `keys rotate` makes an EdDSA signing key,
+/// `token issue` without --kid signs with it; a second rotation (ES256) moves it to
+/// verify-only — its tokens keep working — until `keys revoke` ends them at once.
+/// `keys import-jwks` imports a JWKS file and retires what a later file no longer lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_rotation_and_jwks_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("rot.db").display());
+    let root = env!("CARGO_MANIFEST_DIR");
+    ok(&lockstep(
+        &db,
+        &[
+            "policies",
+            "put",
+            "--policies",
+            &format!("{root}/examples/quickstart/policies.cedar"),
+            "--schema",
+            &format!("{root}/examples/quickstart/schema.cedarschema"),
+        ],
+    ));
+    ok(&lockstep(&db, &["entities", "import", "--file", &format!("{root}/examples/quickstart/entities.json")]));
+    assert!(!lockstep(&db, &["token", "issue", "--sub", "alice"]).status.success(), "no signing key yet");
+    ok(&lockstep(&db, &["keys", "rotate", "--kid", "r1", "--alg", "EdDSA"]));
+    let t1 = ok(&lockstep(&db, &["token", "issue", "--sub", "alice"])).trim().to_owned();
+    ok(&lockstep(&db, &["keys", "rotate", "--kid", "r2", "--alg", "ES256"]));
+    let t2 = ok(&lockstep(&db, &["token", "issue", "--sub", "alice"])).trim().to_owned();
+    let header = |t: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, t.split('.').next().unwrap())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!((header(&t1)["kid"].as_str(), header(&t1)["alg"].as_str()), (Some("r1"), Some("EdDSA")));
+    assert_eq!((header(&t2)["kid"].as_str(), header(&t2)["alg"].as_str()), (Some("r2"), Some("ES256")));
+    let list = ok(&lockstep(&db, &["keys", "list"]));
+    assert!(!list.contains("PRIVATE"), "private key material listed");
+
+    let store = lockstep::store::open(&db, &Default::default()).await.unwrap();
+    let engine = std::sync::Arc::new(lockstep::engine::Engine::new(store, Default::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(lockstep::server::run(engine, listener, async {
+        let _ = stopped.await;
+    }));
+    let mut c = client(addr).await;
+    let write = || commit_req(vec![update("UpdateItem", "Item", "doc1", json!({ "title": "rotated" }), None)]);
+    c.authorize_and_commit(authed(&t1, write())).await.unwrap();
+    c.authorize_and_commit(authed(&t2, write())).await.unwrap();
+    ok(&lockstep(&db, &["keys", "revoke", "--kid", "r1"]));
+    assert_eq!(c.authorize_and_commit(authed(&t1, write())).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    c.authorize_and_commit(authed(&t2, write())).await.unwrap();
+
+    // JWKS file import; a later import without the key retires it.
+    let kp = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
+    use aws_lc_rs::signature::KeyPair;
+    let x = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, kp.public_key().as_ref());
+    let file = dir.path().join("jwks.json");
+    std::fs::write(
+        &file,
+        json!({ "keys": [
+        { "kty": "OKP", "crv": "Ed25519", "kid": "file-1", "x": x },
+        { "kty": "oct", "kid": "sym", "k": "c2VjcmV0" }
+    ] })
+        .to_string(),
+    )
+    .unwrap();
+    let out = lockstep(&db, &["keys", "import-jwks", "--file", file.to_str().unwrap()]);
+    assert!(ok(&out).contains("added [file-1]"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("symmetric"), "{out:?}");
+    let n = now();
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    h.kid = Some("file-1".into());
+    let ek = jsonwebtoken::EncodingKey::from_ed_der(kp.to_pkcs8().unwrap().as_ref());
+    let tf = jsonwebtoken::encode(&h, &json!({ "sub": "alice", "iat": n, "exp": n + 300 }), &ek).unwrap();
+    c.authorize_and_commit(authed(&tf, write())).await.unwrap();
+    std::fs::write(&file, json!({ "keys": [] }).to_string()).unwrap();
+    assert!(
+        ok(&lockstep(&db, &["keys", "import-jwks", "--file", file.to_str().unwrap()])).contains("retired [file-1]")
+    );
+    assert_eq!(c.authorize_and_commit(authed(&tf, write())).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let _ = stop.send(());
+    drop(c);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+}

@@ -166,6 +166,16 @@ pub async fn serve(db: Arc<TestDb>, opts: StoreOptions) -> TestServer {
 
 /// A server on any database URL (e.g. through a proxy).
 pub async fn serve_url(url: &str, opts: StoreOptions, db: Option<Arc<TestDb>>) -> TestServer {
+    serve_full(url, opts, db, Vec::new()).await
+}
+
+/// A server that also follows JWKS sources.
+pub async fn serve_full(
+    url: &str,
+    opts: StoreOptions,
+    db: Option<Arc<TestDb>>,
+    jwks: Vec<lockstep::jwks::JwksSource>,
+) -> TestServer {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let u = url.to_owned();
@@ -173,7 +183,7 @@ pub async fn serve_url(url: &str, opts: StoreOptions, db: Option<Arc<TestDb>>) -
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let store = lockstep::store::open(&u, &opts).await.unwrap();
-            let engine = Arc::new(Engine::new(store, Settings::default()));
+            let engine = Arc::new(Engine::new(store, Settings::default()).with_jwks(jwks));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
             lockstep::server::run(engine, listener, async {

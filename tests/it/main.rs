@@ -6,5 +6,6 @@ mod bench;
 mod cli;
 mod common;
 mod consistency;
+mod keys;
 mod outage;
 mod races;
