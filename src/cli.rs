@@ -167,6 +167,30 @@ pub enum PoliciesCommand {
         #[arg(long)]
         schema: Option<PathBuf>,
     },
+    /// Validates a policy set (strictly, against the schema when given) without a
+    /// database; prints `FILE:line:column: message` and exits non-zero when invalid.
+    Validate {
+        #[arg(long)]
+        policies: PathBuf,
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Runs policy test files (*.json in DIR) against a policy set; prints a table and
+    /// exits non-zero on any failure.
+    Test {
+        dir: PathBuf,
+        #[arg(long)]
+        policies: PathBuf,
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Lists every policy version.
+    History,
+    /// Makes an earlier version active again (as a new version).
+    Rollback {
+        #[arg(long)]
+        to: u64,
+    },
     /// Prints the active policy set (its version goes to stderr).
     Get {
         /// Also write the schema to this file.
@@ -374,9 +398,88 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Policies(PoliciesCommand::Validate { policies, schema }) => {
+            let (text, schema_text) = read_policy_files(policies, schema.as_ref())?;
+            match crate::policy::compile(0, &text, &schema_text) {
+                Ok(c) => {
+                    let n = c.set.policies().count() + c.set.templates().count();
+                    println!(
+                        "{}: {n} policies valid{}",
+                        policies.display(),
+                        if schema.is_some() { " (strict, with schema)" } else { "" }
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    for m in &e.0 {
+                        match (m.strip_prefix("schema "), schema) {
+                            (Some(rest), Some(sf)) => eprintln!("{}:{rest}", sf.display()),
+                            _ => eprintln!("{}:{m}", policies.display()),
+                        }
+                    }
+                    bail!("{} error(s)", e.0.len())
+                }
+            }
+        }
+        Command::Policies(PoliciesCommand::Test { dir, policies, schema }) => {
+            let (text, schema_text) = read_policy_files(policies, schema.as_ref())?;
+            let compiled = crate::policy::compile(0, &text, &schema_text)
+                .map_err(|e| anyhow::anyhow!("{}: policies are invalid:\n{e}", policies.display()))?;
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("no *.json test files in {}", dir.display());
+            }
+            let mut outcomes = Vec::new();
+            for f in &files {
+                let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+                let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                outcomes.extend(crate::policytest::run_file(&name, &text, &compiled).map_err(anyhow::Error::msg)?);
+            }
+            println!("{:<6} {:<28} {:<44} {:<8} {:<8} DETERMINING", "RESULT", "FILE", "CASE", "WANT", "GOT");
+            for o in &outcomes {
+                println!(
+                    "{:<6} {:<28} {:<44} {:<8} {:<8} {}{}",
+                    if o.passed { "PASS" } else { "FAIL" },
+                    o.file,
+                    o.name,
+                    o.expected,
+                    o.got,
+                    o.determining.join(","),
+                    if o.note.is_empty() { String::new() } else { format!("  ({})", o.note) }
+                );
+            }
+            let failed = outcomes.iter().filter(|o| !o.passed).count();
+            println!("{} passed, {failed} failed", outcomes.len() - failed);
+            if failed > 0 {
+                bail!("{failed} policy test(s) failed");
+            }
+            Ok(())
+        }
         Command::Policies(p) => {
             let engine = engine(&cli, None).await?;
             match p {
+                PoliciesCommand::Validate { .. } | PoliciesCommand::Test { .. } => {}
+                PoliciesCommand::History => {
+                    println!("{:<8} {:<28} {:<10} {:<10}", "VERSION", "CREATED (unix s)", "POLICIES", "SCHEMA");
+                    for r in engine.policy_history(Caller::Operator).await? {
+                        println!(
+                            "{:<8} {:<28} {:<10} {:<10}",
+                            r.version,
+                            r.created_at / 1_000_000,
+                            r.policies.len(),
+                            r.schema.len()
+                        );
+                    }
+                }
+                PoliciesCommand::Rollback { to } => {
+                    let (version, seq) = engine.rollback_policies(Caller::Operator, *to).await?;
+                    println!("policy version {version} active: a copy of version {to} (audit seq {seq})");
+                }
                 PoliciesCommand::Put { policies, schema } => {
                     let text = std::fs::read_to_string(policies)
                         .with_context(|| format!("cannot read {}", policies.display()))?;
@@ -425,6 +528,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn read_policy_files(policies: &PathBuf, schema: Option<&PathBuf>) -> anyhow::Result<(String, String)> {
+    let text = std::fs::read_to_string(policies).with_context(|| format!("cannot read {}", policies.display()))?;
+    let schema_text = match schema {
+        Some(s) => std::fs::read_to_string(s).with_context(|| format!("cannot read {}", s.display()))?,
+        None => String::new(),
+    };
+    Ok((text, schema_text))
 }
 
 /// Parses Cedar's entities JSON: `[{"uid": {"type", "id"}, "attrs": {…}, "parents": […]}]`.

@@ -501,6 +501,17 @@ impl Engine {
         schema: &str,
         opts: CallOptions,
     ) -> Result<(u64, u64)> {
+        self.put_policies_noted(caller, policies, schema, opts, "").await
+    }
+
+    async fn put_policies_noted(
+        &self,
+        caller: Caller<'_>,
+        policies: &str,
+        schema: &str,
+        opts: CallOptions,
+        note: &str,
+    ) -> Result<(u64, u64)> {
         if policies.len() + schema.len() > self.settings.max_request_bytes {
             return Err(Error::InvalidArgument(format!(
                 "policies and schema exceed {} bytes",
@@ -526,7 +537,7 @@ impl Engine {
                 };
                 let version = txn.insert_policies(policies, schema, now).await?;
                 compiled.version = version;
-                let detail = operator_note(caller, format!("policy version {version}"));
+                let detail = operator_note(caller, format!("policy version {version}{note}"));
                 let seq =
                     self.audit(&mut *txn, Event::new(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
                 Ok((txn, Ok((version, seq, compiled))))
@@ -534,6 +545,38 @@ impl Engine {
             .await?;
         self.remember(Arc::new(compiled));
         Ok((version, seq))
+    }
+
+    /// Every policy version, oldest first (operator; an RPC caller needs PutPolicies).
+    pub async fn policy_history(&self, caller: Caller<'_>) -> Result<Vec<PolicyRecord>> {
+        self.run(CallOptions::default(), || async {
+            let mut txn = self.store.read().await?;
+            self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
+            let history = txn.policy_history().await?;
+            Ok((txn, Ok(history)))
+        })
+        .await
+    }
+
+    /// Makes an earlier version active again, as a new version (audited like a put).
+    pub async fn rollback_policies(&self, caller: Caller<'_>, to: u64) -> Result<(u64, u64)> {
+        let old = self
+            .run(CallOptions::default(), || async {
+                let mut txn = self.store.read().await?;
+                self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
+                let record =
+                    txn.policies(to).await?.ok_or_else(|| Error::NotFound(format!("no policy version {to}")))?;
+                Ok((txn, Ok(record)))
+            })
+            .await?;
+        self.put_policies_noted(
+            caller,
+            &old.policies,
+            &old.schema,
+            CallOptions::default(),
+            &format!(" (rollback to version {to})"),
+        )
+        .await
     }
 
     /// The active policy set (authorized as Lockstep::Action::"PutPolicies": whoever may

@@ -11,6 +11,7 @@
 //! - [`token`]: JWT parsing, verification and first-party signing (no I/O).
 //! - [`jwks`]: JSON Web Key Sets: parsing into keys, fetching.
 //! - [`policy`]: Cedar compilation and evaluation (no I/O).
+//! - [`policytest`]: policy test files run without a server (`lockstep policies test`).
 //! - [`engine`]: the use cases, each one transaction that reads, decides, writes, audits.
 //! - [`store`]: the `Store`/`Txn` traits and their SQLite implementation.
 //! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
@@ -25,6 +26,7 @@ pub mod grpc;
 pub mod jwks;
 pub mod model;
 pub mod policy;
+pub mod policytest;
 pub mod server;
 pub mod store;
 pub mod token;

@@ -117,6 +117,8 @@ pub trait Txn: Send {
     async fn policies(&mut self, version: u64) -> StoreResult<Option<PolicyRecord>>;
     /// Stores a new policy set version and makes it the active one; returns its version.
     async fn insert_policies(&mut self, policies: &str, schema: &str, now: i64) -> StoreResult<u64>;
+    /// Every version, oldest first.
+    async fn policy_history(&mut self) -> StoreResult<Vec<PolicyRecord>>;
 
     // --- entities ------------------------------------------------------------------------
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>>;

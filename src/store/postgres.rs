@@ -336,6 +336,16 @@ impl Txn for PgTxn {
         Ok(to_u64(v))
     }
 
+    async fn policy_history(&mut self) -> StoreResult<Vec<PolicyRecord>> {
+        let rows = sqlx::query_as::<_, PolicyRow>(
+            "SELECT version, policies, schema, created_at FROM policies ORDER BY version",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(rows.into_iter().map(PolicyRecord::from).collect())
+    }
+
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
         if self.write {
             // INVARIANT: the engine reads an entity this way before it inserts, updates

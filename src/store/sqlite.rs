@@ -258,6 +258,16 @@ impl Txn for SqliteTxn {
         Ok(to_u64(v))
     }
 
+    async fn policy_history(&mut self) -> StoreResult<Vec<PolicyRecord>> {
+        let rows = sqlx::query_as::<_, PolicyRow>(
+            "SELECT version, policies, schema, created_at FROM policies ORDER BY version",
+        )
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(rows.into_iter().map(PolicyRecord::from).collect())
+    }
+
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
         let row = sqlx::query_as::<_, EntityRow>(
             "SELECT etype, eid, attributes, parents, version FROM entities WHERE etype = ?1 AND eid = ?2",

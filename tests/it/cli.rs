@@ -194,3 +194,64 @@ async fn cli_rotation_and_jwks_import() {
     drop(c);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
 }
+
+/// `policies validate` and `policies test` on the shipped examples (CI runs them here),
+/// a failing case turns the exit code non-zero, and `history` / `rollback` version the
+/// policy set with audit events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_policy_workflow_on_the_examples() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("pol.db").display());
+    for ex in ["quickstart", "property-rules"] {
+        let p = format!("{root}/examples/{ex}/policies.cedar");
+        let s = format!("{root}/examples/{ex}/schema.cedarschema");
+        ok(&lockstep(&db, &["policies", "validate", "--policies", &p, "--schema", &s]));
+        let out = ok(&lockstep(
+            &db,
+            &["policies", "test", &format!("{root}/examples/{ex}/tests"), "--policies", &p, "--schema", &s],
+        ));
+        assert!(out.contains(" 0 failed") && !out.contains("FAIL "), "{ex}: {out}");
+    }
+    // A wrong expectation fails the run.
+    let tests = dir.path().join("tests");
+    std::fs::create_dir(&tests).unwrap();
+    std::fs::write(tests.join("wrong.json"), r#"{"cases":[{"name":"stranger edits","principal":{"type":"User","id":"bob"},"action":"UpdateItem","resource":{"type":"Item","id":"doc1"},"decision":"allow"}]}"#).unwrap();
+    let p = format!("{root}/examples/quickstart/policies.cedar");
+    let o = lockstep(&db, &["policies", "test", tests.to_str().unwrap(), "--policies", &p]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"), "{o:?}");
+    // An invalid policy names file, line and column.
+    let bad = dir.path().join("bad.cedar");
+    std::fs::write(
+        &bad,
+        "permit(principal, action, resource);\npermit(principal, action == Action::\"Nope\", resource);\n",
+    )
+    .unwrap();
+    let o = lockstep(
+        &db,
+        &[
+            "policies",
+            "validate",
+            "--policies",
+            bad.to_str().unwrap(),
+            "--schema",
+            &format!("{root}/examples/quickstart/schema.cedarschema"),
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("{}:2:", bad.display())), "{err}");
+
+    // History and rollback.
+    let simple = dir.path().join("v.cedar");
+    std::fs::write(&simple, "@id(\"one\") permit(principal, action, resource);").unwrap();
+    ok(&lockstep(&db, &["policies", "put", "--policies", simple.to_str().unwrap()]));
+    std::fs::write(&simple, "@id(\"two\") forbid(principal, action, resource);").unwrap();
+    ok(&lockstep(&db, &["policies", "put", "--policies", simple.to_str().unwrap()]));
+    assert!(ok(&lockstep(&db, &["policies", "rollback", "--to", "1"])).contains("policy version 3"));
+    assert!(ok(&lockstep(&db, &["policies", "get"])).contains("\"one\""));
+    let history = ok(&lockstep(&db, &["policies", "history"]));
+    assert_eq!(history.lines().count(), 4, "{history}");
+    assert!(!lockstep(&db, &["policies", "rollback", "--to", "9"]).status.success());
+}

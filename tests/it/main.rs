@@ -8,4 +8,5 @@ mod common;
 mod consistency;
 mod keys;
 mod outage;
+mod property_rules;
 mod races;
