@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// Longest token lifetime accepted (`exp` this far from now at most), e.g. 24h.
     #[arg(long, env = "LOCKSTEP_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     pub max_token_lifetime: Duration,
+    /// Put the determining policy ids of a denied AuthorizeAndCommit in a
+    /// google.rpc.ErrorInfo detail (off by default: policy names help a caller probe).
+    #[arg(long, env = "LOCKSTEP_REVEAL_POLICIES")]
+    pub reveal_policies: bool,
     /// An identity provider's JWKS (e.g. https://idp/.well-known/jwks.json), fetched at
     /// start, every --jwks-refresh, and on an unknown kid (at most every 30 s).
     #[arg(long, env = "LOCKSTEP_JWKS_URL")]
@@ -259,6 +263,7 @@ fn settings(args: Option<&ServeArgs>) -> Settings {
     if let Some(a) = args {
         s.leeway_secs = a.leeway_secs;
         s.max_token_lifetime_secs = a.max_token_lifetime.as_secs();
+        s.reveal_determining_policies = a.reveal_policies;
     }
     s
 }

@@ -52,6 +52,9 @@ pub struct Settings {
     pub max_audit_page: u32,
     /// How long committed idempotency keys are remembered.
     pub idempotency_retention: Duration,
+    /// Whether a denied AuthorizeAndCommit carries the determining policy ids (in a
+    /// google.rpc.ErrorInfo). Off by default: policy names can tell a caller how to probe.
+    pub reveal_determining_policies: bool,
 }
 
 impl Default for Settings {
@@ -69,6 +72,7 @@ impl Default for Settings {
             default_audit_page: 100,
             max_audit_page: 1000,
             idempotency_retention: Duration::from_secs(25 * 3600),
+            reveal_determining_policies: false,
         }
     }
 }

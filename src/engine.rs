@@ -208,12 +208,14 @@ impl Engine {
                     );
                     let deny = Event::new(AuditKind::Deny, Some(&token), detail).mutations(req.mutations.clone());
                     self.audit(&mut *txn, deny, now).await?;
-                    return Ok((
-                        txn,
-                        Err(Error::Denied(format!(
-                            "{what} is not permitted, or its entity does not exist; nothing was committed"
-                        ))),
-                    ));
+                    let message =
+                        format!("{what} is not permitted, or its entity does not exist; nothing was committed");
+                    let answer = if self.settings.reveal_determining_policies {
+                        Error::DeniedExplained { message, mutation: i, policies: decision.determining_policies }
+                    } else {
+                        Error::Denied(message)
+                    };
+                    return Ok((txn, Err(answer)));
                 }
             }
         }

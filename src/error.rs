@@ -15,6 +15,10 @@ pub enum Error {
     /// A policy denied the action, or the entity does not exist: the two are one answer.
     #[error("{0}")]
     Denied(String),
+    /// A denied mutation, explained (only when the server reveals determining policies):
+    /// PERMISSION_DENIED with a google.rpc.ErrorInfo naming the mutation and policies.
+    #[error("{message}")]
+    DeniedExplained { message: String, mutation: usize, policies: Vec<String> },
     /// An `if_version` precondition failed.
     #[error("{0}")]
     Aborted(String),

@@ -28,6 +28,15 @@ impl From<Error> for Status {
         match e {
             Error::Unauthenticated(m) | Error::UnknownKey(m) => Status::unauthenticated(m),
             Error::Denied(m) => Status::permission_denied(m),
+            Error::DeniedExplained { message, mutation, policies } => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                let metadata = std::collections::HashMap::from([
+                    ("mutation".to_string(), mutation.to_string()),
+                    ("determining_policies".to_string(), policies.join(",")),
+                ]);
+                let details = ErrorDetails::with_error_info("POLICY_DENIED", "lockstep.v1", metadata);
+                Status::with_error_details(tonic::Code::PermissionDenied, message, details)
+            }
             Error::Aborted(m) => Status::aborted(m),
             Error::AlreadyExists(m) => Status::already_exists(m),
             Error::NotFound(m) => Status::not_found(m),

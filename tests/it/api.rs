@@ -468,3 +468,43 @@ async fn reflection_v1_and_v1alpha_and_health() {
         assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     }
 }
+
+/// Denials explained: off by default (PERMISSION_DENIED names the mutation only); with
+/// the server configured to reveal them, a google.rpc.ErrorInfo carries the index of the
+/// denied mutation and the determining policy ids. Denied and missing stay alike.
+async fn denials_explained_when_configured(b: Backend) {
+    use tonic_types::StatusExt;
+    let Some(s) = start(b).await else { return };
+    let settings = lockstep::config::Settings { reveal_determining_policies: true, ..Default::default() };
+    let revealing = serve_with_settings(&s.url, Default::default(), s.db.clone(), vec![], settings).await;
+    let bob = token("k1", "bob");
+    let to_bob = json!({ "owner": { "__entity": { "type": "User", "id": "bob" } } });
+    let req = || {
+        commit_req(vec![
+            update("UpdateItem", "Item", "shared", json!({ "n": 1 }), None),
+            update("UpdateItem", "Item", "shared", to_bob.clone(), None),
+        ])
+    };
+
+    let plain = client(s.addr).await.authorize_and_commit(authed(&bob, req())).await.unwrap_err();
+    assert_eq!(plain.code(), Code::PermissionDenied);
+    assert!(plain.get_details_error_info().is_none(), "policies revealed by default");
+
+    let e = client(revealing.addr).await.authorize_and_commit(authed(&bob, req())).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("mutation 1"), "{}", e.message());
+    let info = e.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "POLICY_DENIED");
+    assert_eq!(info.metadata.get("mutation").map(String::as_str), Some("1"));
+    assert_eq!(info.metadata.get("determining_policies").map(String::as_str), Some("owner-immutable"));
+    // A missing entity: the same shape, no policies.
+    let m = client(revealing.addr)
+        .await
+        .authorize_and_commit(authed(&bob, commit_req(vec![update("UpdateItem", "Item", "ghost", json!({}), None)])))
+        .await
+        .unwrap_err();
+    assert_eq!(m.code(), Code::PermissionDenied);
+    assert_eq!(m.get_details_error_info().unwrap().metadata.get("determining_policies").map(String::as_str), Some(""));
+}
+
+crate::on_both_backends!(denials_explained_when_configured);

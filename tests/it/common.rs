@@ -176,6 +176,17 @@ pub async fn serve_full(
     db: Option<Arc<TestDb>>,
     jwks: Vec<lockstep::jwks::JwksSource>,
 ) -> TestServer {
+    serve_with_settings(url, opts, db, jwks, Settings::default()).await
+}
+
+/// A server with its own settings.
+pub async fn serve_with_settings(
+    url: &str,
+    opts: StoreOptions,
+    db: Option<Arc<TestDb>>,
+    jwks: Vec<lockstep::jwks::JwksSource>,
+    settings: Settings,
+) -> TestServer {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let u = url.to_owned();
@@ -183,7 +194,7 @@ pub async fn serve_full(
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let store = lockstep::store::open(&u, &opts).await.unwrap();
-            let engine = Arc::new(Engine::new(store, Settings::default()).with_jwks(jwks));
+            let engine = Arc::new(Engine::new(store, settings).with_jwks(jwks));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
             lockstep::server::run(engine, listener, async {
