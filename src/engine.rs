@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::jwks::{self, JwksSource};
 use crate::model::{
     Attributes, AuditEvent, AuditKind, Change, CommitRequest, CommitResult, Decision, EntityRecord, KeyRecord,
-    Mutation, NewAuditEvent, PolicyRecord, Uid, now_micros,
+    Mutation, NewAuditEvent, PolicyRecord, TemplateLink, Uid, now_micros,
 };
 use crate::policy::{self, CompiledPolicies};
 use crate::store::{Store, StoreError, Txn};
@@ -537,6 +537,12 @@ impl Engine {
                         )));
                     }
                 };
+                let links = txn.policy_links().await?;
+                compiled.with_links(&links, 0).map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "the new policy set does not fit the template links in use ({e}); unlink first; the active set is unchanged"
+                    ))
+                })?;
                 let version = txn.insert_policies(policies, schema, now).await?;
                 compiled.version = version;
                 let detail = operator_note(caller, format!("policy version {version}{note}"));
@@ -545,8 +551,82 @@ impl Engine {
                 Ok((txn, Ok((version, seq, compiled))))
             })
             .await?;
-        self.remember(Arc::new(compiled));
+        // The next transaction compiles the new set with the links it reads itself.
+        drop(compiled);
         Ok((version, seq))
+    }
+
+    /// Links a template (per-resource sharing: "bob may view this document"), authorized
+    /// as Lockstep::Action::"LinkTemplate" on the link's resource (on the service when
+    /// the template has no resource slot). Takes effect atomically: every transaction
+    /// that commits after this returns decides with the link.
+    pub async fn link_template(&self, caller: Caller<'_>, link: TemplateLink, opts: CallOptions) -> Result<u64> {
+        if link.link_id.is_empty() || link.link_id.len() > 256 || link.link_id.contains('\0') {
+            return Err(Error::InvalidArgument("link_id must be 1 to 256 bytes without NUL".into()));
+        }
+        for u in link.principal.iter().chain(link.resource.iter()) {
+            self.check_uid(u).map_err(Error::InvalidArgument)?;
+        }
+        let link = &link;
+        self.run(opts, || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let guarded = link.resource.clone().unwrap_or_else(service_uid);
+            let token = self.admit(&mut *txn, caller, "LinkTemplate", &guarded).await?;
+            if txn.policy_links().await?.iter().any(|l| l.link_id == link.link_id) {
+                return Err(Error::AlreadyExists(format!("a link `{}` exists already", link.link_id)));
+            }
+            let current = self.policies_in(&mut *txn).await?;
+            current.with_links(std::slice::from_ref(link), current.links).map_err(Error::InvalidArgument)?;
+            match txn.insert_link(link, now).await {
+                Err(StoreError::Conflict(_)) => {
+                    return Err(Error::AlreadyExists(format!("a link `{}` exists already", link.link_id)));
+                }
+                other => other?,
+            }
+            let detail = operator_note(
+                caller,
+                format!("linked template `{}` as `{}`{}", link.template_id, link.link_id, describe_link(link)),
+            );
+            let seq = self.audit(&mut *txn, Event::new(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+            Ok((txn, Ok(seq)))
+        })
+        .await
+    }
+
+    /// Removes a template link (Lockstep::Action::"LinkTemplate" on its resource).
+    pub async fn unlink_template(&self, caller: Caller<'_>, link_id: &str, opts: CallOptions) -> Result<u64> {
+        self.run(opts, || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let link = txn
+                .policy_links()
+                .await?
+                .into_iter()
+                .find(|l| l.link_id == link_id)
+                .ok_or_else(|| Error::NotFound(format!("no template link `{link_id}`")))?;
+            let guarded = link.resource.clone().unwrap_or_else(service_uid);
+            let token = self.admit(&mut *txn, caller, "LinkTemplate", &guarded).await?;
+            txn.delete_link(link_id).await?;
+            let detail = operator_note(
+                caller,
+                format!("unlinked `{link_id}` (template `{}`{})", link.template_id, describe_link(&link)),
+            );
+            let seq = self.audit(&mut *txn, Event::new(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+            Ok((txn, Ok(seq)))
+        })
+        .await
+    }
+
+    /// Every template link (Lockstep::Action::"PutPolicies").
+    pub async fn list_links(&self, caller: Caller<'_>, opts: CallOptions) -> Result<Vec<TemplateLink>> {
+        self.run(opts, || async {
+            let mut txn = self.store.read().await?;
+            self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
+            let links = txn.policy_links().await?;
+            Ok((txn, Ok(links)))
+        })
+        .await
     }
 
     /// Every policy version, oldest first (operator; an RPC caller needs PutPolicies).
@@ -587,7 +667,7 @@ impl Engine {
         self.run(opts, || async {
             let mut txn = self.store.read().await?;
             self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
-            let record = match txn.policy_version().await? {
+            let record = match txn.policy_state().await?.version {
                 Some(v) => txn.policies(v).await?,
                 None => None,
             };
@@ -935,14 +1015,16 @@ impl Engine {
         Ok(token)
     }
 
-    /// The active policy set, by the version read in `txn`.
+    /// The active policy set with its template links, selected by the policy version and
+    /// links generation read in `txn`; compiled once per (version, generation).
     async fn policies_in(&self, txn: &mut dyn Txn) -> Result<Arc<CompiledPolicies>> {
-        let Some(version) = txn.policy_version().await? else {
+        let state = txn.policy_state().await?;
+        let Some(version) = state.version else {
             return Ok(Arc::new(CompiledPolicies::empty()));
         };
         {
             let cached = self.cache.lock().map_err(|_| Error::Internal("policy cache poisoned".into()))?;
-            if cached.version == version {
+            if cached.version == version && cached.links == state.links {
                 return Ok(cached.clone());
             }
         }
@@ -950,9 +1032,12 @@ impl Engine {
             .policies(version)
             .await?
             .ok_or_else(|| Error::Internal(format!("policy version {version} vanished")))?;
+        let base = policy::compile(version, &record.policies, &record.schema)
+            .map_err(|e| Error::Internal(format!("stored policy version {version} does not compile: {e}")))?;
+        let links = txn.policy_links().await?;
         let compiled = Arc::new(
-            policy::compile(version, &record.policies, &record.schema)
-                .map_err(|e| Error::Internal(format!("stored policy version {version} does not compile: {e}")))?,
+            base.with_links(&links, state.links)
+                .map_err(|e| Error::Internal(format!("stored template links do not fit version {version}: {e}")))?,
         );
         self.remember(compiled.clone());
         Ok(compiled)
@@ -960,7 +1045,7 @@ impl Engine {
 
     fn remember(&self, compiled: Arc<CompiledPolicies>) {
         if let Ok(mut cached) = self.cache.lock() {
-            if compiled.version >= cached.version {
+            if (compiled.version, compiled.links) >= (cached.version, cached.links) {
                 *cached = compiled;
             }
         }
@@ -1125,6 +1210,12 @@ fn operator_note(caller: Caller<'_>, detail: String) -> String {
         Caller::Operator => format!("{detail} (cli)"),
         Caller::Bearer(_) => detail,
     }
+}
+
+fn describe_link(l: &TemplateLink) -> String {
+    let p = l.principal.as_ref().map(|u| format!(" principal {u}")).unwrap_or_default();
+    let r = l.resource.as_ref().map(|u| format!(" resource {u}")).unwrap_or_default();
+    format!("{p}{r}")
 }
 
 fn dedup(v: Vec<Uid>) -> Vec<Uid> {

@@ -152,6 +152,26 @@ pub struct PolicyRecord {
     pub created_at: i64,
 }
 
+/// A template-linked policy: a Cedar template with its slots filled (e.g. "bob may view
+/// this document"), created and removed by the Admin service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateLink {
+    pub link_id: String,
+    pub template_id: String,
+    /// `?principal`, when the template has that slot.
+    pub principal: Option<Uid>,
+    /// `?resource`, when the template has that slot.
+    pub resource: Option<Uid>,
+}
+
+/// What selects the compiled policy set: the policy version and the generation of the
+/// template links, both read inside the deciding transaction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    pub version: Option<u64>,
+    pub links: u64,
+}
+
 /// The kinds of audit events, numbered as in the contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuditKind {

@@ -1,19 +1,21 @@
 //! Cedar: compiling a policy set (with its optional schema), turning domain values into
 //! Cedar requests and entities, and evaluating. Pure and synchronous; no I/O here.
 
-use crate::model::{Decision, EntityRecord, Uid};
+use crate::model::{Decision, EntityRecord, TemplateLink, Uid};
 use cedar_policy::{
-    Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request, Schema,
+    Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request, Schema, SlotId,
     ValidationMode, Validator,
 };
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 
 /// A parsed and validated policy set at one version: what the cache holds.
 #[derive(Clone)]
 pub struct CompiledPolicies {
     pub version: u64,
+    /// The template-links generation this set includes.
+    pub links: u64,
     pub set: PolicySet,
     pub schema: Option<Schema>,
     /// Action entities declared by the schema (so `action in Action::"group"` works).
@@ -116,7 +118,7 @@ pub fn compile(version: u64, policies: &str, schema: &str) -> Result<CompiledPol
             .collect();
         (Some(s), actions)
     };
-    Ok(CompiledPolicies { version, set, schema, action_entities })
+    Ok(CompiledPolicies { version, links: 0, set, schema, action_entities })
 }
 
 /// A Cedar entity uid from a domain uid; the message says what is wrong with it.
@@ -173,7 +175,37 @@ pub fn context(record: Value) -> Result<Context, String> {
 impl CompiledPolicies {
     /// The empty policy set: denies everything (used before any policy was put).
     pub fn empty() -> Self {
-        Self { version: 0, set: PolicySet::new(), schema: None, action_entities: Vec::new() }
+        Self { version: 0, links: 0, set: PolicySet::new(), schema: None, action_entities: Vec::new() }
+    }
+
+    /// This set with template links added (generation `links`); the message says which
+    /// link does not fit (unknown template, slots that do not match, an id in use).
+    pub fn with_links(&self, links: &[TemplateLink], generation: u64) -> Result<Self, String> {
+        let mut out = self.clone();
+        out.links = generation;
+        for l in links {
+            let template_id = PolicyId::new(&l.template_id);
+            let template = self
+                .set
+                .template(&template_id)
+                .ok_or_else(|| format!("no template `{}` in the active policy set", l.template_id))?;
+            let mut vals = HashMap::new();
+            for slot in template.slots() {
+                let value = if *slot == SlotId::principal() { &l.principal } else { &l.resource };
+                let uid = value.as_ref().ok_or_else(|| format!("template `{}` needs `{slot}`", l.template_id))?;
+                vals.insert(slot.clone(), entity_uid(uid)?);
+            }
+            if vals.len() != usize::from(l.principal.is_some()) + usize::from(l.resource.is_some()) {
+                return Err(format!(
+                    "link `{}` fills a slot that template `{}` does not have",
+                    l.link_id, l.template_id
+                ));
+            }
+            out.set
+                .link(template_id, PolicyId::new(&l.link_id), vals)
+                .map_err(|e| format!("link `{}`: {e}", l.link_id))?;
+        }
+        Ok(out)
     }
 
     /// Evaluates one request against `entities` (later records win over earlier ones with

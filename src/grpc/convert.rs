@@ -4,7 +4,8 @@
 use super::pb;
 use crate::error::Error;
 use crate::model::{
-    Attributes, AuditEvent, AuditKind, Change, CommitRequest, CommitResult, EntityRecord, KeyRecord, Mutation, Uid,
+    Attributes, AuditEvent, AuditKind, Change, CommitRequest, CommitResult, EntityRecord, KeyRecord, Mutation,
+    TemplateLink, Uid,
 };
 use prost_types::value::Kind;
 use serde_json::{Map, Number, Value};
@@ -231,6 +232,28 @@ pub fn key_record(r: pb::AddKeyRequest) -> KeyRecord {
         required_typ: r.required_typ,
         max_lifetime_secs: i64::try_from(r.max_lifetime_seconds).unwrap_or(i64::MAX),
         ..KeyRecord::default()
+    }
+}
+
+pub fn template_link(l: Option<pb::TemplateLink>) -> Result<TemplateLink> {
+    let l = l.ok_or_else(|| invalid("`link` is missing"))?;
+    if l.template_id.is_empty() || l.link_id.is_empty() {
+        return Err(invalid("a link needs `template_id` and `link_id`"));
+    }
+    Ok(TemplateLink {
+        link_id: l.link_id,
+        template_id: l.template_id,
+        principal: l.principal.map(|p| uid_of(p, "link.principal")).transpose()?,
+        resource: l.resource.map(|r| uid_of(r, "link.resource")).transpose()?,
+    })
+}
+
+pub fn template_link_to_pb(l: &TemplateLink) -> pb::TemplateLink {
+    pb::TemplateLink {
+        link_id: l.link_id.clone(),
+        template_id: l.template_id.clone(),
+        principal: l.principal.as_ref().map(entity_ref),
+        resource: l.resource.as_ref().map(entity_ref),
     }
 }
 

@@ -252,6 +252,40 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RevokeKeyResponse { audit_seq: seq }))
     }
 
+    async fn link_template(
+        &self,
+        request: Request<pb::LinkTemplateRequest>,
+    ) -> Result<Response<pb::LinkTemplateResponse>, Status> {
+        let call = Call::of(&request, &self.engine)?;
+        let bearer = call.bearer()?;
+        let link = convert::template_link(request.into_inner().link)?;
+        let seq = self.engine.link_template(Caller::Bearer(bearer), link, call.opts).await?;
+        Ok(Response::new(pb::LinkTemplateResponse { audit_seq: seq }))
+    }
+
+    async fn unlink_template(
+        &self,
+        request: Request<pb::UnlinkTemplateRequest>,
+    ) -> Result<Response<pb::UnlinkTemplateResponse>, Status> {
+        let call = Call::of(&request, &self.engine)?;
+        let bearer = call.bearer()?;
+        let r = request.into_inner();
+        let seq = self.engine.unlink_template(Caller::Bearer(bearer), &r.link_id, call.opts).await?;
+        Ok(Response::new(pb::UnlinkTemplateResponse { audit_seq: seq }))
+    }
+
+    async fn list_template_links(
+        &self,
+        request: Request<pb::ListTemplateLinksRequest>,
+    ) -> Result<Response<pb::ListTemplateLinksResponse>, Status> {
+        let call = Call::of(&request, &self.engine)?;
+        let bearer = call.bearer()?;
+        let links = self.engine.list_links(Caller::Bearer(bearer), call.opts).await?;
+        Ok(Response::new(pb::ListTemplateLinksResponse {
+            links: links.iter().map(convert::template_link_to_pb).collect(),
+        }))
+    }
+
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         let call = Call::of(&request, &self.engine)?;
         let bearer = call.bearer()?;

@@ -6,7 +6,9 @@
 pub mod postgres;
 pub mod sqlite;
 
-use crate::model::{AuditEvent, AuditKind, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
+use crate::model::{
+    AuditEvent, AuditKind, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid,
+};
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -81,7 +83,7 @@ pub trait Store: Send + Sync + 'static {
 ///   the last statement, after all locks. Details in `postgres.rs`.
 ///
 /// The calls below that read authorization state (`key`, `subject_revoked_at`,
-/// `token_revoked`, `policy_version`, `entity`, `entities_with_ancestors`) take these
+/// `token_revoked`, `policy_state`, `entity`, `entities_with_ancestors`) take these
 /// locks themselves in a write transaction; the engine's part is the order: the subject
 /// before the token revocation, and `entity` before any write of that entity.
 #[async_trait]
@@ -112,8 +114,16 @@ pub trait Txn: Send {
     async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()>;
 
     // --- policies ------------------------------------------------------------------------
-    /// The active (newest) policy version, if any policy set was ever put.
-    async fn policy_version(&mut self) -> StoreResult<Option<u64>>;
+    /// The active (newest) policy version, if any policy set was ever put, and the
+    /// generation of the template links (one statement).
+    async fn policy_state(&mut self) -> StoreResult<PolicyState>;
+    /// Every template link.
+    async fn policy_links(&mut self) -> StoreResult<Vec<TemplateLink>>;
+    /// Adds a link and bumps the generation (`Conflict` if the link id exists). Takes the
+    /// same lock as `insert_policies`.
+    async fn insert_link(&mut self, link: &TemplateLink, now: i64) -> StoreResult<()>;
+    /// Removes a link and bumps the generation; the removed link, if it existed.
+    async fn delete_link(&mut self, link_id: &str) -> StoreResult<Option<TemplateLink>>;
     async fn policies(&mut self, version: u64) -> StoreResult<Option<PolicyRecord>>;
     /// Stores a new policy set version and makes it the active one; returns its version.
     async fn insert_policies(&mut self, policies: &str, schema: &str, now: i64) -> StoreResult<u64>;
@@ -274,6 +284,27 @@ impl TryFrom<AuditRow> for AuditEvent {
                 detail: r.detail,
             },
         })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct LinkRow {
+    link_id: String,
+    template_id: String,
+    principal_type: Option<String>,
+    principal_id: Option<String>,
+    resource_type: Option<String>,
+    resource_id: Option<String>,
+}
+
+impl From<LinkRow> for TemplateLink {
+    fn from(r: LinkRow) -> Self {
+        TemplateLink {
+            link_id: r.link_id,
+            template_id: r.template_id,
+            principal: r.principal_type.zip(r.principal_id).map(|(t, i)| Uid::new(t, i)),
+            resource: r.resource_type.zip(r.resource_id).map(|(t, i)| Uid::new(t, i)),
+        }
     }
 }
 

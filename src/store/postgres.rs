@@ -28,9 +28,11 @@
 //! share-lock; frequent ones take advisory locks, which write nothing and queue fairly. Deadlocks and serialization failures (40P01, 40001) are retried by the
 //! engine. Read-only calls use a REPEATABLE READ snapshot and take no row locks.
 
-use super::{AuditRow, EntityRow, KeyRow, PolicyRow, Store, StoreError, StoreResult, Txn, json_err, to_i64, to_u64};
+use super::{
+    AuditRow, EntityRow, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, json_err, to_i64, to_u64,
+};
 use crate::config::StoreOptions;
-use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, Uid};
+use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
@@ -304,10 +306,61 @@ impl Txn for PgTxn {
         Ok(())
     }
 
-    async fn policy_version(&mut self) -> StoreResult<Option<u64>> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM policies").fetch_one(&mut *self.tx).await.map_err(map_err)?;
-        Ok(v.map(to_u64))
+    async fn policy_state(&mut self) -> StoreResult<PolicyState> {
+        let (version, links): (Option<i64>, i64) = sqlx::query_as(
+            "SELECT (SELECT max(version) FROM policies), (SELECT generation FROM policy_links_meta WHERE id = 1)",
+        )
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(PolicyState { version: version.map(to_u64), links: to_u64(links) })
+    }
+
+    async fn policy_links(&mut self) -> StoreResult<Vec<TemplateLink>> {
+        let rows = sqlx::query_as::<_, LinkRow>("SELECT * FROM policy_links ORDER BY link_id")
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.into_iter().map(TemplateLink::from).collect())
+    }
+
+    async fn insert_link(&mut self, l: &TemplateLink, now: i64) -> StoreResult<()> {
+        sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO policy_links (link_id, template_id, principal_type, principal_id, resource_type, resource_id, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&l.link_id)
+        .bind(&l.template_id)
+        .bind(l.principal.as_ref().map(|u| u.ty.as_str()))
+        .bind(l.principal.as_ref().map(|u| u.id.as_str()))
+        .bind(l.resource.as_ref().map(|u| u.ty.as_str()))
+        .bind(l.resource.as_ref().map(|u| u.id.as_str()))
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn delete_link(&mut self, link_id: &str) -> StoreResult<Option<TemplateLink>> {
+        sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
+        let row = sqlx::query_as::<_, LinkRow>("DELETE FROM policy_links WHERE link_id = $1 RETURNING *")
+            .bind(link_id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        if row.is_some() {
+            sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
+                .execute(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+        }
+        Ok(row.map(TemplateLink::from))
     }
 
     async fn policies(&mut self, version: u64) -> StoreResult<Option<PolicyRecord>> {

@@ -508,3 +508,95 @@ async fn denials_explained_when_configured(b: Backend) {
 }
 
 crate::on_both_backends!(denials_explained_when_configured);
+
+/// Template-linked policies: the owner shares an item with one user by linking a
+/// template; others may not link it; bad links are refused; a set that drops a linked
+/// template is refused; unlinking ends the sharing.
+async fn template_links_share_one_resource(b: Backend) {
+    let Some(s) = start(b).await else { return };
+    let root = token("k2", "root");
+    let policies = format!(
+        "{POLICIES}\n@id(\"share-read\") permit (principal == ?principal, action == Action::\"ReadItem\", resource == ?resource);\n\
+         @id(\"owners-share\") permit (principal, action == Lockstep::Action::\"LinkTemplate\", resource is Item) when {{ resource has owner && resource.owner == principal }};"
+    );
+    let mut a = admin(s.addr).await;
+    a.put_policies(authed(&root, pb::PutPoliciesRequest { policies: policies.clone(), schema: String::new() }))
+        .await
+        .unwrap();
+    let read_as = |who: &str| {
+        let t = token("k1", who);
+        let addr = s.addr;
+        async move {
+            client(addr)
+                .await
+                .get_entity(authed(&t, pb::GetEntityRequest { uid: uid("Item", "doc"), action: "ReadItem".into() }))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.code())
+        }
+    };
+    assert_eq!(read_as("mallory").await, Err(Code::PermissionDenied));
+    let link = |id: &str, template: &str, who: &str| pb::LinkTemplateRequest {
+        link: Some(pb::TemplateLink {
+            link_id: id.into(),
+            template_id: template.into(),
+            principal: uid("User", who),
+            resource: uid("Item", "doc"),
+        }),
+    };
+    // mallory may not share alice's item with herself.
+    assert_eq!(
+        a.link_template(authed(&token("k1", "mallory"), link("l1", "share-read", "mallory"))).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // alice, the owner, may.
+    a.link_template(authed(&token("k1", "alice"), link("l1", "share-read", "mallory"))).await.unwrap();
+    assert_eq!(read_as("mallory").await, Ok(()));
+    let d = client(s.addr)
+        .await
+        .authorize(authed(
+            &token("k1", "mallory"),
+            pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "doc"), context: None },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.determining_policies, vec!["l1"]);
+    assert_eq!(read_as("bob").await, Err(Code::PermissionDenied), "only mallory was granted");
+    assert_eq!(
+        a.link_template(authed(&root, link("l1", "share-read", "bob"))).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        a.link_template(authed(&root, link("l2", "no-such-template", "bob"))).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        a.link_template(authed(&root, link("owner-manages", "share-read", "bob"))).await.unwrap_err().code(),
+        Code::InvalidArgument,
+        "a link may not take a policy's id"
+    );
+    let links = a.list_template_links(authed(&root, pb::ListTemplateLinksRequest {})).await.unwrap().into_inner().links;
+    assert_eq!(links.len(), 1);
+    // A policy set without the linked template is refused while the link exists.
+    let e = a
+        .put_policies(authed(&root, pb::PutPoliciesRequest { policies: POLICIES.into(), schema: String::new() }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Unlink ends it.
+    assert_eq!(
+        a.unlink_template(authed(&root, pb::UnlinkTemplateRequest { link_id: "nope".into() }))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    a.unlink_template(authed(&token("k1", "alice"), pb::UnlinkTemplateRequest { link_id: "l1".into() })).await.unwrap();
+    assert_eq!(read_as("mallory").await, Err(Code::PermissionDenied));
+    a.put_policies(authed(&root, pb::PutPoliciesRequest { policies: POLICIES.into(), schema: String::new() }))
+        .await
+        .unwrap();
+}
+
+crate::on_both_backends!(template_links_share_one_resource);

@@ -339,4 +339,34 @@ async fn cross_instance_revocations(b: Backend) {
     check_audit_and_version(a.addr, "cross-instance put-policies", "alice", &report, ("Item", "doc"), 1, 0).await;
 }
 
-crate::on_both_backends!(cross_instance_revocations);
+/// Unsharing: mallory may update Item::"doc" only through a template link; the owner
+/// unlinks it mid-stream, and no write of hers lands after the unlink returned.
+async fn unlink_races_writes(b: Backend) {
+    let Some(s) = start(b).await else { return };
+    let root = token("k2", "root");
+    let policies = format!(
+        "{POLICIES}\n@id(\"share-write\") permit (principal == ?principal, action == Action::\"UpdateItem\", resource == ?resource);"
+    );
+    let mut a = admin(s.addr).await;
+    a.put_policies(authed(&root, pb::PutPoliciesRequest { policies, schema: String::new() })).await.unwrap();
+    let link = pb::TemplateLink {
+        link_id: "mallory-doc".into(),
+        template_id: "share-write".into(),
+        principal: uid("User", "mallory"),
+        resource: uid("Item", "doc"),
+    };
+    a.link_template(authed(&root, pb::LinkTemplateRequest { link: Some(link) })).await.unwrap();
+    let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "mallory")).collect();
+    let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
+        a.unlink_template(authed(&token("k2", "root"), pb::UnlinkTemplateRequest { link_id: "mallory-doc".into() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .audit_seq
+    })
+    .await;
+    report.check("unlink", &[tonic::Code::PermissionDenied]);
+    check_audit_and_version(s.addr, "unlink", "mallory", &report, ("Item", "doc"), 1, 0).await;
+}
+
+crate::on_both_backends!(cross_instance_revocations, unlink_races_writes);
