@@ -272,19 +272,19 @@ async fn engine(cli: &Cli, args: Option<&ServeArgs>) -> anyhow::Result<Arc<Engin
     server::check_crypto_provider()?;
     let store = store::open(&cli.database, &store_options(&cli.db)).await?;
     let mut sources = Vec::new();
-    if let Some(a) = args {
-        if let Some(url) = &a.jwks_url {
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                bail!("--jwks-url must be an http(s) URL");
-            }
-            sources.push(JwksSource {
-                url: url.clone(),
-                issuer: a.jwks_issuer.clone(),
-                audience: a.jwks_audience.clone(),
-                principal_type: a.jwks_principal_type.clone(),
-                refresh: a.jwks_refresh,
-            });
+    if let Some(a) = args
+        && let Some(url) = &a.jwks_url
+    {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            bail!("--jwks-url must be an http(s) URL");
         }
+        sources.push(JwksSource {
+            url: url.clone(),
+            issuer: a.jwks_issuer.clone(),
+            audience: a.jwks_audience.clone(),
+            principal_type: a.jwks_principal_type.clone(),
+            refresh: a.jwks_refresh,
+        });
     }
     Ok(Arc::new(Engine::new(store, settings(args)).with_jwks(sources)))
 }

@@ -1044,10 +1044,10 @@ impl Engine {
     }
 
     fn remember(&self, compiled: Arc<CompiledPolicies>) {
-        if let Ok(mut cached) = self.cache.lock() {
-            if (compiled.version, compiled.links) >= (cached.version, cached.links) {
-                *cached = compiled;
-            }
+        if let Ok(mut cached) = self.cache.lock()
+            && (compiled.version, compiled.links) >= (cached.version, cached.links)
+        {
+            *cached = compiled;
         }
     }
 
