@@ -77,6 +77,16 @@ pub struct ServeArgs {
     /// Longest token lifetime accepted (`exp` this far from now at most), e.g. 24h.
     #[arg(long, env = "LOCKSTEP_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration)]
     pub max_token_lifetime: Duration,
+    /// TLS certificate chain (PEM) for the listener. Without it the server speaks
+    /// plaintext: fine on loopback, never across a network.
+    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: mutual TLS.
+    #[arg(long, env = "LOCKSTEP_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     /// Put the determining policy ids of a denied AuthorizeAndCommit in a
     /// google.rpc.ErrorInfo detail (off by default: policy names help a caller probe).
     #[arg(long, env = "LOCKSTEP_REVEAL_POLICIES")]
@@ -298,7 +308,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
-            server::run(engine, listener, server::shutdown_signal()).await
+            server::run_with(engine, listener, server::shutdown_signal(), tls_options(args)?).await
         }
         Command::Demo(args) => {
             let engine = engine(&cli, Some(args)).await?;
@@ -306,7 +316,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             demo(&engine, &listener.local_addr()?).await?;
-            server::run(engine, listener, server::shutdown_signal()).await
+            server::run_with(engine, listener, server::shutdown_signal(), tls_options(args)?).await
         }
         Command::Keys(k) => {
             let engine = engine(&cli, None).await?;
@@ -532,6 +542,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("imported {n} entities (audit seq {seq})");
             Ok(())
         }
+    }
+}
+
+fn tls_options(args: &ServeArgs) -> anyhow::Result<Option<server::TlsOptions>> {
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(server::TlsOptions {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: args.client_ca.as_ref().map(read).transpose()?,
+        })),
+        _ => Ok(None),
     }
 }
 

@@ -25,11 +25,40 @@ pub fn check_crypto_provider() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains in-flight calls.
+/// TLS for the listener (rustls): the server's certificate chain and key, and for mTLS
+/// the CA that client certificates must chain to.
+#[derive(Clone)]
+pub struct TlsOptions {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// Set: clients must present a certificate issued by this CA (mTLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("key_pem", &"<redacted>")
+            .field("mtls", &self.client_ca_pem.is_some())
+            .finish()
+    }
+}
+
+/// Serves on `listener` (plaintext) until `shutdown` resolves, then drains in-flight calls.
 pub async fn run(
     engine: Arc<Engine>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    run_with(engine, listener, shutdown, None).await
+}
+
+/// Serves on `listener`, with TLS when given, until `shutdown` resolves.
+pub async fn run_with(
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    tls: Option<TlsOptions>,
 ) -> anyhow::Result<()> {
     check_crypto_provider()?;
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -122,7 +151,17 @@ pub async fn run(
         shutdown.await;
         let _ = stopping_tx.send(());
     };
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(t) = &tls {
+        let mut cfg = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem));
+        if let Some(ca) = &t.client_ca_pem {
+            cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(cfg).map_err(|e| anyhow::anyhow!("invalid TLS configuration: {e}"))?;
+        tracing::info!(mtls = t.client_ca_pem.is_some(), "TLS enabled");
+    }
+    let serve = builder
         .add_service(lockstep)
         .add_service(admin)
         .add_service(health)

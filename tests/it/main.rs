@@ -10,3 +10,4 @@ mod keys;
 mod outage;
 mod property_rules;
 mod races;
+mod tls;
