@@ -87,6 +87,11 @@ pub struct ServeArgs {
     /// CA (PEM) that client certificates must chain to: mutual TLS.
     #[arg(long, env = "LOCKSTEP_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Route map for Envoy ext_authz (envoy.service.auth.v3.Authorization/Check on the
+    /// same port): JSON `{"routes": [{"method", "path": "/items/{id}", "action",
+    /// "resource": {"type", "id": "{id}"}}]}`. Without it every edge check is denied.
+    #[arg(long, env = "LOCKSTEP_EXT_AUTHZ_ROUTES")]
+    pub ext_authz_routes: Option<PathBuf>,
     /// Put the determining policy ids of a denied AuthorizeAndCommit in a
     /// google.rpc.ErrorInfo detail (off by default: policy names help a caller probe).
     #[arg(long, env = "LOCKSTEP_REVEAL_POLICIES")]
@@ -296,7 +301,12 @@ async fn engine(cli: &Cli, args: Option<&ServeArgs>) -> anyhow::Result<Arc<Engin
             refresh: a.jwks_refresh,
         });
     }
-    Ok(Arc::new(Engine::new(store, settings(args)).with_jwks(sources)))
+    let mut engine = Engine::new(store, settings(args)).with_jwks(sources);
+    if let Some(f) = args.and_then(|a| a.ext_authz_routes.as_ref()) {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        engine = engine.with_edge_routes(crate::edge::RouteMap::parse(&text).map_err(anyhow::Error::msg)?);
+    }
+    Ok(Arc::new(engine))
 }
 
 const OP: CallOptions = CallOptions { deadline: None };

@@ -88,6 +88,8 @@ pub struct Engine {
     jwks: Vec<JwksSource>,
     /// When an unknown `kid` last triggered a JWKS fetch.
     jwks_on_demand: tokio::sync::Mutex<Option<Instant>>,
+    /// The Envoy ext_authz route map (empty: every edge check is denied).
+    edge_routes: Arc<crate::edge::RouteMap>,
 }
 
 /// Unknown `kid`s trigger at most one JWKS fetch per this interval, so they cannot be
@@ -113,7 +115,18 @@ impl Engine {
             cache: Mutex::new(Arc::new(CompiledPolicies::empty())),
             jwks: Vec::new(),
             jwks_on_demand: tokio::sync::Mutex::new(None),
+            edge_routes: Arc::default(),
         }
+    }
+
+    /// Uses this route map for Envoy ext_authz checks.
+    pub fn with_edge_routes(mut self, routes: crate::edge::RouteMap) -> Self {
+        self.edge_routes = Arc::new(routes);
+        self
+    }
+
+    pub fn edge_routes(&self) -> Arc<crate::edge::RouteMap> {
+        self.edge_routes.clone()
     }
 
     /// Follows these JWKS sources.
@@ -423,6 +436,53 @@ impl Engine {
             self.admit(&mut *txn, caller, "ReadAudit", &service_uid()).await?;
             let events = txn.audit_events(after_seq, limit).await?;
             Ok((txn, Ok(events)))
+        })
+        .await
+    }
+
+    /// A decision at the edge (Envoy ext_authz): the token verified and revocation-checked
+    /// like any call, the Cedar request from the route map, the decision audited
+    /// (KIND_EDGE_DECISION) in the same transaction that read the state. A bad token is
+    /// `Err(Unauthenticated)`; a denial is `Ok` with `allowed: false`.
+    pub async fn edge_check(
+        &self,
+        raw: &str,
+        method: &str,
+        path: &str,
+        target: Option<&crate::edge::EdgeRequest>,
+        opts: CallOptions,
+    ) -> Result<(Decision, Uid)> {
+        let parsed = token::parse(raw, &self.settings)?;
+        let where_ = format!("{} {}", method, path.chars().take(512).collect::<String>());
+        self.run(opts, || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let token = self.authenticate(&mut *txn, &parsed, now).await?;
+            let decision = match target {
+                None => Decision {
+                    allowed: false,
+                    determining_policies: Vec::new(),
+                    errors: vec!["no route matches".into()],
+                },
+                Some(t) => {
+                    let action = policy::action_uid(&t.action).map_err(Error::Internal)?;
+                    let policies = self.policies_in(&mut *txn).await?;
+                    let loaded = txn.entities_with_ancestors(&[token.principal.clone(), t.resource.clone()]).await?;
+                    let http = json!({ "method": method, "path": path });
+                    let ctx = build_context(&Map::from_iter([("http".to_string(), http)]), &token, None)?;
+                    policies
+                        .evaluate(&token.principal, &action, &t.resource, ctx, &loaded.iter().collect::<Vec<_>>())
+                        .map_err(Error::Internal)?
+                }
+            };
+            let detail = format!(
+                "{} {where_}{}; determining policies: [{}]",
+                if decision.allowed { "allow" } else { "deny" },
+                target.map(|t| format!(" as `{}` on {}", t.action, t.resource)).unwrap_or_default(),
+                decision.determining_policies.join(", ")
+            );
+            self.audit(&mut *txn, Event::new(AuditKind::EdgeDecision, Some(&token), detail), now).await?;
+            Ok((txn, Ok((decision, token.principal.clone()))))
         })
         .await
     }

@@ -12,6 +12,7 @@
 //! - [`jwks`]: JSON Web Key Sets: parsing into keys, fetching.
 //! - [`policy`]: Cedar compilation and evaluation (no I/O).
 //! - [`policytest`]: policy test files run without a server (`lockstep policies test`).
+//! - [`edge`]: the Envoy ext_authz route map (HTTP request -> Cedar request).
 //! - [`engine`]: the use cases, each one transaction that reads, decides, writes, audits.
 //! - [`store`]: the `Store`/`Txn` traits and their SQLite implementation.
 //! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
@@ -20,6 +21,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod engine;
 pub mod error;
 pub mod grpc;

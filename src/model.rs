@@ -182,6 +182,8 @@ pub enum AuditKind {
     RevokeKey = 5,
     AddKey = 6,
     PutPolicies = 7,
+    /// A decision taken at the edge (Envoy ext_authz), allowed or denied: see `detail`.
+    EdgeDecision = 8,
 }
 
 impl AuditKind {
@@ -194,6 +196,7 @@ impl AuditKind {
             5 => Self::RevokeKey,
             6 => Self::AddKey,
             7 => Self::PutPolicies,
+            8 => Self::EdgeDecision,
             _ => return None,
         })
     }

@@ -141,6 +141,10 @@ pub async fn run_with(
 
     let lockstep = pb::lockstep_server::LockstepServer::new(LockstepService { engine: engine.clone() })
         .max_decoding_message_size(MAX_DECODED_MESSAGE);
+    let ext_authz = crate::grpc::ext_authz::AuthorizationServer::new(crate::grpc::ext_authz::ExtAuthzService {
+        engine: engine.clone(),
+        routes: engine.edge_routes(),
+    });
     let admin = pb::admin_server::AdminServer::new(AdminService { engine: engine.clone() })
         .max_decoding_message_size(MAX_DECODED_MESSAGE);
 
@@ -164,6 +168,7 @@ pub async fn run_with(
     let serve = builder
         .add_service(lockstep)
         .add_service(admin)
+        .add_service(ext_authz)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

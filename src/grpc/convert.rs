@@ -207,6 +207,7 @@ pub fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
         AuditKind::RevokeKey => pb::audit_event::Kind::RevokeKey,
         AuditKind::AddKey => pb::audit_event::Kind::AddKey,
         AuditKind::PutPolicies => pb::audit_event::Kind::PutPolicies,
+        AuditKind::EdgeDecision => pb::audit_event::Kind::EdgeDecision,
     };
     pb::AuditEvent {
         seq: e.seq,

@@ -2,6 +2,7 @@
 //! and the single mapping of errors to status codes.
 
 pub mod convert;
+pub mod ext_authz;
 
 use crate::engine::{CallOptions, Caller, Engine};
 use crate::error::Error;

@@ -6,6 +6,7 @@ mod bench;
 mod cli;
 mod common;
 mod consistency;
+mod ext_authz;
 mod keys;
 mod outage;
 mod property_rules;
