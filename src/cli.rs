@@ -64,6 +64,31 @@ pub enum Command {
     /// Entities (bootstrap).
     #[command(subcommand)]
     Entities(EntitiesCommand),
+    /// Load generator: seeds an empty database, serves it in process (or drives --addr),
+    /// prints throughput, p50/p99/p99.9 and errors by status code.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// A running server to drive (seeded from the same --database); default: in process.
+    #[arg(long)]
+    pub addr: Option<SocketAddr>,
+    /// Concurrent callers per phase, comma-separated.
+    #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
+    pub callers: Vec<usize>,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Calls to measure: commit, authorize, get.
+    #[arg(long, default_value = "commit,authorize,get", value_delimiter = ',')]
+    pub calls: Vec<String>,
+    /// Share of calls on the 4 hot items (0 to 1): the contention knob.
+    #[arg(long, default_value_t = 0.0)]
+    pub hot: f64,
+    /// Distinct subjects (each owns one item).
+    #[arg(long, default_value_t = 1000)]
+    pub subjects: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -541,6 +566,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("--ttl must be between 1s and the maximum token lifetime ({max}s)");
             }
             println!("{}", token::issue(&key, sub, ttl.as_secs(), scope, now_micros() / 1_000_000)?);
+            Ok(())
+        }
+        Command::Bench(b) => {
+            if b.calls.iter().any(|c| !["commit", "authorize", "get"].contains(&c.as_str()))
+                || !(0.0..=1.0).contains(&b.hot)
+            {
+                bail!("--calls takes commit, authorize, get; --hot is a share from 0 to 1");
+            }
+            let engine = engine(&cli, None).await?;
+            let plan = crate::bench::BenchPlan {
+                callers: b.callers.clone(),
+                seconds: b.seconds.max(1),
+                calls: b.calls.clone(),
+                hot: b.hot,
+                subjects: b.subjects.max(1),
+            };
+            crate::bench::run(engine, b.addr, &plan).await?;
             Ok(())
         }
         Command::Entities(EntitiesCommand::Import { file }) => {

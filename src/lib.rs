@@ -17,8 +17,10 @@
 //! - [`store`]: the `Store`/`Txn` traits and their SQLite implementation.
 //! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
 //! - [`server`]: serving with health, reflection, housekeeping and graceful shutdown.
+//! - [`bench`]: the load generator behind `lockstep bench`.
 //! - [`cli`]: the `lockstep` command line (serve, demo, keys, policies, token, entities).
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod edge;

@@ -255,3 +255,28 @@ async fn cli_policy_workflow_on_the_examples() {
     assert_eq!(history.lines().count(), 4, "{history}");
     assert!(!lockstep(&db, &["policies", "rollback", "--to", "9"]).status.success());
 }
+
+/// `lockstep bench` seeds an empty database, serves it in process, runs its phases and
+/// prints a line per phase with no errors (a smoke test: the figures are not checked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_bench_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let out = ok(&lockstep(&db, &["bench", "--callers", "2", "--seconds", "1", "--subjects", "5", "--hot", "0.5"]));
+    for call in ["commit", "authorize", "get"] {
+        let line = out.lines().find(|l| l.starts_with(call)).unwrap_or_else(|| panic!("no {call} line in {out}"));
+        assert!(line.ends_with("{}"), "errors in {line}");
+    }
+    // A database with someone else's policies is refused.
+    let other = format!("sqlite://{}", dir.path().join("other.db").display());
+    ok(&lockstep(
+        &other,
+        &[
+            "policies",
+            "put",
+            "--policies",
+            &format!("{}/examples/quickstart/policies.cedar", env!("CARGO_MANIFEST_DIR")),
+        ],
+    ));
+    assert!(!lockstep(&other, &["bench", "--seconds", "1"]).status.success());
+}

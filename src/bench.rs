@@ -1,0 +1,225 @@
+//! `lockstep bench`: a load generator over gRPC. Seeds a dedicated database (a key,
+//! policies, users and items), serves it in process unless `--addr` names a server, and
+//! drives AuthorizeAndCommit, Authorize and GetEntity from N concurrent callers with many
+//! subjects, tokens and resources, and a contention knob (the share of calls on a few hot
+//! items). Prints throughput, latency percentiles and errors by status code. Figures
+//! only: nothing here asserts a timing.
+
+use crate::engine::{CallOptions, Caller, Engine};
+use crate::grpc::pb;
+use crate::grpc::pb::lockstep_client::LockstepClient;
+use crate::model::{EntityRecord, KeyRecord, Uid, now_micros};
+use anyhow::{Context as _, bail};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Policies of the benchmark: owners write their items; everyone writes hot items.
+const BENCH_POLICIES: &str = r#"
+@id("owner-writes") permit (principal, action in [Action::"UpdateItem", Action::"ReadItem"], resource is Item)
+  when { resource.owner == principal };
+@id("hot-items") permit (principal, action in [Action::"UpdateItem", Action::"ReadItem"], resource is Item)
+  when { resource.hot };
+"#;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchPlan {
+    pub callers: Vec<usize>,
+    pub seconds: u64,
+    pub calls: Vec<String>,
+    /// Share of calls (0..=1) on the 4 hot items.
+    pub hot: f64,
+    pub subjects: usize,
+}
+
+/// One measured phase.
+#[derive(Clone, Debug)]
+pub struct PhaseResult {
+    pub call: String,
+    pub callers: usize,
+    pub rate: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub p999: Duration,
+    pub errors: BTreeMap<String, usize>,
+}
+
+/// Seeds the benchmark data into an empty database and returns the signing key.
+pub async fn seed(engine: &Engine, subjects: usize) -> anyhow::Result<KeyRecord> {
+    if let Ok(k) = engine.operator_key("bench").await {
+        return Ok(k);
+    }
+    if engine.get_policies(Caller::Operator, CallOptions::default()).await?.is_some() {
+        bail!("`lockstep bench` seeds its own data: give it an empty database (it has policies already)");
+    }
+    engine.put_policies(Caller::Operator, BENCH_POLICIES, "", CallOptions::default()).await?;
+    let key = KeyRecord {
+        kid: "bench".into(),
+        algorithm: "HS256".into(),
+        secret: rand::random::<[u8; 32]>().to_vec(),
+        ..KeyRecord::default()
+    };
+    engine.add_key(Caller::Operator, key, CallOptions::default()).await?;
+    let mut entities = Vec::new();
+    for u in 0..subjects {
+        let owner = Uid::new("User", format!("u{u}"));
+        entities.push(EntityRecord { uid: owner.clone(), attributes: Default::default(), parents: vec![], version: 0 });
+        let attrs = json!({ "owner": owner.to_entity_ref_json(), "hot": false, "n": 0 });
+        let attributes = attrs.as_object().cloned().unwrap_or_default();
+        entities.push(EntityRecord { uid: Uid::new("Item", format!("i{u}")), attributes, parents: vec![], version: 0 });
+    }
+    for h in 0..4 {
+        let attrs = json!({ "owner": Uid::new("User", "nobody").to_entity_ref_json(), "hot": true, "n": 0 });
+        let attributes = attrs.as_object().cloned().unwrap_or_default();
+        entities.push(EntityRecord {
+            uid: Uid::new("Item", format!("hot{h}")),
+            attributes,
+            parents: vec![],
+            version: 0,
+        });
+    }
+    for chunk in entities.chunks(500) {
+        engine.import_entities(chunk.to_vec()).await?;
+    }
+    engine.operator_key("bench").await.map_err(Into::into)
+}
+
+/// Drives one phase against `addr`.
+pub async fn phase(
+    addr: SocketAddr,
+    key: &KeyRecord,
+    call: &str,
+    callers: usize,
+    plan: &BenchPlan,
+) -> anyhow::Result<PhaseResult> {
+    let deadline = Instant::now() + Duration::from_secs(plan.seconds);
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await.context("connect")?;
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        let subject = c % plan.subjects.max(1);
+        let token = crate::token::issue(key, &format!("u{subject}"), 3600, "", now_micros() / 1_000_000)?;
+        let mut client = LockstepClient::new(channel.clone());
+        let (call, hot) = (call.to_owned(), plan.hot);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+            let mut i = 0i64;
+            while Instant::now() < deadline {
+                let item = if rand::random::<f64>() < hot { format!("hot{}", i % 4) } else { format!("i{subject}") };
+                let resource = Some(pb::EntityRef { r#type: "Item".into(), id: item });
+                let t0 = Instant::now();
+                let result = match call.as_str() {
+                    "commit" => {
+                        let mut patch = prost_types::Struct::default();
+                        patch.fields.insert(
+                            "n".into(),
+                            prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(i as f64)) },
+                        );
+                        let m = pb::Mutation {
+                            action: "UpdateItem".into(),
+                            resource,
+                            change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
+                                merge_patch: Some(patch),
+                                add_parents: vec![],
+                                remove_parents: vec![],
+                            })),
+                            if_version: None,
+                        };
+                        let req = pb::AuthorizeAndCommitRequest {
+                            mutations: vec![m],
+                            context: None,
+                            idempotency_key: String::new(),
+                        };
+                        client.authorize_and_commit(authed(&token, req)).await.map(|_| ())
+                    }
+                    "authorize" => {
+                        let req = pb::AuthorizeRequest { action: "UpdateItem".into(), resource, context: None };
+                        client.authorize(authed(&token, req)).await.map(|_| ())
+                    }
+                    _ => {
+                        let req = pb::GetEntityRequest { uid: resource, action: "ReadItem".into() };
+                        client.get_entity(authed(&token, req)).await.map(|_| ())
+                    }
+                };
+                latencies.push(t0.elapsed());
+                if let Err(s) = result {
+                    *errors.entry(format!("{:?}", s.code())).or_default() += 1;
+                }
+                i += 1;
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        for (k, v) in e {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    all.sort();
+    let pct = |q: f64| {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or_default()
+    };
+    Ok(PhaseResult {
+        call: call.to_owned(),
+        callers,
+        rate: all.len() as f64 / plan.seconds as f64,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        p999: pct(0.999),
+        errors,
+    })
+}
+
+fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}
+
+/// Runs every phase of `plan` and prints one line each.
+pub async fn run(engine: Arc<Engine>, addr: Option<SocketAddr>, plan: &BenchPlan) -> anyhow::Result<Vec<PhaseResult>> {
+    let key = seed(&engine, plan.subjects).await?;
+    let addr = match addr {
+        Some(a) => a,
+        None => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let a = listener.local_addr()?;
+            tokio::spawn(crate::server::run(engine.clone(), listener, std::future::pending()));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            a
+        }
+    };
+    println!(
+        "{:<10} {:>7} {:>10} {:>10} {:>10} {:>10}  errors",
+        "call", "callers", "calls/s", "p50 ms", "p99 ms", "p99.9 ms"
+    );
+    let mut out = Vec::new();
+    for call in &plan.calls {
+        for &callers in &plan.callers {
+            let r = phase(addr, &key, call, callers, plan).await?;
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            println!(
+                "{:<10} {:>7} {:>10.0} {:>10.2} {:>10.2} {:>10.2}  {:?}",
+                r.call,
+                r.callers,
+                r.rate,
+                ms(r.p50),
+                ms(r.p99),
+                ms(r.p999),
+                r.errors
+            );
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
