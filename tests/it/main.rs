@@ -3,6 +3,7 @@
 
 mod api;
 mod bench;
+mod bench_sql;
 mod cli;
 mod common;
 mod consistency;

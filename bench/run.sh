@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One run: the raw limit (pgbench running exactly the store's statements for one
+# AuthorizeAndCommit; the same transaction on bare SQLite) beside Lockstep on SQLite and
+# PostgreSQL at 1, 16 and 64 callers, and each Lockstep/raw ratio. Figures only.
+# Usage: bench/run.sh [SECONDS]   (needs a release build: cargo build --release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-5}
+bin=target/release/lockstep
+[ -x "$bin" ] || { echo "cargo build --release first"; exit 1; }
+admin=${LOCKSTEP_TEST_PG:-postgres://postgres@127.0.0.1:5432/test}
+base=${admin%/*}
+pgdb=lockstep_bench
+subjects=1000
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+psql -q "$admin" -c "DROP DATABASE IF EXISTS $pgdb WITH (FORCE)" -c "CREATE DATABASE $pgdb"
+sqlite="sqlite://$work/bench.db"
+
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; commit $(git rev-parse --short HEAD)"
+declare -A ls_rate ls_p99 raw_rate raw_p99
+for backend in sqlite postgres; do
+  url=$sqlite; [ "$backend" = postgres ] && url="$base/$pgdb"
+  "$bin" bench --database "$url" --callers 1,16,64 --seconds "$secs" --calls commit --subjects $subjects 2>/dev/null \
+    | tee "$work/$backend.txt"
+  while read -r call callers rate p50 p99 p999 rest; do
+    [ "$call" = commit ] || continue
+    ls_rate[$backend,$callers]=$rate; ls_p99[$backend,$callers]=$p99
+  done < "$work/$backend.txt"
+done
+
+for c in 1 16 64; do
+  pgbench -n -M prepared -f bench/pgbench-commit.sql -D subjects=$subjects -c $c -j $(( c < 2 ? c : 2 )) -T "$secs" -l --log-prefix="$work/pgb$c" "$base/$pgdb" > "$work/pgbench$c.txt" 2>&1
+  raw_rate[postgres,$c]=$(awk '/^tps/ {printf "%.0f", $3}' "$work/pgbench$c.txt")
+  raw_p99[postgres,$c]=$(cat "$work"/pgb$c* | awk '{print $3/1000}' | sort -n | awk '{a[NR]=$1} END {printf "%.2f", a[int(NR*0.99)]}')
+  read -r r _ p99 < <(python3 bench/sqlite_raw.py "$work/bench.db" $c "$secs" $subjects)
+  raw_rate[sqlite,$c]=$r; raw_p99[sqlite,$c]=$p99
+done
+
+printf '\n%-10s %7s %14s %14s %8s %12s %12s\n' backend callers lockstep/s raw/s ratio "p99 ls ms" "p99 raw ms"
+for backend in sqlite postgres; do
+  for c in 1 16 64; do
+    l=${ls_rate[$backend,$c]}; r=${raw_rate[$backend,$c]}
+    printf '%-10s %7s %14s %14s %8s %12s %12s\n' $backend $c "$l" "$r" "$(python3 -c "print(f'{$l/$r:.2f}')")" "${ls_p99[$backend,$c]}" "${raw_p99[$backend,$c]}"
+  done
+done
+psql -q "$admin" -c "DROP DATABASE IF EXISTS $pgdb WITH (FORCE)"
