@@ -139,6 +139,34 @@ pub struct ServeArgs {
     pub jwks_refresh: Duration,
 }
 
+/// What tokens under a key must say, and whose tokens they are.
+#[derive(Args, Debug, Clone)]
+pub struct TokenRules {
+    /// Required `iss` of tokens under the key; empty: not checked.
+    #[arg(long, default_value = "")]
+    pub issuer: String,
+    /// Required `aud` of tokens under the key; empty: not checked.
+    #[arg(long, default_value = "")]
+    pub audience: String,
+    /// Cedar type of the tokens' `sub`.
+    #[arg(long, default_value = "User")]
+    pub principal_type: String,
+}
+
+impl TokenRules {
+    /// A key record carrying these rules.
+    fn key(&self, kid: &str, algorithm: &str) -> KeyRecord {
+        KeyRecord {
+            kid: kid.to_owned(),
+            algorithm: algorithm.to_owned(),
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            principal_type: self.principal_type.clone(),
+            ..KeyRecord::default()
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
     /// Adds a verification key.
@@ -154,12 +182,8 @@ pub enum KeysCommand {
         /// PEM public key for RS*, PS*, ES* and EdDSA.
         #[arg(long)]
         public_key_file: Option<PathBuf>,
-        #[arg(long, default_value = "")]
-        issuer: String,
-        #[arg(long, default_value = "")]
-        audience: String,
-        #[arg(long, default_value = "User")]
-        principal_type: String,
+        #[command(flatten)]
+        rules: TokenRules,
         /// Required `typ` header, e.g. at+jwt (RFC 9068).
         #[arg(long, default_value = "")]
         typ: String,
@@ -172,12 +196,8 @@ pub enum KeysCommand {
     ImportJwks {
         #[arg(long)]
         file: PathBuf,
-        #[arg(long, default_value = "")]
-        issuer: String,
-        #[arg(long, default_value = "")]
-        audience: String,
-        #[arg(long, default_value = "User")]
-        principal_type: String,
+        #[command(flatten)]
+        rules: TokenRules,
     },
     /// Makes a new first-party signing key; the previous one verifies until revoked.
     Rotate {
@@ -186,12 +206,8 @@ pub enum KeysCommand {
         /// HS256, HS384, HS512, EdDSA, ES256 or ES384.
         #[arg(long, default_value = "EdDSA")]
         alg: String,
-        #[arg(long, default_value = "")]
-        issuer: String,
-        #[arg(long, default_value = "")]
-        audience: String,
-        #[arg(long, default_value = "User")]
-        principal_type: String,
+        #[command(flatten)]
+        rules: TokenRules,
     },
     /// Lists keys (never their secrets).
     List,
@@ -356,17 +372,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(k) => {
             let engine = engine(&cli, None).await?;
             match k {
-                KeysCommand::Add {
-                    kid,
-                    alg,
-                    secret_file,
-                    public_key_file,
-                    issuer,
-                    audience,
-                    principal_type,
-                    typ,
-                    max_lifetime,
-                } => {
+                KeysCommand::Add { kid, alg, secret_file, public_key_file, rules, typ, max_lifetime } => {
                     let secret = match secret_file {
                         Some(f) => std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
                         None => Vec::new(),
@@ -381,27 +387,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         bail!("give --secret-file (HS*) or --public-key-file (RS*, PS*, ES*, EdDSA)");
                     }
                     let key = KeyRecord {
-                        kid: kid.clone(),
-                        algorithm: alg.clone(),
                         secret,
                         public_key_pem,
-                        issuer: issuer.clone(),
-                        audience: audience.clone(),
-                        principal_type: principal_type.clone(),
                         required_typ: typ.clone(),
                         max_lifetime_secs: max_lifetime.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-                        ..KeyRecord::default()
+                        ..rules.key(kid, alg)
                     };
                     let seq = engine.add_key(Caller::Operator, key, OP).await?;
                     println!("added key {kid} (audit seq {seq})");
                 }
-                KeysCommand::ImportJwks { file, issuer, audience, principal_type } => {
+                KeysCommand::ImportJwks { file, rules } => {
                     let text =
                         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
                     let src = JwksSource {
-                        issuer: issuer.clone(),
-                        audience: audience.clone(),
-                        principal_type: principal_type.clone(),
+                        issuer: rules.issuer.clone(),
+                        audience: rules.audience.clone(),
+                        principal_type: rules.principal_type.clone(),
                         ..JwksSource::default()
                     };
                     let (keys, skipped) = jwks::keys_from_jwks(&text, &src, "jwks-file").map_err(anyhow::Error::msg)?;
@@ -417,22 +418,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         sync.kept_out.join(", ")
                     );
                 }
-                KeysCommand::Rotate { kid, alg, issuer, audience, principal_type } => {
-                    let template = KeyRecord {
-                        kid: kid.clone(),
-                        algorithm: alg.clone(),
-                        issuer: issuer.clone(),
-                        audience: audience.clone(),
-                        principal_type: principal_type.clone(),
-                        ..KeyRecord::default()
-                    };
-                    let (seq, old) = engine.rotate(template).await?;
+                KeysCommand::Rotate { kid, alg, rules } => {
+                    let (seq, old) = engine.rotate(rules.key(kid, alg)).await?;
                     println!("{kid} ({alg}) is the signing key; verify-only: [{}] (audit seq {seq})", old.join(", "));
                 }
                 KeysCommand::List => {
                     println!(
-                        "{:<24} {:<6} {:<8} {:<14} {:<24} {:<24}",
-                        "KID", "ALG", "REVOKED", "PRINCIPAL", "ISSUER", "AUDIENCE"
+                        "{:<24} {:<6} {:<8} {:<8} {:<8} {:<14} {:<24} {:<24}",
+                        "KID", "ALG", "REVOKED", "RETIRED", "SIGNING", "PRINCIPAL", "ISSUER", "AUDIENCE"
                     );
                     for k in engine.list_keys(Caller::Operator, OP).await? {
                         println!(

@@ -53,20 +53,15 @@ const MAX_ATTEMPTS: u32 = 8;
 /// PERMISSION_DENIED).
 type Prepared<T> = (Box<dyn Txn>, Result<T>);
 
-/// Builds audit events.
-struct Event;
-
-impl Event {
-    #[allow(clippy::new_ret_no_self)]
-    fn new(kind: AuditKind, token: Option<&VerifiedToken>, detail: String) -> NewAuditEvent {
-        NewAuditEvent {
-            kind,
-            principal: token.map(|t| t.principal.clone()),
-            token_id: token.map(|t| t.token_id.clone()).unwrap_or_default(),
-            mutations: Vec::new(),
-            entities: Vec::new(),
-            detail,
-        }
+/// An audit event of `kind` by the bearer of `token` (None: the operator's CLI).
+fn event(kind: AuditKind, token: Option<&VerifiedToken>, detail: String) -> NewAuditEvent {
+    NewAuditEvent {
+        kind,
+        principal: token.map(|t| t.principal.clone()),
+        token_id: token.map(|t| t.token_id.clone()).unwrap_or_default(),
+        mutations: Vec::new(),
+        entities: Vec::new(),
+        detail,
     }
 }
 
@@ -163,7 +158,13 @@ impl Engine {
     ) -> Result<CommitResult> {
         self.check_commit_request(req)?;
         let parsed = token::parse(raw, &self.settings)?;
-        let hash = Sha256::digest(serde_json::to_vec(req).map_err(|e| Error::Internal(e.to_string()))?).to_vec();
+        // Only a request with an idempotency key needs its hash (kept to tell a repeat from
+        // a different request under the same key).
+        let hash = if req.idempotency_key.is_empty() {
+            Vec::new()
+        } else {
+            Sha256::digest(serde_json::to_vec(req).map_err(|e| Error::Internal(e.to_string()))?).to_vec()
+        };
         self.run(opts, || self.authorize_and_commit_once(&parsed, req, &hash)).await
     }
 
@@ -219,8 +220,8 @@ impl Engine {
                         "{what} denied: {reason}; determining policies: [{}]{errors}",
                         decision.determining_policies.join(", ")
                     );
-                    let deny = Event::new(AuditKind::Deny, Some(&token), detail).mutations(req.mutations.clone());
-                    self.audit(&mut *txn, deny, now).await?;
+                    let deny = event(AuditKind::Deny, Some(&token), detail).mutations(req.mutations.clone());
+                    txn.append_audit(&deny, now).await?;
                     let message =
                         format!("{what} is not permitted, or its entity does not exist; nothing was committed");
                     let answer = if self.settings.reveal_determining_policies {
@@ -232,10 +233,10 @@ impl Engine {
                 }
             }
         }
-        let event = Event::new(AuditKind::Commit, Some(&token), String::new())
+        let event = event(AuditKind::Commit, Some(&token), String::new())
             .mutations(req.mutations.clone())
             .entities(entities.clone());
-        let audit_seq = self.audit(&mut *txn, event, now).await?;
+        let audit_seq = txn.append_audit(&event, now).await?;
         let result = CommitResult { entities, audit_seq, determining_policies: determining };
         if !key.is_empty() {
             let response = serde_json::to_string(&result).map_err(|e| Error::Internal(e.to_string()))?;
@@ -255,7 +256,6 @@ impl Engine {
         m: &Mutation,
     ) -> Result<Step> {
         let action = policy::action_uid(&m.action).map_err(Error::InvalidArgument)?;
-        policy::entity_uid(&m.resource).map_err(Error::InvalidArgument)?;
         let current = txn.entity(&m.resource).await?;
         let missing = || Step::Denied {
             decision: Decision { allowed: false, determining_policies: Vec::new(), errors: Vec::new() },
@@ -321,13 +321,9 @@ impl Engine {
             return Ok(Step::Denied { decision, reason: "no policy permits it, or a policy forbids it".into() });
         }
 
+        let exists = || Error::AlreadyExists(format!("entity {} already exists; nothing was committed", m.resource));
         match (&m.change, &current) {
-            (Change::Create { .. }, Some(_)) => {
-                return Err(Error::AlreadyExists(format!(
-                    "entity {} already exists; nothing was committed",
-                    m.resource
-                )));
-            }
+            (Change::Create { .. }, Some(_)) => return Err(exists()),
             (Change::Create { .. }, None) => {
                 if let Some(v) = m.if_version.filter(|v| *v != 0) {
                     return Err(Error::Aborted(format!(
@@ -337,12 +333,7 @@ impl Engine {
                 }
                 match txn.insert_entity(&after).await {
                     // A concurrent create of the same entity committed first.
-                    Err(StoreError::Conflict(_)) => {
-                        return Err(Error::AlreadyExists(format!(
-                            "entity {} already exists; nothing was committed",
-                            m.resource
-                        )));
-                    }
+                    Err(StoreError::Conflict(_)) => return Err(exists()),
                     other => other?,
                 }
             }
@@ -481,7 +472,7 @@ impl Engine {
                 target.map(|t| format!(" as `{}` on {}", t.action, t.resource)).unwrap_or_default(),
                 decision.determining_policies.join(", ")
             );
-            self.audit(&mut *txn, Event::new(AuditKind::EdgeDecision, Some(&token), detail), now).await?;
+            txn.append_audit(&event(AuditKind::EdgeDecision, Some(&token), detail), now).await?;
             Ok((txn, Ok((decision, token.principal.clone()))))
         })
         .await
@@ -500,8 +491,9 @@ impl Engine {
         expires_at_secs: Option<i64>,
         opts: CallOptions,
     ) -> Result<u64> {
-        if jti.len() > 256 || jti.contains('\0') {
-            return Err(Error::InvalidArgument("jti must be at most 256 bytes without NUL".into()));
+        refuse_nul("jti", &[jti])?;
+        if jti.len() > 256 {
+            return Err(Error::InvalidArgument("jti longer than 256 bytes".into()));
         }
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
@@ -520,8 +512,8 @@ impl Engine {
                 txn.revoke_token(jti, None, keep_until, now).await?;
             }
             let target = if jti.is_empty() { token.token_id.as_str() } else { jti };
-            let event = Event::new(AuditKind::RevokeToken, Some(&token), format!("revoked token `{target}`"));
-            let seq = self.audit(&mut *txn, event, now).await?;
+            let event = event(AuditKind::RevokeToken, Some(&token), format!("revoked token `{target}`"));
+            let seq = txn.append_audit(&event, now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -545,7 +537,7 @@ impl Engine {
             }
             txn.revoke_subject(&target, now / 1_000_000).await?;
             let detail = format!("revoked every token of {target} issued until now");
-            let seq = self.audit(&mut *txn, Event::new(AuditKind::RevokeSubject, Some(&token), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::RevokeSubject, Some(&token), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -580,9 +572,7 @@ impl Engine {
                 self.settings.max_request_bytes
             )));
         }
-        if policies.contains('\0') || schema.contains('\0') {
-            return Err(Error::InvalidArgument("policies and schema must not contain NUL".into()));
-        }
+        refuse_nul("policies and schema", &[policies, schema])?;
         // Compiled before the transaction (it is pure); reported only after the caller
         // is authenticated and authorized. The next transaction compiles the active set
         // with the links it reads itself.
@@ -602,7 +592,7 @@ impl Engine {
             })?;
             let version = txn.insert_policies(policies, schema, now).await?;
             let detail = operator_note(caller, format!("policy version {version}{note}"));
-            let seq = self.audit(&mut *txn, Event::new(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
             Ok((txn, Ok((version, seq))))
         })
         .await
@@ -613,8 +603,9 @@ impl Engine {
     /// the template has no resource slot). Takes effect atomically: every transaction
     /// that commits after this returns decides with the link.
     pub async fn link_template(&self, caller: Caller<'_>, link: TemplateLink, opts: CallOptions) -> Result<u64> {
-        if link.link_id.is_empty() || link.link_id.len() > 256 || link.link_id.contains('\0') {
-            return Err(Error::InvalidArgument("link_id must be 1 to 256 bytes without NUL".into()));
+        refuse_nul("link_id", &[&link.link_id])?;
+        if link.link_id.is_empty() || link.link_id.len() > 256 {
+            return Err(Error::InvalidArgument("link_id must be 1 to 256 bytes".into()));
         }
         for u in link.principal.iter().chain(link.resource.iter()) {
             self.check_uid(u).map_err(Error::InvalidArgument)?;
@@ -640,7 +631,7 @@ impl Engine {
                 caller,
                 format!("linked template `{}` as `{}`{}", link.template_id, link.link_id, describe_link(link)),
             );
-            let seq = self.audit(&mut *txn, Event::new(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -664,7 +655,7 @@ impl Engine {
                 caller,
                 format!("unlinked `{link_id}` (template `{}`{})", link.template_id, describe_link(&link)),
             );
-            let seq = self.audit(&mut *txn, Event::new(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -747,7 +738,7 @@ impl Engine {
                 other => other?,
             }
             let detail = operator_note(caller, format!("added key `{}` ({})", key.kid, key.algorithm));
-            let seq = self.audit(&mut *txn, Event::new(AuditKind::AddKey, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::AddKey, token.as_ref(), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -763,7 +754,7 @@ impl Engine {
                 return Err(Error::NotFound(format!("no key with kid `{kid}`")));
             }
             let detail = operator_note(caller, format!("revoked key `{kid}`"));
-            let seq = self.audit(&mut *txn, Event::new(AuditKind::RevokeKey, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::RevokeKey, token.as_ref(), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -819,7 +810,7 @@ impl Engine {
                 written.push(e);
             }
             let detail = format!("imported {} entities (cli)", written.len());
-            let seq = self.audit(&mut *txn, Event::new(AuditKind::Commit, None, detail).entities(written), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::Commit, None, detail).entities(written), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -881,7 +872,7 @@ impl Engine {
                 sync.updated.join(", "),
                 sync.retired.join(", ")
             );
-            self.audit(&mut *txn, Event::new(AuditKind::AddKey, None, detail), now).await?;
+            txn.append_audit(&event(AuditKind::AddKey, None, detail), now).await?;
             Ok((txn, Ok(sync)))
         }
     }
@@ -948,7 +939,7 @@ impl Engine {
             let old: Vec<String> = previous.iter().map(|p| p.kid.clone()).collect();
             let detail =
                 format!("rotated (cli): `{}` ({}) signs; verify-only: [{}]", key.kid, key.algorithm, old.join(", "));
-            let seq = self.audit(&mut *txn, Event::new(AuditKind::AddKey, None, detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::AddKey, None, detail), now).await?;
             Ok((txn, Ok((seq, old))))
         })
         .await
@@ -1145,10 +1136,6 @@ impl Engine {
         }
     }
 
-    async fn audit(&self, txn: &mut dyn Txn, event: NewAuditEvent, now: i64) -> Result<u64> {
-        Ok(txn.append_audit(&event, now).await?)
-    }
-
     fn check_commit_request(&self, req: &CommitRequest) -> Result<()> {
         let s = &self.settings;
         if req.mutations.is_empty() {
@@ -1161,9 +1148,7 @@ impl Engine {
                 s.max_mutations
             )));
         }
-        if req.idempotency_key.contains('\0') {
-            return Err(Error::InvalidArgument("idempotency_key must not contain NUL".into()));
-        }
+        refuse_nul("idempotency_key", &[&req.idempotency_key])?;
         if req.idempotency_key.len() > s.max_idempotency_key_bytes {
             return Err(Error::InvalidArgument(format!(
                 "idempotency_key longer than {} bytes",
@@ -1235,9 +1220,7 @@ impl Engine {
         }
         let texts =
             [&key.algorithm, &key.public_key_pem, &key.issuer, &key.audience, &key.principal_type, &key.required_typ];
-        if texts.iter().any(|t| t.contains('\0')) {
-            return bad("key fields must not contain NUL".into());
-        }
+        refuse_nul("key fields", &texts.map(String::as_str))?;
         if key.principal_type.is_empty() {
             key.principal_type = "User".into();
         }
@@ -1254,6 +1237,15 @@ impl Engine {
         }
         token::decoding_key(key).map(|_| ()).or_else(bad)
     }
+}
+
+/// Text the databases cannot all store (PostgreSQL refuses NUL) is refused up front, the
+/// same on every backend.
+fn refuse_nul(what: &str, values: &[&str]) -> Result<()> {
+    if values.iter().any(|v| v.contains('\0')) {
+        return Err(Error::InvalidArgument(format!("{what} must not contain NUL")));
+    }
+    Ok(())
 }
 
 /// `(CLI)` marks what the operator did on the database directly.

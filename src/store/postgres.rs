@@ -134,6 +134,15 @@ fn entity_lock_key(u: &Uid) -> String {
 }
 
 impl PgTxn {
+    /// A link changed: the next transaction recompiles the policy set with the links.
+    async fn bump_links_generation(&mut self) -> StoreResult<()> {
+        sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
     /// Transaction-scoped shared advisory locks, taken in a fixed (sorted) order. The
     /// lock manager queues requests fairly, so a waiting exclusive request is not
     /// starved by a stream of shared ones (as it would be by `FOR SHARE` on a hot row),
@@ -340,10 +349,7 @@ impl Txn for PgTxn {
         .execute(&mut *self.tx)
         .await
         .map_err(map_err)?;
-        sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
-            .execute(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
+        self.bump_links_generation().await?;
         Ok(())
     }
 
@@ -355,10 +361,7 @@ impl Txn for PgTxn {
             .await
             .map_err(map_err)?;
         if row.is_some() {
-            sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
-                .execute(&mut *self.tx)
-                .await
-                .map_err(map_err)?;
+            self.bump_links_generation().await?;
         }
         Ok(row.map(TemplateLink::from))
     }

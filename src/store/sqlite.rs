@@ -78,6 +78,17 @@ struct SqliteTxn {
     tx: Transaction<'static, Sqlite>,
 }
 
+impl SqliteTxn {
+    /// A link changed: the next transaction recompiles the policy set with the links.
+    async fn bump_links_generation(&mut self) -> StoreResult<()> {
+        sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
+
 /// Maps a driver error to what the use cases need to know: can the caller retry later
 /// (UNAVAILABLE), did a uniqueness constraint refuse the write, or is it a bug.
 fn map_err(e: sqlx::Error) -> StoreError {
@@ -262,10 +273,7 @@ impl Txn for SqliteTxn {
         .execute(&mut *self.tx)
         .await
         .map_err(map_err)?;
-        sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
-            .execute(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
+        self.bump_links_generation().await?;
         Ok(())
     }
 
@@ -276,10 +284,7 @@ impl Txn for SqliteTxn {
             .await
             .map_err(map_err)?;
         if row.is_some() {
-            sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
-                .execute(&mut *self.tx)
-                .await
-                .map_err(map_err)?;
+            self.bump_links_generation().await?;
         }
         Ok(row.map(TemplateLink::from))
     }
