@@ -37,6 +37,10 @@ pub struct DbArgs {
     /// SQLite: milliseconds to wait on a lock held by another process.
     #[arg(long, global = true, env = "LOCKSTEP_BUSY_TIMEOUT_MS", default_value_t = 5_000)]
     pub busy_timeout_ms: u64,
+    /// SQLite: group commit — concurrent write calls share one transaction and one fsync
+    /// (each in its own savepoint; no call is answered before the group is durable).
+    #[arg(long, global = true, env = "LOCKSTEP_SQLITE_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sqlite_group_commit: bool,
     /// PostgreSQL: connections in this instance's pool.
     #[arg(long, global = true, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 16)]
     pub max_connections: u32,
@@ -308,6 +312,7 @@ fn store_options(db: &DbArgs) -> StoreOptions {
     StoreOptions {
         acquire_timeout: Duration::from_millis(db.acquire_timeout_ms),
         busy_timeout: Duration::from_millis(db.busy_timeout_ms),
+        group_commit: db.sqlite_group_commit,
         max_connections: db.max_connections,
         statement_timeout: Duration::from_millis(db.statement_timeout_ms),
         ..StoreOptions::default()

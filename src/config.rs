@@ -13,6 +13,9 @@ pub struct StoreOptions {
     pub busy_timeout: Duration,
     /// SQLite: connections for read-only calls (Authorize, GetEntity, listings).
     pub read_connections: u32,
+    /// SQLite: concurrent write calls share one transaction and one fsync, each in its
+    /// own savepoint, and are answered once it is durable (off: one fsync per call).
+    pub group_commit: bool,
     /// PostgreSQL: the pool size of this instance.
     pub max_connections: u32,
     /// PostgreSQL: `statement_timeout` of every connection (includes lock waits).
@@ -25,6 +28,7 @@ impl Default for StoreOptions {
             acquire_timeout: Duration::from_secs(2),
             busy_timeout: Duration::from_secs(5),
             read_connections: 4,
+            group_commit: true,
             max_connections: 16,
             statement_timeout: Duration::from_secs(5),
         }

@@ -113,13 +113,19 @@ pub async fn run_with(
         })
     };
 
-    // JWKS sources: fetched now, then every `refresh` (failures keep the keys as they were).
+    // JWKS sources: fetched before the first call is served (so a token from the identity
+    // provider never spends the on-demand budget at start), then every `refresh`; failures
+    // keep the keys as they were and are bounded by the fetch timeout.
+    if !engine.jwks_sources().is_empty() {
+        engine.refresh_jwks().await;
+    }
     let jwks_refresh = {
         let engine = engine.clone();
         tokio::spawn(async move {
             let every = engine.jwks_sources().iter().map(|s| s.refresh).min();
             let Some(every) = every else { return };
-            let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+            let every = every.max(Duration::from_secs(1));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tick.tick().await;
                 engine.refresh_jwks().await;

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use std::sync::Arc;
 
 /// Why a store operation failed, in the terms the use cases need.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or did not answer in time (includes SQLite's
     /// busy timeout running out): the caller gets UNAVAILABLE and nothing is committed.
@@ -51,6 +51,17 @@ pub trait Store: Send + Sync + 'static {
     async fn read(&self) -> StoreResult<Box<dyn Txn>>;
     /// Checks that the database answers (for health reporting).
     async fn ping(&self) -> StoreResult<()>;
+    /// Group commit counters, where the store groups commits (SQLite).
+    fn group_commit_stats(&self) -> Option<GroupCommitStats> {
+        None
+    }
+}
+
+/// How many database transactions committed how many write calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupCommitStats {
+    pub transactions: u64,
+    pub calls: u64,
 }
 
 /// One database transaction.
@@ -66,11 +77,13 @@ pub trait Store: Send + Sync + 'static {
 /// that could be forbidden by it either committed before it (smaller audit `seq`) or
 /// sees it. Each implementation gets there its own way:
 ///
-/// - **SQLite**: a write transaction is `BEGIN IMMEDIATE` on the single writer
-///   connection, so write transactions run one at a time in the order they took the
-///   write lock, across threads and processes. Every change that has committed is seen by
-///   every write transaction that starts later, and the audit `seq` (assigned inside the
-///   transaction) follows that order.
+/// - **SQLite**: write transactions run one at a time on the single writer connection,
+///   inside `BEGIN IMMEDIATE` (which serializes them with other processes too), in the
+///   order they got the connection. With group commit several of them share one database
+///   transaction, each in its own savepoint, and are answered only after its `COMMIT`:
+///   each sees every change before it (committed, or earlier in its group — and then it
+///   commits or fails with it). The audit `seq` (assigned inside the transaction) follows
+///   that order. Details in `sqlite.rs`.
 /// - **PostgreSQL** (READ COMMITTED): a commit and every change that could forbid it
 ///   lock something in common, so one waits for the other, and a statement run after the
 ///   wait sees what the other committed. A commit reads `keys` and `policies` plainly

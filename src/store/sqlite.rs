@@ -1,23 +1,185 @@
-//! The SQLite store: the embedded default. One writer connection (write transactions
-//! queue for it in process, and `BEGIN IMMEDIATE` plus a busy timeout serializes them
-//! with other processes), a small pool of readers that never block (WAL).
+//! The SQLite store: the embedded default. One writer connection shared by group
+//! commit (below), and a small pool of readers that never block (WAL).
+//!
+//! # Group commit
+//!
+//! Write transactions take turns on the one writer connection (a FIFO queue). The first
+//! of a group opens `BEGIN IMMEDIATE`; each member then works inside its own
+//! `SAVEPOINT lockstep_member`, so it sees everything the members before it wrote, and a
+//! member that fails or is abandoned rolls back only its own savepoint. A member that
+//! commits releases its savepoint and waits; a committer task queues for the connection
+//! behind the members already waiting and then runs one `COMMIT` (one fsync) for the
+//! whole group, and only then answers every member. If that `COMMIT` fails, every member
+//! of the group gets the error and nothing of the group is committed. Members run one at
+//! a time, so the serial order of the locking protocol (see `Txn`) is unchanged: a
+//! revocation that committed is seen by every later member, and one in the same group
+//! is seen by the members after it, which commit (or fail) together with it.
 
 use super::{
-    AuditRow, EntityRow, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, json_err, to_i64, to_u64,
+    AuditRow, EntityRow, GroupCommitStats, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, json_err,
+    to_i64, to_u64,
 };
 use crate::config::StoreOptions;
 use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid};
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{ConnectOptions, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard, oneshot};
 
 pub struct SqliteStore {
-    /// Exactly one connection: the queue for it is the writers' queue, so no writer ever
-    /// sees "database is locked" from another writer of this process.
-    writer: SqlitePool,
+    /// The one writer connection: the queue for it is the writers' queue, so no writer
+    /// ever sees "database is locked" from another writer of this process.
+    writer: Arc<Mutex<Writer>>,
+    /// Wakes the committer task.
+    committer: Arc<Notify>,
     /// Read-only snapshots for decision-only calls; WAL lets them run beside the writer.
     reader: SqlitePool,
+    acquire_timeout: Duration,
+    stats: Arc<Counters>,
+}
+
+/// The writer connection and what is known about its transaction.
+struct Writer {
+    conn: SqliteConnection,
+    state: TxState,
+    /// A member's savepoint may still be open though the member is gone (it failed or
+    /// was cancelled): undone before anyone else uses the connection.
+    member_left: bool,
+    /// Members that released their savepoint into the open transaction and wait for
+    /// its COMMIT.
+    waiters: Vec<oneshot::Sender<StoreResult<()>>>,
+    /// Off: each member commits its own transaction (one fsync per call).
+    group_commit: bool,
+    stats: Arc<Counters>,
+}
+
+/// Group commit counters (read without waiting for the writer).
+#[derive(Default)]
+struct Counters {
+    transactions: AtomicU64,
+    calls: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TxState {
+    Idle,
+    Open,
+    /// A `BEGIN` was abandoned in flight: it may or may not have run.
+    Unknown,
+}
+
+const SAVEPOINT: &str = "SAVEPOINT lockstep_member";
+
+impl Writer {
+    async fn exec(&mut self, sql: &'static str) -> Result<(), sqlx::Error> {
+        sqlx::query(sql).execute(&mut self.conn).await.map(|_| ())
+    }
+
+    /// Brings the connection to a known state after a member or a settle was abandoned:
+    /// an orphaned member savepoint is rolled back (only it), and an abandoned `BEGIN`
+    /// (which can only have been the first of a group, so no member waits on it) is
+    /// rolled back whether or not it ran.
+    async fn settle(&mut self) -> StoreResult<()> {
+        if self.member_left {
+            match self.exec("ROLLBACK TO SAVEPOINT lockstep_member").await {
+                Ok(()) => {
+                    if let Err(e) = self.exec("RELEASE SAVEPOINT lockstep_member").await {
+                        return Err(self.fail_group(map_err(e)).await);
+                    }
+                }
+                // The member went before its savepoint was made: nothing to undo.
+                Err(e) if e.to_string().contains("no such savepoint") => {}
+                Err(e) => return Err(self.fail_group(map_err(e)).await),
+            }
+            self.member_left = false;
+        }
+        if self.state == TxState::Unknown {
+            match self.exec("ROLLBACK").await {
+                Ok(()) => {}
+                Err(e) if e.to_string().contains("no transaction is active") => {}
+                Err(e) => return Err(map_err(e)),
+            }
+            self.state = TxState::Idle;
+        }
+        Ok(())
+    }
+
+    /// Rolls the whole group back and tells every waiting member why.
+    async fn fail_group(&mut self, e: StoreError) -> StoreError {
+        self.state = match self.exec("ROLLBACK").await {
+            Ok(()) => TxState::Idle,
+            Err(_) => TxState::Unknown,
+        };
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Err(e.clone()));
+        }
+        e
+    }
+
+    /// Commits the open transaction (if any) and answers every waiting member; with no
+    /// member waiting (all left without committing) rolls it back instead.
+    async fn commit_group(&mut self, any_member: bool) -> StoreResult<()> {
+        if self.state != TxState::Open {
+            return Ok(());
+        }
+        if self.waiters.is_empty() && !any_member {
+            return match self.exec("ROLLBACK").await {
+                Ok(()) => {
+                    self.state = TxState::Idle;
+                    Ok(())
+                }
+                Err(e) => Err(self.fail_group(map_err(e)).await),
+            };
+        }
+        match self.exec("COMMIT").await {
+            Ok(()) => {
+                self.state = TxState::Idle;
+                self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                self.stats.calls.fetch_add(self.waiters.len().max(1) as u64, Ordering::Relaxed);
+                for w in self.waiters.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.fail_group(map_err(e)).await),
+        }
+    }
+
+    /// Opens the group's transaction when none is open, then the member's savepoint.
+    async fn join(&mut self) -> StoreResult<()> {
+        self.settle().await?;
+        if self.state == TxState::Idle {
+            self.state = TxState::Unknown;
+            match self.exec("BEGIN IMMEDIATE").await {
+                Ok(()) => self.state = TxState::Open,
+                Err(e) => {
+                    self.state = TxState::Idle;
+                    return Err(map_err(e));
+                }
+            }
+        }
+        self.member_left = true;
+        self.exec(SAVEPOINT).await.map_err(map_err)
+    }
+}
+
+/// Runs a group's COMMIT once the members queued before it have had their turn.
+async fn committer(writer: Weak<Mutex<Writer>>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        let Some(writer) = writer.upgrade() else { return };
+        let mut w = writer.lock().await;
+        let settled = w.settle().await;
+        if settled.is_ok()
+            && let Err(e) = w.commit_group(false).await
+        {
+            tracing::warn!(error = %e, "SQLite group commit failed; its members were told, nothing of it committed");
+        }
+    }
 }
 
 impl SqliteStore {
@@ -34,15 +196,14 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(opts.busy_timeout)
             .foreign_keys(false);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(opts.acquire_timeout)
-            .connect_with(base.clone().create_if_missing(true))
+        let mut conn = base
+            .clone()
+            .create_if_missing(true)
+            .connect()
             .await
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}`: {e}"))?;
         sqlx::migrate!("migrations/sqlite")
-            .run(&writer)
+            .run(&mut conn)
             .await
             .map_err(|e| anyhow::anyhow!("migrating `{url}` failed: {e}"))?;
         let reader = SqlitePoolOptions::new()
@@ -51,20 +212,48 @@ impl SqliteStore {
             .connect_with(base.read_only(true))
             .await
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}` for reading: {e}"))?;
-        Ok(Self { writer, reader })
+        let stats = Arc::new(Counters::default());
+        let writer = Arc::new(Mutex::new(Writer {
+            conn,
+            state: TxState::Idle,
+            member_left: false,
+            waiters: Vec::new(),
+            group_commit: opts.group_commit,
+            stats: stats.clone(),
+        }));
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(committer(Arc::downgrade(&writer), wake.clone()));
+        Ok(Self { writer, committer: wake, reader, acquire_timeout: opts.acquire_timeout, stats })
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // The committer sees the writer gone and ends.
+        self.committer.notify_one();
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self) -> StoreResult<Box<dyn Txn>> {
-        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-        Ok(Box::new(SqliteTxn { tx }))
+        let guard =
+            tokio::time::timeout(self.acquire_timeout, self.writer.clone().lock_owned()).await.map_err(|_| {
+                StoreError::Unavailable("timed out waiting for the database; nothing was committed, retry".into())
+            })?;
+        let member = Member { guard: Some(guard), wake: self.committer.clone() };
+        // Wrapped first: a member that fails (or is cancelled) while joining still has
+        // the committer settle what it left.
+        let mut txn = SqliteTxn::Write(member);
+        if let SqliteTxn::Write(Member { guard: Some(g), .. }) = &mut txn {
+            g.join().await?;
+        }
+        Ok(Box::new(txn))
     }
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
         let tx = self.reader.begin().await.map_err(map_err)?;
-        Ok(Box::new(SqliteTxn { tx }))
+        Ok(Box::new(SqliteTxn::Read(tx)))
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -72,17 +261,51 @@ impl Store for SqliteStore {
         sqlx::query("SELECT max(version) FROM policies").execute(&self.reader).await.map_err(map_err)?;
         Ok(())
     }
+
+    fn group_commit_stats(&self) -> Option<GroupCommitStats> {
+        Some(GroupCommitStats {
+            transactions: self.stats.transactions.load(Ordering::Relaxed),
+            calls: self.stats.calls.load(Ordering::Relaxed),
+        })
+    }
 }
 
-struct SqliteTxn {
-    tx: Transaction<'static, Sqlite>,
+/// One write transaction: a savepoint inside the group's transaction, holding the
+/// writer connection until it commits or goes.
+struct Member {
+    guard: Option<OwnedMutexGuard<Writer>>,
+    wake: Arc<Notify>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(g) = &self.guard
+            && (g.member_left || g.state != TxState::Idle)
+        {
+            // Left without committing (or holding an open group): the committer settles
+            // the connection and commits or rolls back the group, so it never stays open.
+            self.wake.notify_one();
+        }
+    }
+}
+
+enum SqliteTxn {
+    Read(Transaction<'static, Sqlite>),
+    Write(Member),
 }
 
 impl SqliteTxn {
+    fn conn(&mut self) -> &mut SqliteConnection {
+        match self {
+            Self::Read(tx) => &mut *tx,
+            Self::Write(m) => &mut m.guard.as_mut().expect("a member holds the writer until it ends").conn,
+        }
+    }
+
     /// A link changed: the next transaction recompiles the policy set with the links.
     async fn bump_links_generation(&mut self) -> StoreResult<()> {
         sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await
             .map_err(map_err)?;
         Ok(())
@@ -123,7 +346,7 @@ impl Txn for SqliteTxn {
     async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>> {
         let row = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys WHERE kid = ?1")
             .bind(kid)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.conn())
             .await
             .map_err(map_err)?;
         Ok(row.map(KeyRecord::from))
@@ -131,7 +354,7 @@ impl Txn for SqliteTxn {
 
     async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>> {
         let rows = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys ORDER BY added_at, kid")
-            .fetch_all(&mut *self.tx)
+            .fetch_all(self.conn())
             .await
             .map_err(map_err)?;
         Ok(rows.into_iter().map(KeyRecord::from).collect())
@@ -159,7 +382,7 @@ impl Txn for SqliteTxn {
         .bind(k.max_lifetime_secs)
         .bind(k.signing)
         .bind(&k.private_key)
-        .execute(&mut *self.tx)
+        .execute(self.conn())
         .await
         .map_err(map_err)?;
         Ok(())
@@ -171,7 +394,7 @@ impl Txn for SqliteTxn {
             .bind(&k.jwk)
             .bind(k.retired)
             .bind(k.signing)
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await
             .map_err(map_err)?;
         Ok(())
@@ -181,7 +404,7 @@ impl Txn for SqliteTxn {
         let done = sqlx::query("UPDATE keys SET revoked = 1, revoked_at = coalesce(revoked_at, ?2) WHERE kid = ?1")
             .bind(kid)
             .bind(now)
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected() > 0)
@@ -190,7 +413,7 @@ impl Txn for SqliteTxn {
     async fn token_revoked(&mut self, token_id: &str) -> StoreResult<bool> {
         let row = sqlx::query("SELECT 1 FROM revoked_tokens WHERE token_id = ?1")
             .bind(token_id)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.conn())
             .await
             .map_err(map_err)?;
         Ok(row.is_some())
@@ -210,7 +433,7 @@ impl Txn for SqliteTxn {
         .bind(token_id)
         .bind(expires_at)
         .bind(now)
-        .execute(&mut *self.tx)
+        .execute(self.conn())
         .await
         .map_err(map_err)?;
         Ok(())
@@ -220,7 +443,7 @@ impl Txn for SqliteTxn {
         let row = sqlx::query("SELECT revoked_at_secs FROM revoked_subjects WHERE etype = ?1 AND eid = ?2")
             .bind(&subject.ty)
             .bind(&subject.id)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.conn())
             .await
             .map_err(map_err)?;
         row.map(|r| r.try_get(0).map_err(map_err)).transpose()
@@ -234,7 +457,7 @@ impl Txn for SqliteTxn {
         .bind(&subject.ty)
         .bind(&subject.id)
         .bind(at_secs)
-        .execute(&mut *self.tx)
+        .execute(self.conn())
         .await
         .map_err(map_err)?;
         Ok(())
@@ -244,7 +467,7 @@ impl Txn for SqliteTxn {
         let (version, links): (Option<i64>, i64) = sqlx::query_as(
             "SELECT (SELECT max(version) FROM policies), (SELECT generation FROM policy_links_meta WHERE id = 1)",
         )
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.conn())
         .await
         .map_err(map_err)?;
         Ok(PolicyState { version: version.map(to_u64), links: to_u64(links) })
@@ -252,7 +475,7 @@ impl Txn for SqliteTxn {
 
     async fn policy_links(&mut self) -> StoreResult<Vec<TemplateLink>> {
         let rows = sqlx::query_as::<_, LinkRow>("SELECT * FROM policy_links ORDER BY link_id")
-            .fetch_all(&mut *self.tx)
+            .fetch_all(self.conn())
             .await
             .map_err(map_err)?;
         Ok(rows.into_iter().map(TemplateLink::from).collect())
@@ -270,7 +493,7 @@ impl Txn for SqliteTxn {
         .bind(l.resource.as_ref().map(|u| u.ty.as_str()))
         .bind(l.resource.as_ref().map(|u| u.id.as_str()))
         .bind(now)
-        .execute(&mut *self.tx)
+        .execute(self.conn())
         .await
         .map_err(map_err)?;
         self.bump_links_generation().await?;
@@ -280,7 +503,7 @@ impl Txn for SqliteTxn {
     async fn delete_link(&mut self, link_id: &str) -> StoreResult<Option<TemplateLink>> {
         let row = sqlx::query_as::<_, LinkRow>("DELETE FROM policy_links WHERE link_id = ?1 RETURNING *")
             .bind(link_id)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.conn())
             .await
             .map_err(map_err)?;
         if row.is_some() {
@@ -294,7 +517,7 @@ impl Txn for SqliteTxn {
             "SELECT version, policies, schema, created_at FROM policies WHERE version = ?1",
         )
         .bind(to_i64(version))
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.conn())
         .await
         .map_err(map_err)?;
         Ok(row.map(PolicyRecord::from))
@@ -308,7 +531,7 @@ impl Txn for SqliteTxn {
         .bind(policies)
         .bind(schema)
         .bind(now)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.conn())
         .await
         .map_err(map_err)?;
         Ok(to_u64(v))
@@ -318,7 +541,7 @@ impl Txn for SqliteTxn {
         let rows = sqlx::query_as::<_, PolicyRow>(
             "SELECT version, policies, schema, created_at FROM policies ORDER BY version",
         )
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.conn())
         .await
         .map_err(map_err)?;
         Ok(rows.into_iter().map(PolicyRecord::from).collect())
@@ -330,7 +553,7 @@ impl Txn for SqliteTxn {
         )
         .bind(&uid.ty)
         .bind(&uid.id)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.conn())
         .await
         .map_err(map_err)?;
         row.map(EntityRecord::try_from).transpose()
@@ -353,7 +576,7 @@ impl Txn for SqliteTxn {
              FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid",
         )
         .bind(start)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.conn())
         .await
         .map_err(map_err)?;
         rows.into_iter().map(EntityRecord::try_from).collect()
@@ -366,7 +589,7 @@ impl Txn for SqliteTxn {
             .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
             .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
             .bind(to_i64(e.version))
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await
             .map_err(map_err)?;
         Ok(())
@@ -381,7 +604,7 @@ impl Txn for SqliteTxn {
         .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
         .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
         .bind(to_i64(e.version))
-        .execute(&mut *self.tx)
+        .execute(self.conn())
         .await
         .map_err(map_err)?;
         if done.rows_affected() != 1 {
@@ -394,19 +617,19 @@ impl Txn for SqliteTxn {
         sqlx::query("DELETE FROM entities WHERE etype = ?1 AND eid = ?2")
             .bind(&uid.ty)
             .bind(&uid.id)
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await
             .map_err(map_err)?;
         Ok(())
     }
 
     async fn savepoint(&mut self) -> StoreResult<()> {
-        sqlx::query("SAVEPOINT lockstep_mutations").execute(&mut *self.tx).await.map_err(map_err)?;
+        sqlx::query("SAVEPOINT lockstep_mutations").execute(self.conn()).await.map_err(map_err)?;
         Ok(())
     }
 
     async fn rollback_to_savepoint(&mut self) -> StoreResult<()> {
-        sqlx::query("ROLLBACK TO SAVEPOINT lockstep_mutations").execute(&mut *self.tx).await.map_err(map_err)?;
+        sqlx::query("ROLLBACK TO SAVEPOINT lockstep_mutations").execute(self.conn()).await.map_err(map_err)?;
         Ok(())
     }
 
@@ -423,7 +646,7 @@ impl Txn for SqliteTxn {
                 .bind(&subject.ty)
                 .bind(&subject.id)
                 .bind(key)
-                .fetch_optional(&mut *self.tx)
+                .fetch_optional(self.conn())
                 .await
                 .map_err(map_err)?;
         if let Some(r) = row {
@@ -437,7 +660,7 @@ impl Txn for SqliteTxn {
         .bind(key)
         .bind(request_hash)
         .bind(now)
-        .execute(&mut *self.tx)
+        .execute(self.conn())
         .await
         .map_err(map_err)?;
         Ok(None)
@@ -449,7 +672,7 @@ impl Txn for SqliteTxn {
             .bind(&subject.id)
             .bind(key)
             .bind(response)
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await
             .map_err(map_err)?;
         Ok(())
@@ -468,7 +691,7 @@ impl Txn for SqliteTxn {
         .bind(serde_json::to_string(&ev.mutations).map_err(json_err)?)
         .bind(serde_json::to_string(&ev.entities).map_err(json_err)?)
         .bind(&ev.detail)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.conn())
         .await
         .map_err(map_err)?;
         Ok(to_u64(seq))
@@ -478,7 +701,7 @@ impl Txn for SqliteTxn {
         let rows = sqlx::query_as::<_, AuditRow>("SELECT * FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")
             .bind(to_i64(after_seq))
             .bind(i64::from(limit))
-            .fetch_all(&mut *self.tx)
+            .fetch_all(self.conn())
             .await
             .map_err(map_err)?;
         rows.into_iter().map(AuditEvent::try_from).collect()
@@ -487,18 +710,37 @@ impl Txn for SqliteTxn {
     async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)> {
         let tokens = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at_secs < ?1")
             .bind(now_secs)
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await
             .map_err(map_err)?;
         let keys = sqlx::query("DELETE FROM idempotency WHERE created_at < ?1")
             .bind(idempotency_before)
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await
             .map_err(map_err)?;
         Ok((tokens.rows_affected(), keys.rows_affected()))
     }
 
     async fn commit(self: Box<Self>) -> StoreResult<()> {
-        self.tx.commit().await.map_err(map_err)
+        let mut member = match *self {
+            Self::Read(tx) => return tx.commit().await.map_err(map_err),
+            Self::Write(m) => m,
+        };
+        let w = member.guard.as_mut().expect("a member holds the writer until it ends");
+        w.exec("RELEASE SAVEPOINT lockstep_member").await.map_err(map_err)?;
+        w.member_left = false;
+        if !w.group_commit {
+            return w.commit_group(true).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        w.waiters.push(tx);
+        // Hands the connection to the next member (or the committer) and wakes the
+        // committer, which queues behind the members already waiting.
+        drop(member);
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Unknown(
+                "the server stopped while this call's group commit was in flight; its outcome is unknown".into(),
+            ))
+        })
     }
 }

@@ -125,6 +125,8 @@ impl Drop for TestDb {
 /// A running server (its own OS threads and runtime, as another process would have).
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The server's store (for its counters).
+    pub store: Arc<dyn lockstep::store::Store>,
     pub url: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -194,9 +196,9 @@ pub async fn serve_with_settings(
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let store = lockstep::store::open(&u, &opts).await.unwrap();
-            let engine = Arc::new(Engine::new(store, settings).with_jwks(jwks));
+            let engine = Arc::new(Engine::new(store.clone(), settings).with_jwks(jwks));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            addr_tx.send((listener.local_addr().unwrap(), store)).unwrap();
             lockstep::server::run(engine, listener, async {
                 let _ = stop_rx.await;
             })
@@ -204,8 +206,8 @@ pub async fn serve_with_settings(
             .unwrap();
         });
     });
-    let addr = addr_rx.recv().unwrap();
-    TestServer { addr, url: url.to_owned(), stop: Some(stop_tx), thread: Some(thread), db }
+    let (addr, store) = addr_rx.recv().unwrap();
+    TestServer { addr, store, url: url.to_owned(), stop: Some(stop_tx), thread: Some(thread), db }
 }
 
 /// Generates `NAME::sqlite` and `NAME::postgres` tests that call `async fn NAME(Backend)`.

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod consistency;
 mod ext_authz;
+mod group_commit;
 mod keys;
 mod outage;
 mod property_rules;
