@@ -6,10 +6,8 @@
 BEGIN;
 SELECT * FROM keys WHERE kid = 'bench';
 SELECT count(pg_advisory_xact_lock_shared(hashtextextended(k, 0))) FROM (SELECT k FROM unnest(ARRAY['lockstep' || chr(31) || 'subject' || chr(31) || 'User' || chr(31) || 'u' || :n::text]) AS k ORDER BY k) AS s;
-SELECT revoked_at_secs FROM subjects WHERE etype = 'User' AND eid = 'u' || :n::text;
-SELECT 1 FROM revoked_tokens WHERE token_id = 'jti-' || :n::text;
+SELECT (SELECT revoked_at_secs FROM subjects WHERE etype = 'User' AND eid = 'u' || :n::text), EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = 'jti-' || :n::text), (SELECT max(version) FROM policies), (SELECT generation FROM policy_links_meta WHERE id = 1);
 SAVEPOINT lockstep_mutations;
-SELECT (SELECT max(version) FROM policies), (SELECT generation FROM policy_links_meta WHERE id = 1);
 SELECT pg_advisory_xact_lock(hashtextextended('lockstep' || chr(31) || 'entity' || chr(31) || 'Item' || chr(31) || 'i' || :n::text, 0));
 SELECT etype, eid, attributes, parents, version FROM entities WHERE etype = 'Item' AND eid = 'i' || :n::text;
 SELECT count(pg_advisory_xact_lock_shared(hashtextextended(k, 0))) FROM (SELECT k FROM unnest(ARRAY['lockstep' || chr(31) || 'entity' || chr(31) || 'User' || chr(31) || 'u' || :n::text]) AS k ORDER BY k) AS s;

@@ -22,12 +22,19 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; commit 
 declare -A ls_rate ls_p99 raw_rate raw_p99
 for backend in sqlite postgres; do
   url=$sqlite; [ "$backend" = postgres ] && url="$base/$pgdb"
-  "$bin" bench --database "$url" --callers 1,16,64 --seconds "$secs" --calls commit --subjects $subjects 2>/dev/null \
+  echo "== lockstep bench on $backend"
+  "$bin" bench --database "$url" --callers 1,16,64 --seconds "$secs" --calls commit,authorize --subjects $subjects 2>/dev/null \
     | tee "$work/$backend.txt"
   while read -r call callers rate p50 p99 p999 rest; do
     [ "$call" = commit ] || continue
     ls_rate[$backend,$callers]=$rate; ls_p99[$backend,$callers]=$p99
   done < "$work/$backend.txt"
+  if [ "$backend" = sqlite ]; then
+    # The same server with one transaction (one fsync) per call, for comparison.
+    echo "== lockstep bench on sqlite, group commit off"
+    "$bin" bench --database "sqlite://$work/nogroup.db" --sqlite-group-commit false --callers 1,16,64 --seconds "$secs" \
+      --calls commit --subjects $subjects 2>/dev/null
+  fi
 done
 
 for c in 1 16 64; do
@@ -38,11 +45,18 @@ for c in 1 16 64; do
   raw_rate[sqlite,$c]=$r; raw_p99[sqlite,$c]=$p99
 done
 
-printf '\n%-10s %7s %14s %14s %8s %12s %12s\n' backend callers lockstep/s raw/s ratio "p99 ls ms" "p99 raw ms"
+out=${BENCH_OUT:-bench/out}
+mkdir -p "$out"
+echo backend,callers,lockstep_rate,raw_rate,lockstep_p99_ms,raw_p99_ms > "$out/results.csv"
+printf '\nAuthorizeAndCommit, Lockstep beside the raw limit\n'
+printf '%-10s %7s %14s %14s %8s %12s %12s\n' backend callers lockstep/s raw/s ratio "p99 ls ms" "p99 raw ms"
 for backend in sqlite postgres; do
   for c in 1 16 64; do
     l=${ls_rate[$backend,$c]}; r=${raw_rate[$backend,$c]}
     printf '%-10s %7s %14s %14s %8s %12s %12s\n' $backend $c "$l" "$r" "$(python3 -c "print(f'{$l/$r:.2f}')")" "${ls_p99[$backend,$c]}" "${raw_p99[$backend,$c]}"
+    echo "$backend,$c,$l,$r,${ls_p99[$backend,$c]},${raw_p99[$backend,$c]}" >> "$out/results.csv"
   done
 done
+python3 bench/plot.py "$out/results.csv" "$out/bench.svg"
+echo "plot: $out/bench.svg (data: $out/results.csv)"
 psql -q "$admin" -c "DROP DATABASE IF EXISTS $pgdb WITH (FORCE)"

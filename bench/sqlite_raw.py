@@ -25,10 +25,13 @@ def worker():
         with lock:
             con.execute("BEGIN IMMEDIATE")
             con.execute("SELECT * FROM keys WHERE kid = 'bench'").fetchall()
-            con.execute("SELECT revoked_at_secs FROM revoked_subjects WHERE etype = 'User' AND eid = ?", (f"u{n}",)).fetchall()
-            con.execute("SELECT 1 FROM revoked_tokens WHERE token_id = ?", (f"jti-{n}",)).fetchall()
+            con.execute(
+                "SELECT (SELECT revoked_at_secs FROM revoked_subjects WHERE etype = 'User' AND eid = ?1), "
+                "EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = ?2), (SELECT max(version) FROM policies), "
+                "(SELECT generation FROM policy_links_meta WHERE id = 1)",
+                (f"u{n}", f"jti-{n}"),
+            ).fetchall()
             con.execute("SAVEPOINT lockstep_mutations")
-            con.execute("SELECT (SELECT max(version) FROM policies), (SELECT generation FROM policy_links_meta WHERE id = 1)").fetchall()
             con.execute("SELECT etype, eid, attributes, parents, version FROM entities WHERE etype = 'Item' AND eid = ?", (f"i{n}",)).fetchall()
             con.execute(
                 "WITH RECURSIVE anc(etype, eid) AS (SELECT s.value ->> '$.type', s.value ->> '$.id' FROM json_each(?1) AS s "

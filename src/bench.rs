@@ -206,10 +206,21 @@ pub async fn run(engine: Arc<Engine>, addr: Option<SocketAddr>, plan: &BenchPlan
     let mut out = Vec::new();
     for call in &plan.calls {
         for &callers in &plan.callers {
+            let before = engine.store().group_commit_stats();
             let r = phase(addr, &key, call, callers, plan).await?;
+            // Calls per SQLite transaction (group commit), when the server is this process.
+            let grouping = match (before, engine.store().group_commit_stats()) {
+                (Some(b), Some(a)) if a.transactions > b.transactions => {
+                    format!(
+                        "  ({:.1} calls per transaction)",
+                        (a.calls - b.calls) as f64 / (a.transactions - b.transactions) as f64
+                    )
+                }
+                _ => String::new(),
+            };
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
             println!(
-                "{:<10} {:>7} {:>10.0} {:>10.2} {:>10.2} {:>10.2}  {:?}",
+                "{:<10} {:>7} {:>10.0} {:>10.2} {:>10.2} {:>10.2}  {:?}{grouping}",
                 r.call,
                 r.callers,
                 r.rate,

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::jwks::{self, JwksSource};
 use crate::model::{
     Attributes, AuditEvent, AuditKind, Change, CommitRequest, CommitResult, Decision, EntityRecord, KeyRecord,
-    Mutation, NewAuditEvent, PolicyRecord, TemplateLink, Uid, now_micros,
+    Mutation, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid, now_micros,
 };
 use crate::policy::{self, CompiledPolicies};
 use crate::store::{Store, StoreError, Txn};
@@ -85,7 +85,13 @@ pub struct Engine {
     jwks_on_demand: tokio::sync::Mutex<Option<Instant>>,
     /// The Envoy ext_authz route map (empty: every edge check is denied).
     edge_routes: Arc<crate::edge::RouteMap>,
+    /// Tokens already verified under a key's exact material (times and revocation are
+    /// still checked on every call).
+    verified: token::VerifyCache,
 }
+
+/// How many verified tokens are remembered.
+const VERIFY_CACHE_ENTRIES: usize = 65_536;
 
 /// Unknown `kid`s trigger at most one JWKS fetch per this interval, so they cannot be
 /// used to hammer the identity provider.
@@ -111,6 +117,7 @@ impl Engine {
             jwks: Vec::new(),
             jwks_on_demand: tokio::sync::Mutex::new(None),
             edge_routes: Arc::default(),
+            verified: token::VerifyCache::new(VERIFY_CACHE_ENTRIES),
         }
     }
 
@@ -176,7 +183,7 @@ impl Engine {
     ) -> Result<Prepared<CommitResult>> {
         let mut txn = self.store.write().await?;
         let now = now_micros();
-        let token = self.authenticate(&mut *txn, parsed, now).await?;
+        let (token, policy_state) = self.authenticate(&mut *txn, parsed, now).await?;
 
         // Everything after this point is undone by a denial, except the denial's audit event.
         txn.savepoint().await?;
@@ -195,7 +202,7 @@ impl Engine {
             }
         }
 
-        let policies = self.policies_in(&mut *txn).await?;
+        let policies = self.policies_at(&mut *txn, policy_state).await?;
         let mut entities = Vec::with_capacity(req.mutations.len());
         let mut determining: Vec<String> = Vec::new();
         for (i, m) in req.mutations.iter().enumerate() {
@@ -374,8 +381,8 @@ impl Engine {
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
             let mut txn = self.store.read().await?;
-            let token = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
-            let policies = self.policies_in(&mut *txn).await?;
+            let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+            let policies = self.policies_at(&mut *txn, state).await?;
             let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
             let ctx = build_context(context, &token, None)?;
             let decision = policies
@@ -393,8 +400,8 @@ impl Engine {
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
             let mut txn = self.store.read().await?;
-            let token = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
-            let policies = self.policies_in(&mut *txn).await?;
+            let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+            let policies = self.policies_at(&mut *txn, state).await?;
             let denied = || Error::Denied(format!("reading {uid} is not permitted, or it does not exist"));
             let Some(entity) = txn.entity(uid).await? else { return Err(denied()) };
             let mut wanted = vec![token.principal.clone()];
@@ -448,7 +455,7 @@ impl Engine {
         self.run(opts, || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();
-            let token = self.authenticate(&mut *txn, &parsed, now).await?;
+            let (token, state) = self.authenticate(&mut *txn, &parsed, now).await?;
             let decision = match target {
                 None => Decision {
                     allowed: false,
@@ -457,7 +464,7 @@ impl Engine {
                 },
                 Some(t) => {
                     let action = policy::action_uid(&t.action).map_err(Error::Internal)?;
-                    let policies = self.policies_in(&mut *txn).await?;
+                    let policies = self.policies_at(&mut *txn, state).await?;
                     let loaded = txn.entities_with_ancestors(&[token.principal.clone(), t.resource.clone()]).await?;
                     let http = json!({ "method": method, "path": path });
                     let ctx = build_context(&Map::from_iter([("http".to_string(), http)]), &token, None)?;
@@ -499,13 +506,13 @@ impl Engine {
         self.run(opts, || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();
-            let token = self.authenticate(&mut *txn, &parsed, now).await?;
+            let (token, state) = self.authenticate(&mut *txn, &parsed, now).await?;
             let leeway = i64::try_from(self.settings.leeway_secs).unwrap_or(0);
             if jti.is_empty() || jti == token.token_id {
                 let keep_until = token.exp.saturating_add(leeway);
                 txn.revoke_token(&token.token_id, Some(&token.principal), keep_until, now).await?;
             } else {
-                let policies = self.policies_in(&mut *txn).await?;
+                let policies = self.policies_at(&mut *txn, state).await?;
                 self.require(&mut *txn, &policies, &token, "RevokeToken", &service_uid()).await?;
                 let max = i64::try_from(self.settings.max_token_lifetime_secs).unwrap_or(i64::MAX);
                 let keep_until = expires_at_secs.unwrap_or(now / 1_000_000 + max).saturating_add(leeway);
@@ -529,10 +536,10 @@ impl Engine {
         self.run(opts, || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();
-            let token = self.authenticate(&mut *txn, &parsed, now).await?;
+            let (token, state) = self.authenticate(&mut *txn, &parsed, now).await?;
             let target = subject.cloned().unwrap_or_else(|| token.principal.clone());
             if target != token.principal {
-                let policies = self.policies_in(&mut *txn).await?;
+                let policies = self.policies_at(&mut *txn, state).await?;
                 self.require(&mut *txn, &policies, &token, "RevokeSubject", &target).await?;
             }
             txn.revoke_subject(&target, now / 1_000_000).await?;
@@ -1023,8 +1030,15 @@ impl Engine {
         }
     }
 
-    /// Checks the token against the key, token and subject revocations read in `txn`.
-    async fn authenticate(&self, txn: &mut dyn Txn, parsed: &token::ParsedToken, now: i64) -> Result<VerifiedToken> {
+    /// Authenticates a bearer inside `txn`: the key (not revoked, not retired), the
+    /// signature and claims, the subject's and the token's revocation. Also returns the
+    /// policy state, read in the same statement as the revocations.
+    async fn authenticate(
+        &self,
+        txn: &mut dyn Txn,
+        parsed: &token::ParsedToken,
+        now: i64,
+    ) -> Result<(VerifiedToken, PolicyState)> {
         let now_secs = now / 1_000_000;
         let key = txn
             .key(&parsed.kid)
@@ -1039,11 +1053,12 @@ impl Engine {
                 key.kid
             )));
         }
-        let token = token::verify(parsed, &key, now_secs, &self.settings)?;
-        // The subject first: on PostgreSQL this share-locks the subject's row, which a
-        // logout or RevokeSubject locks exclusively, so the token check below runs after
-        // any such revocation that got there first has committed.
-        if let Some(at) = txn.subject_revoked_at(&token.principal).await? {
+        let token = token::verify(parsed, &key, now_secs, &self.settings, &self.verified)?;
+        // One read after the key: on PostgreSQL it first share-locks the subject, which a
+        // logout or RevokeSubject locks exclusively, so the revocations are read after any
+        // such revocation that got there first has committed.
+        let state = txn.revocations_and_policy(&token.principal, &token.token_id).await?;
+        if let Some(at) = state.subject_revoked_at {
             // A token without `iat` cannot prove it was issued after the revocation.
             if token.iat.is_none_or(|iat| iat <= at) {
                 return Err(Error::Unauthenticated(format!(
@@ -1052,16 +1067,21 @@ impl Engine {
                 )));
             }
         }
-        if txn.token_revoked(&token.token_id).await? {
+        if state.token_revoked {
             return Err(Error::Unauthenticated("token has been revoked".into()));
         }
-        Ok(token)
+        Ok((token, state.policy))
     }
 
     /// The active policy set with its template links, selected by the policy version and
     /// links generation read in `txn`; compiled once per (version, generation).
     async fn policies_in(&self, txn: &mut dyn Txn) -> Result<Arc<CompiledPolicies>> {
         let state = txn.policy_state().await?;
+        self.policies_at(txn, state).await
+    }
+
+    /// The policy set selected by `state` (read in `txn`), compiled once per state.
+    async fn policies_at(&self, txn: &mut dyn Txn, state: PolicyState) -> Result<Arc<CompiledPolicies>> {
         let Some(version) = state.version else {
             return Ok(Arc::new(CompiledPolicies::empty()));
         };
@@ -1105,8 +1125,8 @@ impl Engine {
     ) -> Result<Option<VerifiedToken>> {
         let Caller::Bearer(raw) = caller else { return Ok(None) };
         let parsed = token::parse(raw, &self.settings)?;
-        let token = self.authenticate(txn, &parsed, now_micros()).await?;
-        let policies = self.policies_in(txn).await?;
+        let (token, state) = self.authenticate(txn, &parsed, now_micros()).await?;
+        let policies = self.policies_at(txn, state).await?;
         self.require(txn, &policies, &token, action, resource).await?;
         Ok(Some(token))
     }

@@ -172,6 +172,16 @@ pub struct PolicyState {
     pub links: u64,
 }
 
+/// What a call's authentication reads after the key, in one go: the subject's and the
+/// token's revocation, and the policy state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallState {
+    /// Unix seconds: the subject's tokens issued at or before it are revoked.
+    pub subject_revoked_at: Option<i64>,
+    pub token_revoked: bool,
+    pub policy: PolicyState,
+}
+
 /// The kinds of audit events, numbered as in the contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuditKind {

@@ -33,6 +33,7 @@ pub struct VerifiedToken {
     pub iss: String,
     pub aud: String,
     pub iat: Option<i64>,
+    pub nbf: Option<i64>,
     pub exp: i64,
     pub scopes: Vec<String>,
     /// Every claim, cleaned so that Cedar reads it as plain data (see `cedar_safe`).
@@ -110,9 +111,70 @@ pub fn decoding_key(key: &KeyRecord) -> std::result::Result<(Algorithm, Decoding
     Ok((alg, dk))
 }
 
+/// Verified tokens, by a hash of the key's material and rules and of the token's bytes:
+/// a token seen before under the same key is not verified (signature, claims) again. The
+/// time checks (`exp`, `nbf`, `iat`, lifetime) run on every call, and the caller checks
+/// key and token revocation in its transaction on every call. Failures are not cached.
+pub struct VerifyCache {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::sync::Arc<VerifiedToken>>>,
+    capacity: usize,
+}
+
+impl VerifyCache {
+    pub fn new(capacity: usize) -> Self {
+        Self { entries: std::sync::Mutex::default(), capacity }
+    }
+
+    fn get(&self, id: &[u8; 32]) -> Option<std::sync::Arc<VerifiedToken>> {
+        self.entries.lock().ok()?.get(id).cloned()
+    }
+
+    fn put(&self, id: [u8; 32], v: std::sync::Arc<VerifiedToken>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if let Ok(mut m) = self.entries.lock() {
+            if m.len() >= self.capacity {
+                // Bounded: start over rather than track recency (a miss only costs one
+                // verification).
+                m.clear();
+            }
+            m.insert(id, v);
+        }
+    }
+}
+
+/// What identifies a verification: every field of the key that verification reads, and
+/// the token's bytes (length-prefixed, so no two inputs run together).
+fn verification_id(key: &KeyRecord, raw: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [
+        key.kid.as_bytes(),
+        key.algorithm.as_bytes(),
+        &key.secret,
+        key.public_key_pem.as_bytes(),
+        key.jwk.as_bytes(),
+        key.issuer.as_bytes(),
+        key.audience.as_bytes(),
+        key.principal_type.as_bytes(),
+        raw.as_bytes(),
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
 /// Verifies signature and claims with `key` (which the caller has checked is not revoked).
-pub fn verify(token: &ParsedToken, key: &KeyRecord, now_secs: i64, settings: &Settings) -> Result<VerifiedToken> {
-    let (alg, dk) = decoding_key(key).map_err(|e| unauth(format!("key `{}` cannot verify: {e}", key.kid)))?;
+pub fn verify(
+    token: &ParsedToken,
+    key: &KeyRecord,
+    now_secs: i64,
+    settings: &Settings,
+    cache: &VerifyCache,
+) -> Result<VerifiedToken> {
+    let alg = Algorithm::from_str(&key.algorithm)
+        .map_err(|_| unauth(format!("key `{}` cannot verify: unknown algorithm `{}`", key.kid, key.algorithm)))?;
     if token.alg != alg {
         return Err(unauth(format!(
             "token algorithm {:?} does not match key `{}` ({})",
@@ -127,6 +189,54 @@ pub fn verify(token: &ParsedToken, key: &KeyRecord, now_secs: i64, settings: &Se
             return Err(unauth(format!("token `typ` must be `{}` for key `{}`", key.required_typ, key.kid)));
         }
     }
+    let id = verification_id(key, &token.raw);
+    let verified = match cache.get(&id) {
+        Some(v) => v,
+        None => {
+            let v = std::sync::Arc::new(verify_signature_and_claims(token, key, settings)?);
+            cache.put(id, v.clone());
+            v
+        }
+    };
+    check_times(&verified, key, now_secs, settings)?;
+    Ok((*verified).clone())
+}
+
+/// The times, checked on every call (a cached verification included).
+fn check_times(t: &VerifiedToken, key: &KeyRecord, now_secs: i64, settings: &Settings) -> Result<()> {
+    let leeway = i64::try_from(settings.leeway_secs).unwrap_or(60);
+    if t.exp.saturating_add(leeway) < now_secs {
+        return Err(unauth("token rejected: expired"));
+    }
+    if t.nbf.is_some_and(|n| n > now_secs.saturating_add(leeway)) {
+        return Err(unauth("token rejected: not yet valid (`nbf`)"));
+    }
+    if t.iat.is_some_and(|i| i > now_secs.saturating_add(leeway)) {
+        return Err(unauth("token rejected: issued in the future (`iat`)"));
+    }
+    let max_life = i64::try_from(settings.max_token_lifetime_secs).unwrap_or(i64::MAX);
+    if t.exp.saturating_sub(now_secs) > max_life.saturating_add(leeway) {
+        return Err(unauth(format!(
+            "token rejected: expires more than {}s from now, the server's maximum token lifetime",
+            settings.max_token_lifetime_secs
+        )));
+    }
+    if key.max_lifetime_secs > 0 {
+        let iat =
+            t.iat.ok_or_else(|| unauth(format!("key `{}` limits token lifetime, so tokens need `iat`", key.kid)))?;
+        if t.exp.saturating_sub(iat) > key.max_lifetime_secs {
+            return Err(unauth(format!(
+                "token lifetime (exp - iat) exceeds {}s, the maximum for key `{}`",
+                key.max_lifetime_secs, key.kid
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The signature and every claim but the times (which `check_times` reads on each call).
+fn verify_signature_and_claims(token: &ParsedToken, key: &KeyRecord, settings: &Settings) -> Result<VerifiedToken> {
+    let (alg, dk) = decoding_key(key).map_err(|e| unauth(format!("key `{}` cannot verify: {e}", key.kid)))?;
     let mut v = Validation::new(alg);
     v.leeway = settings.leeway_secs;
     v.validate_exp = true;
@@ -150,37 +260,10 @@ pub fn verify(token: &ParsedToken, key: &KeyRecord, now_secs: i64, settings: &Se
     let c = data.claims;
 
     // jsonwebtoken skips claims of the wrong type unless required: read each one here,
-    // by type, and check the times again, so nothing is skipped.
+    // by type; the times are checked again on every call (`check_times`).
     let exp = numeric_date(&c, "exp")?.ok_or_else(|| unauth("token has no `exp`"))?;
     let nbf = numeric_date(&c, "nbf")?;
     let iat = numeric_date(&c, "iat")?;
-    let leeway = i64::try_from(settings.leeway_secs).unwrap_or(60);
-    if exp.saturating_add(leeway) < now_secs {
-        return Err(unauth("token rejected: expired"));
-    }
-    if nbf.is_some_and(|n| n > now_secs.saturating_add(leeway)) {
-        return Err(unauth("token rejected: not yet valid (`nbf`)"));
-    }
-    if iat.is_some_and(|i| i > now_secs.saturating_add(leeway)) {
-        return Err(unauth("token rejected: issued in the future (`iat`)"));
-    }
-    let max_life = i64::try_from(settings.max_token_lifetime_secs).unwrap_or(i64::MAX);
-    if exp.saturating_sub(now_secs) > max_life.saturating_add(leeway) {
-        return Err(unauth(format!(
-            "token rejected: expires more than {}s from now, the server's maximum token lifetime",
-            settings.max_token_lifetime_secs
-        )));
-    }
-    if key.max_lifetime_secs > 0 {
-        let iat =
-            iat.ok_or_else(|| unauth(format!("key `{}` limits token lifetime, so tokens need `iat`", key.kid)))?;
-        if exp.saturating_sub(iat) > key.max_lifetime_secs {
-            return Err(unauth(format!(
-                "token lifetime (exp - iat) exceeds {}s, the maximum for key `{}`",
-                key.max_lifetime_secs, key.kid
-            )));
-        }
-    }
     let sub = match c.get("sub") {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= settings.max_id_bytes && !s.contains('\0') => s.clone(),
         _ => return Err(unauth("token `sub` must be a non-empty string without NUL")),
@@ -242,6 +325,7 @@ pub fn verify(token: &ParsedToken, key: &KeyRecord, now_secs: i64, settings: &Se
         iss,
         aud,
         iat,
+        nbf,
         exp,
         scopes,
         claims,

@@ -7,7 +7,8 @@ pub mod postgres;
 pub mod sqlite;
 
 use crate::model::{
-    AuditEvent, AuditKind, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid,
+    AuditEvent, AuditKind, CallState, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink,
+    Uid,
 };
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -95,10 +96,10 @@ pub struct GroupCommitStats {
 ///   exclusive before reading it (every entity writer does). The audit `seq` is drawn by
 ///   the last statement, after all locks. Details in `postgres.rs`.
 ///
-/// The calls below that read authorization state (`key`, `subject_revoked_at`,
-/// `token_revoked`, `policy_state`, `entity`, `entities_with_ancestors`) take these
-/// locks themselves in a write transaction; the engine's part is the order: the subject
-/// before the token revocation, and `entity` before any write of that entity.
+/// The calls below that read authorization state (`key`, `revocations_and_policy`,
+/// `policy_state`, `entity`, `entities_with_ancestors`) take these
+/// locks themselves in a write transaction; the engine's part is the order: `entity`
+/// before any write of that entity.
 #[async_trait]
 pub trait Txn: Send {
     // --- credentials -------------------------------------------------------------------
@@ -111,7 +112,6 @@ pub trait Txn: Send {
     async fn update_key(&mut self, key: &KeyRecord) -> StoreResult<()>;
     /// Marks a key revoked; false if there is no such key.
     async fn revoke_key(&mut self, kid: &str, now: i64) -> StoreResult<bool>;
-    async fn token_revoked(&mut self, token_id: &str) -> StoreResult<bool>;
     /// Records a revoked token id until `expires_at` (unix seconds). `subject` is the
     /// token's subject when known (logout): the revocation then locks that subject, which
     /// every in-flight commit of the subject holds; otherwise it locks out every commit.
@@ -122,8 +122,10 @@ pub trait Txn: Send {
         expires_at: i64,
         now: i64,
     ) -> StoreResult<()>;
-    /// Unix seconds: tokens of this subject issued at or before it are revoked.
-    async fn subject_revoked_at(&mut self, subject: &Uid) -> StoreResult<Option<i64>>;
+    /// The subject's revocation (unix seconds: its tokens issued at or before it are
+    /// revoked), whether the token is revoked, and the policy state — read together, after
+    /// the subject's lock where the store has one.
+    async fn revocations_and_policy(&mut self, subject: &Uid, token_id: &str) -> StoreResult<CallState>;
     async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()>;
 
     // --- policies ------------------------------------------------------------------------

@@ -32,7 +32,9 @@ use super::{
     AuditRow, EntityRow, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, json_err, to_i64, to_u64,
 };
 use crate::config::StoreOptions;
-use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid};
+use crate::model::{
+    AuditEvent, CallState, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid,
+};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
@@ -247,15 +249,6 @@ impl Txn for PgTxn {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn token_revoked(&mut self, token_id: &str) -> StoreResult<bool> {
-        let row = sqlx::query("SELECT 1 FROM revoked_tokens WHERE token_id = $1")
-            .bind(token_id)
-            .fetch_optional(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
-        Ok(row.is_some())
-    }
-
     async fn revoke_token(
         &mut self,
         token_id: &str,
@@ -285,18 +278,29 @@ impl Txn for PgTxn {
         Ok(())
     }
 
-    async fn subject_revoked_at(&mut self, subject: &Uid) -> StoreResult<Option<i64>> {
+    async fn revocations_and_policy(&mut self, subject: &Uid, token_id: &str) -> StoreResult<CallState> {
         if self.write {
             self.lock_shared(&[subject_lock_key(subject)]).await?;
         }
         // A new statement, so (at READ COMMITTED) a new snapshot taken after the lock.
-        let row = sqlx::query("SELECT revoked_at_secs FROM subjects WHERE etype = $1 AND eid = $2")
+        let (subject_revoked_at, token_revoked, version, links): (Option<i64>, bool, Option<i64>, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT revoked_at_secs FROM subjects WHERE etype = $1 AND eid = $2),
+                        EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $3),
+                        (SELECT max(version) FROM policies),
+                        (SELECT generation FROM policy_links_meta WHERE id = 1)",
+            )
             .bind(&subject.ty)
             .bind(&subject.id)
-            .fetch_optional(&mut *self.tx)
+            .bind(token_id)
+            .fetch_one(&mut *self.tx)
             .await
             .map_err(map_err)?;
-        Ok(row.map(|r| r.try_get::<Option<i64>, _>(0)).transpose().map_err(map_err)?.flatten())
+        Ok(CallState {
+            subject_revoked_at,
+            token_revoked,
+            policy: PolicyState { version: version.map(to_u64), links: to_u64(links) },
+        })
     }
 
     async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()> {

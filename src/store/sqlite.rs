@@ -20,7 +20,9 @@ use super::{
     to_i64, to_u64,
 };
 use crate::config::StoreOptions;
-use crate::model::{AuditEvent, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid};
+use crate::model::{
+    AuditEvent, CallState, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid,
+};
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
@@ -54,6 +56,10 @@ struct Writer {
     waiters: Vec<oneshot::Sender<StoreResult<()>>>,
     /// Off: each member commits its own transaction (one fsync per call).
     group_commit: bool,
+    /// The writers' turnstile file (see `turnstile`).
+    turnstile: std::path::PathBuf,
+    /// How long to wait for the turnstile (the busy timeout).
+    busy_timeout: Duration,
     stats: Arc<Counters>,
 }
 
@@ -153,8 +159,11 @@ impl Writer {
     async fn join(&mut self) -> StoreResult<()> {
         self.settle().await?;
         if self.state == TxState::Idle {
+            let turn = turnstile(&self.turnstile, self.busy_timeout).await?;
             self.state = TxState::Unknown;
-            match self.exec("BEGIN IMMEDIATE").await {
+            let begun = self.exec("BEGIN IMMEDIATE").await;
+            drop(turn);
+            match begun {
                 Ok(()) => self.state = TxState::Open,
                 Err(e) => {
                     self.state = TxState::Idle;
@@ -164,6 +173,41 @@ impl Writer {
         }
         self.member_left = true;
         self.exec(SAVEPOINT).await.map_err(map_err)
+    }
+}
+
+/// Takes the writers' turnstile: an exclusive `flock` on a file beside the database that
+/// every Lockstep process holds while it waits for SQLite's write lock and lets go once it
+/// has it. SQLite's busy handler only polls, so without it a busy server, beginning its
+/// next group the moment the last one committed, could keep another process (the CLI
+/// revoking a key, a second server) out past its busy timeout; with it, the server cannot
+/// take the write lock again while another process is waiting for it.
+async fn turnstile(path: &std::path::Path, wait: Duration) -> StoreResult<std::fs::File> {
+    let unavailable =
+        |e: std::io::Error| StoreError::Unavailable(format!("writers' turnstile {}: {e}", path.display()));
+    let open = |p: &std::path::Path| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(p);
+    let f = open(path).map_err(unavailable)?;
+    match f.try_lock() {
+        Ok(()) => return Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(e)) => return Err(unavailable(e)),
+    }
+    drop(f);
+    // Wait in a blocking thread on a file of its own: if this wait is abandoned, the lock
+    // it may still get is released when that thread's file is dropped.
+    let p = path.to_owned();
+    let waiting = tokio::task::spawn_blocking(move || {
+        let f = open(&p)?;
+        f.lock()?;
+        Ok::<_, std::io::Error>(f)
+    });
+    match tokio::time::timeout(wait, waiting).await {
+        Ok(Ok(Ok(f))) => Ok(f),
+        Ok(Ok(Err(e))) => Err(unavailable(e)),
+        Ok(Err(e)) => Err(StoreError::Internal(format!("turnstile wait: {e}"))),
+        Err(_) => Err(StoreError::Unavailable(
+            "another process held the database past the busy timeout; nothing was committed, retry".into(),
+        )),
     }
 }
 
@@ -196,6 +240,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(opts.busy_timeout)
             .foreign_keys(false);
+        let turnstile = turnstile_path(&base);
         let mut conn = base
             .clone()
             .create_if_missing(true)
@@ -219,12 +264,21 @@ impl SqliteStore {
             member_left: false,
             waiters: Vec::new(),
             group_commit: opts.group_commit,
+            turnstile,
+            busy_timeout: opts.busy_timeout,
             stats: stats.clone(),
         }));
         let wake = Arc::new(Notify::new());
         tokio::spawn(committer(Arc::downgrade(&writer), wake.clone()));
         Ok(Self { writer, committer: wake, reader, acquire_timeout: opts.acquire_timeout, stats })
     }
+}
+
+/// `<database file>.writers`, beside the database (like its `-wal` and `-shm` files).
+fn turnstile_path(opts: &SqliteConnectOptions) -> std::path::PathBuf {
+    let mut name = opts.get_filename().as_os_str().to_owned();
+    name.push(".writers");
+    std::path::PathBuf::from(name)
 }
 
 impl Drop for SqliteStore {
@@ -410,15 +464,6 @@ impl Txn for SqliteTxn {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn token_revoked(&mut self, token_id: &str) -> StoreResult<bool> {
-        let row = sqlx::query("SELECT 1 FROM revoked_tokens WHERE token_id = ?1")
-            .bind(token_id)
-            .fetch_optional(self.conn())
-            .await
-            .map_err(map_err)?;
-        Ok(row.is_some())
-    }
-
     async fn revoke_token(
         &mut self,
         token_id: &str,
@@ -439,14 +484,25 @@ impl Txn for SqliteTxn {
         Ok(())
     }
 
-    async fn subject_revoked_at(&mut self, subject: &Uid) -> StoreResult<Option<i64>> {
-        let row = sqlx::query("SELECT revoked_at_secs FROM revoked_subjects WHERE etype = ?1 AND eid = ?2")
+    async fn revocations_and_policy(&mut self, subject: &Uid, token_id: &str) -> StoreResult<CallState> {
+        let (subject_revoked_at, token_revoked, version, links): (Option<i64>, bool, Option<i64>, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT revoked_at_secs FROM revoked_subjects WHERE etype = ?1 AND eid = ?2),
+                        EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = ?3),
+                        (SELECT max(version) FROM policies),
+                        (SELECT generation FROM policy_links_meta WHERE id = 1)",
+            )
             .bind(&subject.ty)
             .bind(&subject.id)
-            .fetch_optional(self.conn())
+            .bind(token_id)
+            .fetch_one(self.conn())
             .await
             .map_err(map_err)?;
-        row.map(|r| r.try_get(0).map_err(map_err)).transpose()
+        Ok(CallState {
+            subject_revoked_at,
+            token_revoked,
+            policy: PolicyState { version: version.map(to_u64), links: to_u64(links) },
+        })
     }
 
     async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()> {

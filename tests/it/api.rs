@@ -509,6 +509,34 @@ async fn denials_explained_when_configured(b: Backend) {
 
 crate::on_both_backends!(denials_explained_when_configured);
 
+/// A token seen before is not verified again (the verification cache), but its times
+/// are checked on every call: it stops working when it expires; a token with the same
+/// header and claims and another signature never rides on the cached one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_verification_still_expires() {
+    let s = start(Backend::Sqlite).await.unwrap();
+    let settings = lockstep::config::Settings { leeway_secs: 0, ..Default::default() };
+    let strict = serve_with_settings(&s.url, Default::default(), s.db.clone(), vec![], settings).await;
+    let n = now();
+    let tok = sign("k1", &json!({ "sub": "alice", "iat": n, "exp": n + 2, "jti": "short-lived" }));
+    let mut c = client(strict.addr).await;
+    let ask = |t: &str| {
+        authed(t, pb::AuthorizeRequest { action: "UpdateItem".into(), resource: uid("Item", "doc"), context: None })
+    };
+    for _ in 0..3 {
+        assert_eq!(c.authorize(ask(&tok)).await.unwrap().into_inner().decision, pb::Decision::Allow as i32);
+    }
+    let parts: Vec<&str> = tok.split('.').collect();
+    let forged = format!("{}.{}.{}", parts[0], parts[1], "A".repeat(parts[2].len()));
+    assert_eq!(c.authorize(ask(&forged)).await.unwrap_err().code(), Code::Unauthenticated);
+    while now() <= n + 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let e = c.authorize(ask(&tok)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("expired"), "{e:?}");
+}
+
 /// Template-linked policies: the owner shares an item with one user by linking a
 /// template; others may not link it; bad links are refused; a set that drops a linked
 /// template is refused; unlinking ends the sharing.
