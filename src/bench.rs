@@ -103,6 +103,7 @@ pub async fn phase(
         let subject = c % plan.subjects.max(1);
         let token = crate::token::issue(key, &format!("u{subject}"), 3600, "", now_micros() / 1_000_000)?;
         let mut client = LockstepClient::new(channel.clone());
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         let (call, hot) = (call.to_owned(), plan.hot);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -140,9 +141,14 @@ pub async fn phase(
                         let req = pb::AuthorizeRequest { action: "UpdateItem".into(), resource, context: None };
                         client.authorize(authed(&token, req)).await.map(|_| ())
                     }
-                    _ => {
+                    "get" => {
                         let req = pb::GetEntityRequest { uid: resource, action: "ReadItem".into() };
                         client.get_entity(authed(&token, req)).await.map(|_| ())
+                    }
+                    // The transport's floor: a unary call that touches nothing.
+                    _ => {
+                        let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+                        health.check(authed(&token, req)).await.map(|_| ())
                     }
                 };
                 latencies.push(t0.elapsed());

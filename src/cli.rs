@@ -84,7 +84,8 @@ pub struct BenchArgs {
     /// Seconds per phase.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Calls to measure: commit, authorize, get.
+    /// Calls to measure: commit, authorize, get, health (grpc.health.v1 Check: the floor
+    /// of a unary call through the same transport, touching no database).
     #[arg(long, default_value = "commit,authorize,get", value_delimiter = ',')]
     pub calls: Vec<String>,
     /// Share of calls on the 4 hot items (0 to 1): the contention knob.
@@ -567,10 +568,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(b) => {
-            if b.calls.iter().any(|c| !["commit", "authorize", "get"].contains(&c.as_str()))
+            if b.calls.iter().any(|c| !["commit", "authorize", "get", "health"].contains(&c.as_str()))
                 || !(0.0..=1.0).contains(&b.hot)
             {
-                bail!("--calls takes commit, authorize, get; --hot is a share from 0 to 1");
+                bail!("--calls takes commit, authorize, get, health; --hot is a share from 0 to 1");
             }
             let engine = engine(&cli, None).await?;
             let plan = crate::bench::BenchPlan {

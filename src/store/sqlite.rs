@@ -239,7 +239,9 @@ impl SqliteStore {
             // FULL: a commit that returned survives a power cut, not only a crash.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(opts.busy_timeout)
-            .foreign_keys(false);
+            .foreign_keys(false)
+            // Statements are not logged (and never carry a token).
+            .log_statements(log::LevelFilter::Off);
         let turnstile = turnstile_path(&base);
         let mut conn = base
             .clone()
@@ -254,7 +256,7 @@ impl SqliteStore {
         let reader = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))
             .acquire_timeout(opts.acquire_timeout)
-            .connect_with(base.read_only(true))
+            .connect_with(base.clone().read_only(true))
             .await
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}` for reading: {e}"))?;
         let stats = Arc::new(Counters::default());
@@ -779,7 +781,12 @@ impl Txn for SqliteTxn {
 
     async fn commit(self: Box<Self>) -> StoreResult<()> {
         let mut member = match *self {
-            Self::Read(tx) => return tx.commit().await.map_err(map_err),
+            // A read-only snapshot has nothing to make durable: it ends without waiting
+            // (its rollback is queued on the connection).
+            Self::Read(tx) => {
+                drop(tx);
+                return Ok(());
+            }
             Self::Write(m) => m,
         };
         let w = member.guard.as_mut().expect("a member holds the writer until it ends");
