@@ -168,7 +168,8 @@ impl Writer {
 /// revoking a key, a second server) out past its busy timeout; with it, the server cannot
 /// take the write lock again while another process is waiting for it.
 async fn turnstile(path: &Path, wait: Duration) -> StoreResult<std::fs::File> {
-    let unavailable = |e: std::io::Error| StoreError::Unavailable(format!("writers' turnstile {}: {e}", path.display()));
+    let unavailable =
+        |e: std::io::Error| StoreError::Unavailable(format!("writers' turnstile {}: {e}", path.display()));
     let open = |p: &Path| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(p);
     let f = open(path).map_err(unavailable)?;
     match f.try_lock() {
@@ -214,7 +215,7 @@ fn connect(path: &Path, read_only: bool, busy: Duration) -> rusqlite::Result<Con
     c.busy_timeout(busy)?;
     // FULL: a commit that returned survives a power cut, not only a crash.
     c.pragma_update(None, "synchronous", "FULL")?;
-    c.set_prepared_statement_cache_capacity(64);
+    c.set_prepared_statement_cache_capacity(128);
     Ok(c)
 }
 
@@ -400,10 +401,10 @@ impl SqliteTxn {
         Ok(())
     }
 
-    fn entity_rows(&mut self, sql: &str, arg: &str) -> StoreResult<Vec<EntityRecord>> {
+    fn entity_rows(&mut self, sql: &str, args: &[&str]) -> StoreResult<Vec<EntityRecord>> {
         let rows = self.with(|c| {
             c.prepare_cached(sql)?
-                .query_map([arg], |r| {
+                .query_map(rusqlite::params_from_iter(args), |r| {
                     Ok(EntityRow {
                         etype: r.get(0)?,
                         eid: r.get(1)?,
@@ -573,7 +574,12 @@ impl Txn for SqliteTxn {
                         (SELECT generation FROM policy_links_meta WHERE id = 1)",
             )?
             .query_row(params![subject.ty, subject.id, token_id], |r| {
-                Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, bool>(1)?, r.get::<_, Option<i64>>(2)?, r.get::<_, i64>(3)?))
+                Ok((
+                    r.get::<_, Option<i64>>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
             })
         })?;
         Ok(CallState {
@@ -694,18 +700,38 @@ impl Txn for SqliteTxn {
         if uids.is_empty() {
             return Ok(Vec::new());
         }
-        let start = serde_json::to_string(uids).map_err(json_err)?;
-        // UNION (not UNION ALL) visits each entity once, so parent cycles terminate.
+        // The start set as bound values (a few uids: one cached statement per count), else
+        // as a JSON array. UNION (not UNION ALL) visits each entity once, so parent cycles
+        // terminate; entities without parents are not parsed.
+        let (start, args): (String, Vec<&str>) = if uids.len() <= 8 {
+            let values = (0..uids.len()).map(|i| format!("(?{}, ?{})", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>();
+            (
+                format!("VALUES {}", values.join(", ")),
+                uids.iter().flat_map(|u| [u.ty.as_str(), u.id.as_str()]).collect(),
+            )
+        } else {
+            ("SELECT s.value ->> '$.type', s.value ->> '$.id' FROM json_each(?1) AS s".into(), Vec::new())
+        };
+        let json;
+        let args = if args.is_empty() {
+            json = serde_json::to_string(uids).map_err(json_err)?;
+            vec![json.as_str()]
+        } else {
+            args
+        };
         self.entity_rows(
-            "WITH RECURSIVE anc(etype, eid) AS (
-                 SELECT s.value ->> '$.type', s.value ->> '$.id' FROM json_each(?1) AS s
-                 UNION
-                 SELECT p.value ->> '$.type', p.value ->> '$.id'
-                 FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid, json_each(e.parents) AS p
-             )
-             SELECT e.etype, e.eid, e.attributes, e.parents, e.version
-             FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid",
-            &start,
+            &format!(
+                "WITH RECURSIVE anc(etype, eid) AS (
+                     {start}
+                     UNION
+                     SELECT p.value ->> '$.type', p.value ->> '$.id'
+                     FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid, json_each(e.parents) AS p
+                     WHERE e.parents <> '[]'
+                 )
+                 SELECT e.etype, e.eid, e.attributes, e.parents, e.version
+                 FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid"
+            ),
+            &args,
         )
     }
 
@@ -833,10 +859,10 @@ impl Txn for SqliteTxn {
 
     async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)> {
         self.with(|c| {
-            let tokens = c
-                .prepare_cached("DELETE FROM revoked_tokens WHERE expires_at_secs < ?1")?
-                .execute([now_secs])?;
-            let keys = c.prepare_cached("DELETE FROM idempotency WHERE created_at < ?1")?.execute([idempotency_before])?;
+            let tokens =
+                c.prepare_cached("DELETE FROM revoked_tokens WHERE expires_at_secs < ?1")?.execute([now_secs])?;
+            let keys =
+                c.prepare_cached("DELETE FROM idempotency WHERE created_at < ?1")?.execute([idempotency_before])?;
             Ok((tokens as u64, keys as u64))
         })
     }

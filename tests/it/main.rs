@@ -13,4 +13,5 @@ mod keys;
 mod outage;
 mod property_rules;
 mod races;
+mod store;
 mod tls;
