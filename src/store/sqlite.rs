@@ -34,6 +34,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +87,11 @@ struct Readers {
     permits: Arc<Semaphore>,
 }
 
+/// Runs one statement without arguments, prepared once per connection.
+fn exec(c: &Connection, sql: &str) -> rusqlite::Result<()> {
+    c.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 fn lock(conn: &std::sync::Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
     // A panic while a statement ran leaves nothing half-done in the connection.
     conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -93,7 +99,7 @@ fn lock(conn: &std::sync::Mutex<Connection>) -> std::sync::MutexGuard<'_, Connec
 
 impl Writer {
     fn exec(&self, sql: &str) -> rusqlite::Result<()> {
-        lock(&self.conn).execute_batch(sql)
+        exec(&lock(&self.conn), sql)
     }
 
     /// Rolls the whole group back and tells every waiting member why.
@@ -121,7 +127,7 @@ impl Writer {
             return rolled_back.map_err(map_err);
         }
         let conn = self.conn.clone();
-        let committed = tokio::task::spawn_blocking(move || lock(&conn).execute_batch("COMMIT"))
+        let committed = tokio::task::spawn_blocking(move || exec(&lock(&conn), "COMMIT"))
             .await
             .map_err(|e| StoreError::Unknown(format!("the commit's thread failed: {e}")))?;
         match committed {
@@ -311,7 +317,7 @@ impl Store for SqliteStore {
             None => connect(&self.readers.path, true, READER_BUSY_TIMEOUT).map_err(map_err)?,
         };
         // Deferred: the snapshot is taken by the first read and kept to the end.
-        conn.execute_batch("BEGIN").map_err(map_err)?;
+        exec(&conn, "BEGIN").map_err(map_err)?;
         Ok(Box::new(SqliteTxn::Read(Reader { conn: Some(conn), readers: self.readers.clone(), _permit: permit })))
     }
 
@@ -339,7 +345,7 @@ impl Drop for Reader {
     fn drop(&mut self) {
         if let Some(c) = self.conn.take() {
             // A connection that cannot end its snapshot is not reused.
-            if c.execute_batch("ROLLBACK").is_ok() && c.is_autocommit() {
+            if exec(&c, "ROLLBACK").is_ok() && c.is_autocommit() {
                 self.readers.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(c);
             }
         }
@@ -366,7 +372,9 @@ impl Drop for Member {
         let Some(w) = self.guard.as_mut() else { return };
         if self.joined {
             // Left without committing: undo its own writes only.
-            let undone = w.exec("ROLLBACK TO SAVEPOINT lockstep_member; RELEASE SAVEPOINT lockstep_member");
+            let undone = w
+                .exec("ROLLBACK TO SAVEPOINT lockstep_member")
+                .and_then(|()| w.exec("RELEASE SAVEPOINT lockstep_member"));
             if let Err(e) = undone {
                 w.fail_group(map_err(e));
             }
@@ -697,42 +705,26 @@ impl Txn for SqliteTxn {
     }
 
     async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>> {
-        if uids.is_empty() {
-            return Ok(Vec::new());
+        // Level by level: one indexed lookup per level (writers are serialized and a read
+        // is one snapshot, so the levels are consistent); each entity once, so parent
+        // cycles end.
+        let mut seen: HashSet<Uid> = uids.iter().cloned().collect();
+        let mut level: Vec<Uid> = seen.iter().cloned().collect();
+        let mut out = Vec::new();
+        while !level.is_empty() {
+            let mut next = Vec::new();
+            for chunk in level.chunks(16) {
+                let values = (0..chunk.len()).map(|i| format!("(?{}, ?{})", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>();
+                let sql = format!("{ENTITY_COLUMNS} WHERE (etype, eid) IN (VALUES {})", values.join(", "));
+                let args: Vec<&str> = chunk.iter().flat_map(|u| [u.ty.as_str(), u.id.as_str()]).collect();
+                for e in self.entity_rows(&sql, &args)? {
+                    next.extend(e.parents.iter().filter(|p| seen.insert((*p).clone())).cloned());
+                    out.push(e);
+                }
+            }
+            level = next;
         }
-        // The start set as bound values (a few uids: one cached statement per count), else
-        // as a JSON array. UNION (not UNION ALL) visits each entity once, so parent cycles
-        // terminate; entities without parents are not parsed.
-        let (start, args): (String, Vec<&str>) = if uids.len() <= 8 {
-            let values = (0..uids.len()).map(|i| format!("(?{}, ?{})", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>();
-            (
-                format!("VALUES {}", values.join(", ")),
-                uids.iter().flat_map(|u| [u.ty.as_str(), u.id.as_str()]).collect(),
-            )
-        } else {
-            ("SELECT s.value ->> '$.type', s.value ->> '$.id' FROM json_each(?1) AS s".into(), Vec::new())
-        };
-        let json;
-        let args = if args.is_empty() {
-            json = serde_json::to_string(uids).map_err(json_err)?;
-            vec![json.as_str()]
-        } else {
-            args
-        };
-        self.entity_rows(
-            &format!(
-                "WITH RECURSIVE anc(etype, eid) AS (
-                     {start}
-                     UNION
-                     SELECT p.value ->> '$.type', p.value ->> '$.id'
-                     FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid, json_each(e.parents) AS p
-                     WHERE e.parents <> '[]'
-                 )
-                 SELECT e.etype, e.eid, e.attributes, e.parents, e.version
-                 FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid"
-            ),
-            &args,
-        )
+        Ok(out)
     }
 
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
@@ -770,11 +762,11 @@ impl Txn for SqliteTxn {
     }
 
     async fn savepoint(&mut self) -> StoreResult<()> {
-        self.with(|c| c.execute_batch("SAVEPOINT lockstep_mutations"))
+        self.with(|c| exec(c, "SAVEPOINT lockstep_mutations"))
     }
 
     async fn rollback_to_savepoint(&mut self) -> StoreResult<()> {
-        self.with(|c| c.execute_batch("ROLLBACK TO SAVEPOINT lockstep_mutations"))
+        self.with(|c| exec(c, "ROLLBACK TO SAVEPOINT lockstep_mutations"))
     }
 
     async fn claim_idempotency_key(
