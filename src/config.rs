@@ -16,6 +16,8 @@ pub struct StoreOptions {
     /// SQLite: concurrent write calls share one transaction and one fsync, each in its
     /// own savepoint, and are answered once it is durable (off: one fsync per call).
     pub group_commit: bool,
+    /// SQLite: WAL pages after which a commit checkpoints (SQLite's default is 1000).
+    pub wal_autocheckpoint: u32,
     /// PostgreSQL: the pool size of this instance.
     pub max_connections: u32,
     /// PostgreSQL: `statement_timeout` of every connection (includes lock waits).
@@ -29,6 +31,7 @@ impl Default for StoreOptions {
             busy_timeout: Duration::from_secs(5),
             read_connections: 4,
             group_commit: true,
+            wal_autocheckpoint: 1000,
             max_connections: 16,
             statement_timeout: Duration::from_secs(5),
         }

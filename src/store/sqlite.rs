@@ -250,6 +250,12 @@ impl SqliteStore {
             .map_err(|e| anyhow::anyhow!("migrating `{url}` failed: {e}"))?;
         sqlx::Connection::close(migrations).await?;
         let conn = connect(&path, false, Duration::ZERO)
+            .and_then(|c| {
+                // The commit that fills the WAL past this many pages copies it back into the
+                // database (while its group waits): larger is rarer but longer.
+                c.pragma_update(None, "wal_autocheckpoint", i64::from(opts.wal_autocheckpoint))?;
+                Ok(c)
+            })
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}`: {e}"))?;
         let readers = Readers {
             idle: std::sync::Mutex::new(Vec::new()),
