@@ -599,7 +599,7 @@ impl Engine {
             })?;
             let version = txn.insert_policies(policies, schema, now).await?;
             let detail = operator_note(caller, format!("policy version {version}{note}"));
-            let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_deref(), detail), now).await?;
             Ok((txn, Ok((version, seq))))
         })
         .await
@@ -638,7 +638,7 @@ impl Engine {
                 caller,
                 format!("linked template `{}` as `{}`{}", link.template_id, link.link_id, describe_link(link)),
             );
-            let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_deref(), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -662,7 +662,7 @@ impl Engine {
                 caller,
                 format!("unlinked `{link_id}` (template `{}`{})", link.template_id, describe_link(&link)),
             );
-            let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_deref(), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -745,7 +745,7 @@ impl Engine {
                 other => other?,
             }
             let detail = operator_note(caller, format!("added key `{}` ({})", key.kid, key.algorithm));
-            let seq = txn.append_audit(&event(AuditKind::AddKey, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::AddKey, token.as_deref(), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -761,7 +761,7 @@ impl Engine {
                 return Err(Error::NotFound(format!("no key with kid `{kid}`")));
             }
             let detail = operator_note(caller, format!("revoked key `{kid}`"));
-            let seq = txn.append_audit(&event(AuditKind::RevokeKey, token.as_ref(), detail), now).await?;
+            let seq = txn.append_audit(&event(AuditKind::RevokeKey, token.as_deref(), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
         .await
@@ -1038,7 +1038,7 @@ impl Engine {
         txn: &mut dyn Txn,
         parsed: &token::ParsedToken,
         now: i64,
-    ) -> Result<(VerifiedToken, PolicyState)> {
+    ) -> Result<(Arc<VerifiedToken>, PolicyState)> {
         let now_secs = now / 1_000_000;
         let key = txn
             .key(&parsed.kid)
@@ -1122,7 +1122,7 @@ impl Engine {
         caller: Caller<'_>,
         action: &str,
         resource: &Uid,
-    ) -> Result<Option<VerifiedToken>> {
+    ) -> Result<Option<Arc<VerifiedToken>>> {
         let Caller::Bearer(raw) = caller else { return Ok(None) };
         let parsed = token::parse(raw, &self.settings)?;
         let (token, state) = self.authenticate(txn, &parsed, now_micros()).await?;

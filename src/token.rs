@@ -172,7 +172,7 @@ pub fn verify(
     now_secs: i64,
     settings: &Settings,
     cache: &VerifyCache,
-) -> Result<VerifiedToken> {
+) -> Result<std::sync::Arc<VerifiedToken>> {
     let alg = Algorithm::from_str(&key.algorithm)
         .map_err(|_| unauth(format!("key `{}` cannot verify: unknown algorithm `{}`", key.kid, key.algorithm)))?;
     if token.alg != alg {
@@ -199,7 +199,7 @@ pub fn verify(
         }
     };
     check_times(&verified, key, now_secs, settings)?;
-    Ok((*verified).clone())
+    Ok(verified)
 }
 
 /// The times, checked on every call (a cached verification included).

@@ -462,24 +462,33 @@ fn map_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// The columns `key_row` reads, in its order (read by index: a name lookup per column
+/// cost more than the query).
+macro_rules! select_keys {
+    () => {
+        "SELECT kid, algorithm, secret, public_key_pem, issuer, audience, principal_type, revoked, added_at,
+                jwk, source, retired, required_typ, max_lifetime_secs, signing, private_key FROM keys"
+    };
+}
+
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok(KeyRow {
-        kid: r.get("kid")?,
-        algorithm: r.get("algorithm")?,
-        secret: r.get("secret")?,
-        public_key_pem: r.get("public_key_pem")?,
-        issuer: r.get("issuer")?,
-        audience: r.get("audience")?,
-        principal_type: r.get("principal_type")?,
-        revoked: r.get("revoked")?,
-        added_at: r.get("added_at")?,
-        jwk: r.get("jwk")?,
-        source: r.get("source")?,
-        retired: r.get("retired")?,
-        required_typ: r.get("required_typ")?,
-        max_lifetime_secs: r.get("max_lifetime_secs")?,
-        signing: r.get("signing")?,
-        private_key: r.get("private_key")?,
+        kid: r.get(0)?,
+        algorithm: r.get(1)?,
+        secret: r.get(2)?,
+        public_key_pem: r.get(3)?,
+        issuer: r.get(4)?,
+        audience: r.get(5)?,
+        principal_type: r.get(6)?,
+        revoked: r.get(7)?,
+        added_at: r.get(8)?,
+        jwk: r.get(9)?,
+        source: r.get(10)?,
+        retired: r.get(11)?,
+        required_typ: r.get(12)?,
+        max_lifetime_secs: r.get(13)?,
+        signing: r.get(14)?,
+        private_key: r.get(15)?,
     })
 }
 
@@ -498,19 +507,24 @@ fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRow> {
     Ok(PolicyRow { version: r.get(0)?, policies: r.get(1)?, schema: r.get(2)?, created_at: r.get(3)? })
 }
 
-const ENTITY_COLUMNS: &str = "SELECT etype, eid, attributes, parents, version FROM entities";
+macro_rules! select_entities {
+    () => {
+        "SELECT etype, eid, attributes, parents, version FROM entities"
+    };
+}
 
 #[async_trait]
 impl Txn for SqliteTxn {
     async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>> {
-        let row =
-            self.with(|c| c.prepare_cached("SELECT * FROM keys WHERE kid = ?1")?.query_row([kid], key_row).optional())?;
+        let row = self.with(|c| {
+            c.prepare_cached(concat!(select_keys!(), " WHERE kid = ?1"))?.query_row([kid], key_row).optional()
+        })?;
         Ok(row.map(KeyRecord::from))
     }
 
     async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>> {
         let rows = self.with(|c| {
-            c.prepare_cached("SELECT * FROM keys ORDER BY added_at, kid")?
+            c.prepare_cached(concat!(select_keys!(), " ORDER BY added_at, kid"))?
                 .query_map([], key_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })?;
@@ -695,7 +709,7 @@ impl Txn for SqliteTxn {
 
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
         let row = self.with(|c| {
-            c.prepare_cached(&format!("{ENTITY_COLUMNS} WHERE etype = ?1 AND eid = ?2"))?
+            c.prepare_cached(concat!(select_entities!(), " WHERE etype = ?1 AND eid = ?2"))?
                 .query_row(params![uid.ty, uid.id], |r| {
                     Ok(EntityRow {
                         etype: r.get(0)?,
@@ -721,7 +735,7 @@ impl Txn for SqliteTxn {
             let mut next = Vec::new();
             for chunk in level.chunks(16) {
                 let values = (0..chunk.len()).map(|i| format!("(?{}, ?{})", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>();
-                let sql = format!("{ENTITY_COLUMNS} WHERE (etype, eid) IN (VALUES {})", values.join(", "));
+                let sql = format!("{} WHERE (etype, eid) IN (VALUES {})", select_entities!(), values.join(", "));
                 let args: Vec<&str> = chunk.iter().flat_map(|u| [u.ty.as_str(), u.id.as_str()]).collect();
                 for e in self.entity_rows(&sql, &args)? {
                     next.extend(e.parents.iter().filter(|p| seen.insert((*p).clone())).cloned());
