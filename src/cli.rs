@@ -41,8 +41,8 @@ pub struct DbArgs {
     /// (each in its own savepoint; no call is answered before the group is durable).
     #[arg(long, global = true, env = "LOCKSTEP_SQLITE_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub sqlite_group_commit: bool,
-    /// SQLite: WAL pages after which a commit copies the WAL back into the database file
-    /// (its group waits for it). Larger: fewer, longer pauses (p99 down, p99.9 up).
+    /// SQLite: WAL pages after which the writer, between two groups, finishes the
+    /// checkpoint that a background connection runs every 100 ms, so the WAL starts over.
     #[arg(long, global = true, env = "LOCKSTEP_SQLITE_WAL_AUTOCHECKPOINT", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub sqlite_wal_autocheckpoint: u32,

@@ -16,7 +16,8 @@ pub struct StoreOptions {
     /// SQLite: concurrent write calls share one transaction and one fsync, each in its
     /// own savepoint, and are answered once it is durable (off: one fsync per call).
     pub group_commit: bool,
-    /// SQLite: WAL pages after which a commit checkpoints (SQLite's default is 1000).
+    /// SQLite: WAL pages after which the writer finishes the background checkpoint between
+    /// two groups, so the WAL starts over (1000, SQLite's own default threshold).
     pub wal_autocheckpoint: u32,
     /// PostgreSQL: the pool size of this instance.
     pub max_connections: u32,

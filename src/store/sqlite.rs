@@ -71,6 +71,10 @@ struct Writer {
     /// How long to wait for another process's write lock.
     busy_timeout: Duration,
     stats: Arc<Counters>,
+    /// Set by `checkpointer` when the WAL has grown past the threshold: the committer
+    /// finishes the checkpoint between two groups, so that the next group starts the WAL
+    /// over.
+    checkpoint_due: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Group commit counters (read without waiting for the writer).
@@ -137,6 +141,16 @@ impl Writer {
                 self.stats.calls.fetch_add(self.waiters.len().max(1) as u64, Ordering::Relaxed);
                 for w in self.waiters.drain(..) {
                     let _ = w.send(Ok(()));
+                }
+                if self.checkpoint_due.swap(false, Ordering::Relaxed) {
+                    // Between two groups (the next waits): copy the last frames of the WAL
+                    // so that the next transaction starts it over (see `checkpointer`).
+                    let conn = self.conn.clone();
+                    let copied =
+                        tokio::task::spawn_blocking(move || exec(&lock(&conn), "PRAGMA wal_checkpoint(PASSIVE)")).await;
+                    if let Ok(Err(e)) = copied {
+                        tracing::debug!(error = %e, "WAL checkpoint between groups failed; the next one retries");
+                    }
                 }
                 Ok(())
             }
@@ -214,6 +228,38 @@ async fn committer(writer: Weak<Mutex<Writer>>, wake: Arc<Notify>) {
     }
 }
 
+/// Keeps the WAL short without making a group wait for it: every 100 ms a `PASSIVE`
+/// checkpoint on a connection of its own copies the WAL back into the database file beside
+/// the writer. While the writer keeps appending, the WAL never starts over by itself, so
+/// once it holds `threshold` pages the committer is asked to copy the last few frames
+/// between two groups (a short pause instead of SQLite's own checkpoint of the whole WAL
+/// inside a commit). Ends with the store.
+async fn checkpointer(
+    writer: Weak<Mutex<Writer>>,
+    conn: Connection,
+    threshold: u32,
+    due: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let conn = Arc::new(std::sync::Mutex::new(conn));
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if writer.strong_count() == 0 {
+            return;
+        }
+        let c = conn.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            lock(&c).query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+        })
+        .await;
+        match result {
+            Ok(Ok((wal_pages, _copied))) if wal_pages >= i64::from(threshold) => due.store(true, Ordering::Relaxed),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "WAL checkpoint failed; the next one retries"),
+            Err(_) => return,
+        }
+    }
+}
+
 /// Opens a connection to the database file with the store's settings.
 fn connect(path: &Path, read_only: bool, busy: Duration) -> rusqlite::Result<Connection> {
     let mode = if read_only { OpenFlags::SQLITE_OPEN_READ_ONLY } else { OpenFlags::SQLITE_OPEN_READ_WRITE };
@@ -251,12 +297,13 @@ impl SqliteStore {
         sqlx::Connection::close(migrations).await?;
         let conn = connect(&path, false, Duration::ZERO)
             .and_then(|c| {
-                // The commit that fills the WAL past this many pages copies it back into the
-                // database (while its group waits): larger is rarer but longer.
-                c.pragma_update(None, "wal_autocheckpoint", i64::from(opts.wal_autocheckpoint))?;
+                // Checkpoints are run by `checkpointer`, not by the commit that fills the WAL.
+                c.pragma_update(None, "wal_autocheckpoint", 0)?;
                 Ok(c)
             })
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}`: {e}"))?;
+        let background = connect(&path, false, READER_BUSY_TIMEOUT)
+            .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}` for checkpoints: {e}"))?;
         let readers = Readers {
             idle: std::sync::Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(opts.read_connections.max(1) as usize)),
@@ -269,6 +316,7 @@ impl SqliteStore {
         let mut turnstile = path.into_os_string();
         turnstile.push(".writers");
         let stats = Arc::new(Counters::default());
+        let due = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = Arc::new(Mutex::new(Writer {
             conn: Arc::new(std::sync::Mutex::new(conn)),
             open: false,
@@ -277,9 +325,11 @@ impl SqliteStore {
             turnstile: turnstile.into(),
             busy_timeout: opts.busy_timeout,
             stats: stats.clone(),
+            checkpoint_due: due.clone(),
         }));
         let wake = Arc::new(Notify::new());
         tokio::spawn(committer(Arc::downgrade(&writer), wake.clone()));
+        tokio::spawn(checkpointer(Arc::downgrade(&writer), background, opts.wal_autocheckpoint, due));
         Ok(Self { writer, committer: wake, readers: Arc::new(readers), acquire_timeout: opts.acquire_timeout, stats })
     }
 }
