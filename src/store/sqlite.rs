@@ -758,20 +758,8 @@ impl Txn for SqliteTxn {
     }
 
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
-        let row = self.with(|c| {
-            c.prepare_cached(concat!(select_entities!(), " WHERE etype = ?1 AND eid = ?2"))?
-                .query_row(params![uid.ty, uid.id], |r| {
-                    Ok(EntityRow {
-                        etype: r.get(0)?,
-                        eid: r.get(1)?,
-                        attributes: r.get(2)?,
-                        parents: r.get(3)?,
-                        version: r.get(4)?,
-                    })
-                })
-                .optional()
-        })?;
-        row.map(EntityRecord::try_from).transpose()
+        let sql = concat!(select_entities!(), " WHERE etype = ?1 AND eid = ?2");
+        Ok(self.entity_rows(sql, &[&uid.ty, &uid.id])?.pop())
     }
 
     async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>> {

@@ -4,7 +4,7 @@
 use crate::common::*;
 use lockstep::grpc::pb;
 use serde_json::json;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn lockstep(db: &str, args: &[&str]) -> Output {
@@ -24,10 +24,6 @@ fn ok(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Bootstrap with the CLI, serve from another process, revoke a key with the CLI while
@@ -71,23 +67,8 @@ async fn cli_bootstrap_serve_revoke_and_sigterm() {
             .to_owned();
     assert_eq!(alice.split('.').count(), 3);
 
-    let port = free_port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args(["serve", "--database", &db, "--listen", &format!("127.0.0.1:{port}")])
-        .env("LOCKSTEP_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t0 = Instant::now();
-    let mut c = loop {
-        match tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await {
-            Ok(ch) => break pb::lockstep_client::LockstepClient::new(ch),
-            Err(_) if t0.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(e) => panic!("server did not start: {e}"),
-        }
-    };
+    let (mut server, _, ch) = serve_process(&db).await;
+    let mut c = pb::lockstep_client::LockstepClient::new(ch);
     let write = || commit_req(vec![update("UpdateItem", "Item", "doc1", json!({ "title": "cli" }), None)]);
     c.authorize_and_commit(authed(&alice, write())).await.unwrap();
 

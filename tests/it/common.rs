@@ -384,3 +384,25 @@ pub async fn audit(addr: SocketAddr) -> Vec<pb::AuditEvent> {
 pub fn wait() -> Duration {
     Duration::from_millis(20)
 }
+
+/// `lockstep serve --database URL` as a process of its own on a free port, and a channel
+/// to it once it answers.
+pub async fn serve_process(url: &str) -> (std::process::Child, SocketAddr, Channel) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["serve", "--database", url, "--listen", &format!("127.0.0.1:{port}")])
+        .env("LOCKSTEP_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        match Channel::from_shared(format!("http://{addr}")).unwrap().connect().await {
+            Ok(ch) => return (server, addr, ch),
+            Err(_) if t0.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("server did not start: {e}"),
+        }
+    }
+}

@@ -5,10 +5,9 @@
 use crate::common::*;
 use lockstep::grpc::pb;
 use serde_json::json;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic::Code;
 
 const WRITERS: usize = 48;
@@ -118,23 +117,7 @@ async fn answered_commits_survive_a_kill() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("kill.db").display());
     bootstrap_db(&url).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args(["serve", "--database", &url, "--listen", &format!("127.0.0.1:{port}")])
-        .env("LOCKSTEP_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t0 = Instant::now();
-    let ch = loop {
-        match tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await {
-            Ok(ch) => break ch,
-            Err(_) if t0.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(e) => panic!("server did not start: {e}"),
-        }
-    };
+    let (mut server, addr, ch) = serve_process(&url).await;
     let mut c = pb::lockstep_client::LockstepClient::new(ch);
     for w in 0..KILL_WRITERS {
         c.authorize_and_commit(authed(
