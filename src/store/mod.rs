@@ -323,6 +323,19 @@ impl From<LinkRow> for TemplateLink {
     }
 }
 
+/// The policy state as both stores read it: `max(version)` (NULL before any policy set)
+/// and the template-links generation.
+pub(crate) fn policy_state_of(version: Option<i64>, links: i64) -> PolicyState {
+    PolicyState { version: version.map(to_u64), links: to_u64(links) }
+}
+
+/// The columns of `revocations_and_policy`, in both stores' order.
+pub(crate) type CallStateRow = (Option<i64>, bool, Option<i64>, i64);
+
+pub(crate) fn call_state((subject_revoked_at, token_revoked, version, links): CallStateRow) -> CallState {
+    CallState { subject_revoked_at, token_revoked, policy: policy_state_of(version, links) }
+}
+
 pub(crate) fn json_err(e: serde_json::Error) -> StoreError {
     StoreError::Internal(format!("corrupt JSON in the database: {e}"))
 }

@@ -29,7 +29,8 @@
 //! engine. Read-only calls use a REPEATABLE READ snapshot and take no row locks.
 
 use super::{
-    AuditRow, EntityRow, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, json_err, to_i64, to_u64,
+    AuditRow, CallStateRow, EntityRow, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, call_state,
+    json_err, policy_state_of, to_i64, to_u64,
 };
 use crate::config::StoreOptions;
 use crate::model::{
@@ -283,24 +284,19 @@ impl Txn for PgTxn {
             self.lock_shared(&[subject_lock_key(subject)]).await?;
         }
         // A new statement, so (at READ COMMITTED) a new snapshot taken after the lock.
-        let (subject_revoked_at, token_revoked, version, links): (Option<i64>, bool, Option<i64>, i64) =
-            sqlx::query_as(
-                "SELECT (SELECT revoked_at_secs FROM subjects WHERE etype = $1 AND eid = $2),
+        let row: CallStateRow = sqlx::query_as(
+            "SELECT (SELECT revoked_at_secs FROM subjects WHERE etype = $1 AND eid = $2),
                         EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $3),
                         (SELECT max(version) FROM policies),
                         (SELECT generation FROM policy_links_meta WHERE id = 1)",
-            )
-            .bind(&subject.ty)
-            .bind(&subject.id)
-            .bind(token_id)
-            .fetch_one(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
-        Ok(CallState {
-            subject_revoked_at,
-            token_revoked,
-            policy: PolicyState { version: version.map(to_u64), links: to_u64(links) },
-        })
+        )
+        .bind(&subject.ty)
+        .bind(&subject.id)
+        .bind(token_id)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(call_state(row))
     }
 
     async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()> {
@@ -326,7 +322,7 @@ impl Txn for PgTxn {
         .fetch_one(&mut *self.tx)
         .await
         .map_err(map_err)?;
-        Ok(PolicyState { version: version.map(to_u64), links: to_u64(links) })
+        Ok(policy_state_of(version, links))
     }
 
     async fn policy_links(&mut self) -> StoreResult<Vec<TemplateLink>> {

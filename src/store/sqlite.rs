@@ -23,8 +23,8 @@
 //! is seen by the members after it, which commit (or fail) together with it.
 
 use super::{
-    AuditRow, EntityRow, GroupCommitStats, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, json_err,
-    to_i64, to_u64,
+    AuditRow, CallStateRow, EntityRow, GroupCommitStats, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult,
+    Txn, call_state, json_err, policy_state_of, to_i64, to_u64,
 };
 use crate::config::StoreOptions;
 use crate::model::{
@@ -644,7 +644,7 @@ impl Txn for SqliteTxn {
     }
 
     async fn revocations_and_policy(&mut self, subject: &Uid, token_id: &str) -> StoreResult<CallState> {
-        let (subject_revoked_at, token_revoked, version, links) = self.with(|c| {
+        let row: CallStateRow = self.with(|c| {
             c.prepare_cached(
                 "SELECT (SELECT revoked_at_secs FROM revoked_subjects WHERE etype = ?1 AND eid = ?2),
                         EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = ?3),
@@ -660,11 +660,7 @@ impl Txn for SqliteTxn {
                 ))
             })
         })?;
-        Ok(CallState {
-            subject_revoked_at,
-            token_revoked,
-            policy: PolicyState { version: version.map(to_u64), links: to_u64(links) },
-        })
+        Ok(call_state(row))
     }
 
     async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()> {
@@ -685,7 +681,7 @@ impl Txn for SqliteTxn {
             )?
             .query_row([], |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?)))
         })?;
-        Ok(PolicyState { version: version.map(to_u64), links: to_u64(links) })
+        Ok(policy_state_of(version, links))
     }
 
     async fn policy_links(&mut self) -> StoreResult<Vec<TemplateLink>> {

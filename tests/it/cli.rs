@@ -16,6 +16,22 @@ fn lockstep(db: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `lockstep policies put` of the quickstart's policies and schema.
+fn put_quickstart_policies(db: &str) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    ok(&lockstep(
+        db,
+        &[
+            "policies",
+            "put",
+            "--policies",
+            &format!("{root}/examples/quickstart/policies.cedar"),
+            "--schema",
+            &format!("{root}/examples/quickstart/schema.cedarschema"),
+        ],
+    ));
+}
+
 fn ok(o: &Output) -> String {
     assert!(
         o.status.success(),
@@ -48,17 +64,7 @@ async fn cli_bootstrap_serve_revoke_and_sigterm() {
     let o = lockstep(&db, &["policies", "put", "--policies", bad.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("2:"), "{o:?}");
-    ok(&lockstep(
-        &db,
-        &[
-            "policies",
-            "put",
-            "--policies",
-            &format!("{root}/examples/quickstart/policies.cedar"),
-            "--schema",
-            &format!("{root}/examples/quickstart/schema.cedarschema"),
-        ],
-    ));
+    put_quickstart_policies(&db);
     assert!(ok(&lockstep(&db, &["policies", "get"])).contains("owner-manages-item"));
     ok(&lockstep(&db, &["entities", "import", "--file", &format!("{root}/examples/quickstart/entities.json")]));
     let alice =
@@ -98,17 +104,7 @@ async fn cli_rotation_and_jwks_import() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("rot.db").display());
     let root = env!("CARGO_MANIFEST_DIR");
-    ok(&lockstep(
-        &db,
-        &[
-            "policies",
-            "put",
-            "--policies",
-            &format!("{root}/examples/quickstart/policies.cedar"),
-            "--schema",
-            &format!("{root}/examples/quickstart/schema.cedarschema"),
-        ],
-    ));
+    put_quickstart_policies(&db);
     ok(&lockstep(&db, &["entities", "import", "--file", &format!("{root}/examples/quickstart/entities.json")]));
     assert!(!lockstep(&db, &["token", "issue", "--sub", "alice"]).status.success(), "no signing key yet");
     ok(&lockstep(&db, &["keys", "rotate", "--kid", "r1", "--alg", "EdDSA"]));
