@@ -24,6 +24,18 @@ const BENCH_POLICIES: &str = r#"
   when { resource.hot };
 "#;
 
+/// The bench data's schema: it declares UpdateItem a write action (updates only).
+const BENCH_SCHEMA: &str = r#"
+type Token = { sub: String, iss: String, aud: String, jti: String, iat: Long, exp: Long, scopes: Set<String>, claims: {} };
+type Change = { kind: String, changed_attributes: Set<String>, proposed: { owner: User, hot: Bool, n: Long },
+  added_parents: Set<User>, removed_parents: Set<User> };
+entity User;
+entity Item = { owner: User, hot: Bool, n: Long };
+action ReadItem appliesTo { principal: User, resource: Item, context: { token: Token } };
+action UpdateItem in [Lockstep::Action::"UpdateEntity"] appliesTo { principal: User, resource: Item, context: { token: Token, change: Change } };
+namespace Lockstep { action UpdateEntity; }
+"#;
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchPlan {
@@ -55,7 +67,7 @@ pub async fn seed(engine: &Engine, subjects: usize) -> anyhow::Result<KeyRecord>
     if engine.get_policies(Caller::Operator, CallOptions::default()).await?.is_some() {
         bail!("`lockstep bench` seeds its own data: give it an empty database (it has policies already)");
     }
-    engine.put_policies(Caller::Operator, BENCH_POLICIES, "", CallOptions::default()).await?;
+    engine.put_policies(Caller::Operator, BENCH_POLICIES, BENCH_SCHEMA, false, CallOptions::default()).await?;
     let key = KeyRecord {
         kid: "bench".into(),
         algorithm: "HS256".into(),

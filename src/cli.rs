@@ -544,7 +544,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                         None => String::new(),
                     };
-                    let (version, seq) = engine.put_policies(Caller::Operator, &text, &schema_text, OP).await?;
+                    let (version, seq) = engine.put_policies(Caller::Operator, &text, &schema_text, false, OP).await?;
                     println!("policy version {version} active (audit seq {seq})");
                 }
                 PoliciesCommand::Get { schema_out } => match engine.get_policies(Caller::Operator, OP).await? {
@@ -651,7 +651,7 @@ const QUICKSTART_ENTITIES: &str = include_str!("../examples/quickstart/entities.
 /// Seeds the quickstart (once per database) and prints tokens and grpcurl commands.
 async fn demo(engine: &Engine, addr: &SocketAddr) -> anyhow::Result<()> {
     if engine.get_policies(Caller::Operator, OP).await?.is_none() {
-        engine.put_policies(Caller::Operator, QUICKSTART_POLICIES, QUICKSTART_SCHEMA, OP).await?;
+        engine.put_policies(Caller::Operator, QUICKSTART_POLICIES, QUICKSTART_SCHEMA, false, OP).await?;
         engine.import_entities(parse_entities(QUICKSTART_ENTITIES)?).await?;
     }
     let key = match engine.operator_key("demo").await {

@@ -9,7 +9,7 @@ use crate::model::{
     Attributes, AuditEvent, AuditKind, Change, CommitRequest, CommitResult, Decision, EntityRecord, KeyRecord,
     Mutation, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid, now_micros,
 };
-use crate::policy::{self, CompiledPolicies};
+use crate::policy::{self, CompiledPolicies, WriteKind};
 use crate::store::{Store, StoreError, Txn};
 use crate::token::{self, VerifiedToken};
 use serde_json::{Map, Value, json};
@@ -67,8 +67,17 @@ fn event(kind: AuditKind, token: Option<&VerifiedToken>, detail: String) -> NewA
 
 /// The result of evaluating and applying one mutation: a denial is a value.
 enum Step {
-    Applied { entity: EntityRecord, decision: Decision },
-    Denied { decision: Decision, reason: String },
+    Applied {
+        entity: EntityRecord,
+        decision: Decision,
+    },
+    /// `reason` is audited; `explain`, when set, is also told to the caller (it depends on
+    /// nothing but the request and the policy set, so it reveals no entity's existence).
+    Denied {
+        decision: Decision,
+        reason: String,
+        explain: Option<String>,
+    },
 }
 
 pub struct Engine {
@@ -88,6 +97,31 @@ pub struct Engine {
     /// Tokens already verified under a key's exact material (times and revocation are
     /// still checked on every call).
     verified: token::VerifyCache,
+}
+
+/// The policy set the current attempt of a call compiled, and whether the attempt's
+/// transaction committed (see `Engine::run`).
+#[derive(Default)]
+struct CompiledInCall {
+    set: Option<Arc<CompiledPolicies>>,
+    committed: bool,
+}
+
+tokio::task_local! {
+    static COMPILED_IN_CALL: Arc<Mutex<CompiledInCall>>;
+}
+
+fn with_compiled_in_call(f: impl FnOnce(&mut CompiledInCall)) {
+    let _ = COMPILED_IN_CALL.try_with(|slot| {
+        if let Ok(mut c) = slot.lock() {
+            f(&mut c);
+        }
+    });
+}
+
+/// Each attempt of a call starts with nothing compiled.
+fn forget_compiled_in_call() {
+    with_compiled_in_call(|c| *c = CompiledInCall::default());
 }
 
 /// How many verified tokens are remembered.
@@ -215,13 +249,13 @@ impl Engine {
                     }
                     entities.push(entity);
                 }
-                Step::Denied { decision, reason } => {
+                Step::Denied { decision, reason, explain } => {
                     txn.rollback_to_savepoint().await?;
-                    let what = format!("mutation {i} ({} `{}` on {})", m.change.kind(), m.action, m.resource);
+                    let what = format!("mutation {i} ({} `{}` on {})", m.change.kind(), short(&m.action), m.resource);
                     let errors = if decision.errors.is_empty() {
                         String::new()
                     } else {
-                        format!("; errors: {}", decision.errors.join("; "))
+                        format!("; errors: {}", cut(&decision.errors.join("; "), 1024))
                     };
                     let detail = format!(
                         "{what} denied: {reason}; determining policies: [{}]{errors}",
@@ -229,8 +263,10 @@ impl Engine {
                     );
                     let deny = event(AuditKind::Deny, Some(&token), detail).mutations(req.mutations.clone());
                     txn.append_audit(&deny, now).await?;
-                    let message =
-                        format!("{what} is not permitted, or its entity does not exist; nothing was committed");
+                    let message = match explain {
+                        Some(why) => format!("{what} is not permitted: {why}; nothing was committed"),
+                        None => format!("{what} is not permitted, or its entity does not exist; nothing was committed"),
+                    };
                     let answer = if self.settings.reveal_determining_policies {
                         Error::DeniedExplained { message, mutation: i, policies: decision.determining_policies }
                     } else {
@@ -263,11 +299,23 @@ impl Engine {
         m: &Mutation,
     ) -> Result<Step> {
         let action = policy::action_uid(&m.action).map_err(Error::InvalidArgument)?;
-        let current = txn.entity(&m.resource).await?;
-        let missing = || Step::Denied {
-            decision: Decision { allowed: false, determining_policies: Vec::new(), errors: Vec::new() },
-            reason: "entity does not exist".into(),
+        let kind = match &m.change {
+            Change::Create { .. } => WriteKind::Create,
+            Change::Update { .. } => WriteKind::Update,
+            Change::Delete => WriteKind::Delete,
         };
+        let nothing = || Decision { allowed: false, determining_policies: Vec::new(), errors: Vec::new() };
+        if !policies.may_write(&action, kind) {
+            let why = format!(
+                "action `{}` is not declared to {} entities: the schema must place it in {}",
+                short(&m.action),
+                m.change.kind(),
+                kind.group_name()
+            );
+            return Ok(Step::Denied { decision: nothing(), reason: why.clone(), explain: Some(why) });
+        }
+        let current = txn.entity(&m.resource).await?;
+        let missing = || Step::Denied { decision: nothing(), reason: "entity does not exist".into(), explain: None };
 
         // The Cedar resource (proposed for create, current otherwise), the entity as it
         // will be after the change, and the server-set `change` context.
@@ -320,12 +368,18 @@ impl Engine {
         let mut wanted = vec![token.principal.clone()];
         wanted.extend(resource.parents.iter().cloned());
         let loaded = txn.entities_with_ancestors(&wanted).await?;
+        if matches!(m.change, Change::Create { .. }) && !resource.parents.is_empty() {
+            // The proposed entity takes part in the evaluation: a cycle must be refused first.
+            let ancestors = txn.entities_with_ancestors(&resource.parents).await?;
+            refuse_cycle(&resource.uid, &resource.parents, &ancestors.iter().collect::<Vec<_>>())?;
+        }
         let mut all: Vec<&EntityRecord> = loaded.iter().collect();
         all.push(&resource);
         let ctx = build_context(caller_context, token, Some(change))?;
         let decision = policies.evaluate(&token.principal, &action, &m.resource, ctx, &all).map_err(Error::Internal)?;
         if !decision.allowed {
-            return Ok(Step::Denied { decision, reason: "no policy permits it, or a policy forbids it".into() });
+            let reason = "no policy permits it, or a policy forbids it".into();
+            return Ok(Step::Denied { decision, reason, explain: None });
         }
 
         let exists = || Error::AlreadyExists(format!("entity {} already exists; nothing was committed", m.resource));
@@ -354,6 +408,11 @@ impl Engine {
                 if matches!(m.change, Change::Delete) {
                     txn.delete_entity(&m.resource).await?;
                 } else {
+                    let added: Vec<Uid> = after.parents.iter().filter(|p| !cur.parents.contains(p)).cloned().collect();
+                    if !added.is_empty() {
+                        let ancestors = txn.entities_with_ancestors(&added).await?;
+                        refuse_cycle(&after.uid, &added, &ancestors.iter().collect::<Vec<_>>())?;
+                    }
                     txn.update_entity(&after).await?;
                 }
             }
@@ -376,7 +435,7 @@ impl Engine {
         opts: CallOptions,
     ) -> Result<Decision> {
         let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
-        policy::entity_uid(resource).map_err(Error::InvalidArgument)?;
+        self.check_uid(resource).map_err(|e| Error::InvalidArgument(format!("resource: {e}")))?;
         self.check_value_sizes(context, "context")?;
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
@@ -396,7 +455,7 @@ impl Engine {
     /// An authorized read of one entity; denied and missing are the same answer.
     pub async fn get_entity(&self, raw: &str, uid: &Uid, action: &str, opts: CallOptions) -> Result<EntityRecord> {
         let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
-        policy::entity_uid(uid).map_err(Error::InvalidArgument)?;
+        self.check_uid(uid).map_err(|e| Error::InvalidArgument(format!("uid: {e}")))?;
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
             let mut txn = self.store.read().await?;
@@ -514,8 +573,12 @@ impl Engine {
             } else {
                 let policies = self.policies_at(&mut *txn, state).await?;
                 self.require(&mut *txn, &policies, &token, "RevokeToken", &service_uid()).await?;
+                // Every token this jti can name expires within the maximum lifetime (longer
+                // ones are refused), so the revocation is kept at least that long: an
+                // `expires_at` can lengthen it, never end it before its token.
                 let max = i64::try_from(self.settings.max_token_lifetime_secs).unwrap_or(i64::MAX);
-                let keep_until = expires_at_secs.unwrap_or(now / 1_000_000 + max).saturating_add(leeway);
+                let outlives_every_token = (now / 1_000_000).saturating_add(max);
+                let keep_until = expires_at_secs.unwrap_or(0).max(outlives_every_token).saturating_add(leeway);
                 txn.revoke_token(jti, None, keep_until, now).await?;
             }
             let target = if jti.is_empty() { token.token_id.as_str() } else { jti };
@@ -530,7 +593,7 @@ impl Engine {
     /// `subject` is None (always allowed), else Lockstep::Action::"RevokeSubject" on it.
     pub async fn revoke_subject(&self, raw: &str, subject: Option<&Uid>, opts: CallOptions) -> Result<u64> {
         if let Some(s) = subject {
-            policy::entity_uid(s).map_err(Error::InvalidArgument)?;
+            self.check_uid(s).map_err(|e| Error::InvalidArgument(format!("subject: {e}")))?;
         }
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
@@ -542,8 +605,14 @@ impl Engine {
                 let policies = self.policies_at(&mut *txn, state).await?;
                 self.require(&mut *txn, &policies, &token, "RevokeSubject", &target).await?;
             }
-            txn.revoke_subject(&target, now / 1_000_000).await?;
-            let detail = format!("revoked every token of {target} issued until now");
+            // A token is accepted with `iat` up to the leeway ahead of this server's clock,
+            // and another instance's clock may itself be up to the leeway ahead: the cutoff
+            // covers both, so no token accepted anywhere at this moment survives. (Tokens
+            // issued in that window after the call are refused too: fail closed.)
+            let leeway = i64::try_from(self.settings.leeway_secs).unwrap_or(60);
+            let cutoff = (now / 1_000_000).saturating_add(2 * leeway);
+            txn.revoke_subject(&target, cutoff).await?;
+            let detail = format!("revoked every token of {target} issued until {cutoff} (now + 2 × leeway)");
             let seq = txn.append_audit(&event(AuditKind::RevokeSubject, Some(&token), detail), now).await?;
             Ok((txn, Ok(seq)))
         })
@@ -554,15 +623,18 @@ impl Engine {
     // Control plane (RPC callers with a token, or the operator's CLI)
     // ---------------------------------------------------------------------------------
 
-    /// Validates and activates a new policy set (Lockstep::Action::"PutPolicies").
+    /// Validates and activates a new policy set (Lockstep::Action::"PutPolicies"). A set
+    /// that would deny the calling bearer its own PutPolicies (an empty set, say) is
+    /// refused unless `allow_lockout`: only the operator's CLI could undo it.
     pub async fn put_policies(
         &self,
         caller: Caller<'_>,
         policies: &str,
         schema: &str,
+        allow_lockout: bool,
         opts: CallOptions,
     ) -> Result<(u64, u64)> {
-        self.put_policies_noted(caller, policies, schema, opts, "").await
+        self.put_policies_noted(caller, policies, schema, allow_lockout, opts, "").await
     }
 
     async fn put_policies_noted(
@@ -570,6 +642,7 @@ impl Engine {
         caller: Caller<'_>,
         policies: &str,
         schema: &str,
+        allow_lockout: bool,
         opts: CallOptions,
         note: &str,
     ) -> Result<(u64, u64)> {
@@ -580,23 +653,34 @@ impl Engine {
             )));
         }
         refuse_nul("policies and schema", &[policies, schema])?;
-        // Compiled before the transaction (it is pure); reported only after the caller
-        // is authenticated and authorized. The next transaction compiles the active set
-        // with the links it reads itself.
-        let compiled = policy::compile(0, policies, schema);
         self.run(opts, || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();
             let token = self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
-            let compiled = compiled.as_ref().map_err(|e| {
+            // Untrusted text is parsed only once its sender is authenticated and allowed
+            // to put policies (and `compile` bounds it before Cedar's parser sees it).
+            let compiled = policy::compile(0, policies, schema).map_err(|e| {
                 Error::InvalidArgument(format!("policies are invalid; the active set is unchanged:\n{e}"))
             })?;
             let links = txn.policy_links().await?;
-            compiled.with_links(&links, 0).map_err(|e| {
+            let linked = compiled.with_links(&links, 0).map_err(|e| {
                 Error::InvalidArgument(format!(
                     "the new policy set does not fit the template links in use ({e}); unlink first; the active set is unchanged"
                 ))
             })?;
+            if let Some(t) = token.as_deref().filter(|_| !allow_lockout) {
+                match self.require(&mut *txn, &linked, t, "PutPolicies", &service_uid()).await {
+                    Err(Error::Denied(_)) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "the new policy set would deny {} Lockstep::Action::\"PutPolicies\", locking you out \
+                             (only `lockstep policies rollback` on the database could undo it); the active set is \
+                             unchanged; send `allow_lockout: true` if you mean it",
+                            t.principal
+                        )));
+                    }
+                    other => other?,
+                }
+            }
             let version = txn.insert_policies(policies, schema, now).await?;
             let detail = operator_note(caller, format!("policy version {version}{note}"));
             let seq = txn.append_audit(&event(AuditKind::PutPolicies, token.as_deref(), detail), now).await?;
@@ -610,9 +694,9 @@ impl Engine {
     /// the template has no resource slot). Takes effect atomically: every transaction
     /// that commits after this returns decides with the link.
     pub async fn link_template(&self, caller: Caller<'_>, link: TemplateLink, opts: CallOptions) -> Result<u64> {
-        refuse_nul("link_id", &[&link.link_id])?;
-        if link.link_id.is_empty() || link.link_id.len() > 256 {
-            return Err(Error::InvalidArgument("link_id must be 1 to 256 bytes".into()));
+        refuse_nul("link_id and template_id", &[&link.link_id, &link.template_id])?;
+        if link.link_id.is_empty() || link.link_id.len() > 256 || link.template_id.len() > 256 {
+            return Err(Error::InvalidArgument("link_id and template_id must be 1 to 256 bytes".into()));
         }
         for u in link.principal.iter().chain(link.resource.iter()) {
             self.check_uid(u).map_err(Error::InvalidArgument)?;
@@ -646,6 +730,9 @@ impl Engine {
 
     /// Removes a template link (Lockstep::Action::"LinkTemplate" on its resource).
     pub async fn unlink_template(&self, caller: Caller<'_>, link_id: &str, opts: CallOptions) -> Result<u64> {
+        if link_id.is_empty() || link_id.len() > 256 {
+            return Err(Error::InvalidArgument("link_id must be 1 to 256 bytes".into()));
+        }
         self.run(opts, || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();
@@ -705,6 +792,7 @@ impl Engine {
             caller,
             &old.policies,
             &old.schema,
+            false,
             CallOptions::default(),
             &format!(" (rollback to version {to})"),
         )
@@ -753,6 +841,9 @@ impl Engine {
 
     /// Revokes a key: once this returns, no token signed with it is accepted.
     pub async fn revoke_key(&self, caller: Caller<'_>, kid: &str, opts: CallOptions) -> Result<u64> {
+        if kid.is_empty() || kid.len() > 256 {
+            return Err(Error::InvalidArgument("kid must be 1 to 256 bytes".into()));
+        }
         self.run(opts, || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();
@@ -793,7 +884,19 @@ impl Engine {
     /// Writes entities directly (operator bootstrap: `entities import`, the demo),
     /// creating or replacing each, validated and audited as one commit.
     pub async fn import_entities(&self, entities: Vec<EntityRecord>) -> Result<u64> {
-        for e in &entities {
+        // The same checks as a create over RPC: this is a way in too.
+        if entities.is_empty() {
+            return Err(Error::InvalidArgument("no entities to import: the file holds an empty list".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, e) in entities.iter().enumerate() {
+            let at = |m: String| Error::InvalidArgument(format!("entity {i} ({}): {m}", short(&e.uid.to_string())));
+            self.check_uid(&e.uid).map_err(at)?;
+            if !seen.insert(e.uid.clone()) {
+                return Err(at("listed twice".into()));
+            }
+            e.parents.iter().try_for_each(|p| self.check_uid(p)).map_err(at)?;
+            check_values(&e.attributes, self.settings.max_value_depth).map_err(at)?;
             self.check_attributes(e)?;
             policy::check_entity(e).map_err(Error::InvalidArgument)?;
         }
@@ -815,6 +918,10 @@ impl Engine {
                     }
                 }
                 written.push(e);
+            }
+            for e in &written {
+                let ancestors = txn.entities_with_ancestors(&e.parents).await?;
+                refuse_cycle(&e.uid, &e.parents, &ancestors.iter().collect::<Vec<_>>())?;
             }
             let detail = format!("imported {} entities (cli)", written.len());
             let seq = txn.append_audit(&event(AuditKind::Commit, None, detail).entities(written), now).await?;
@@ -988,7 +1095,25 @@ impl Engine {
     /// of times. Nothing is committed after the caller's deadline: an attempt still
     /// running then is dropped (its transaction rolls back) and the commit itself is
     /// only started before the deadline.
-    async fn run<T, F, Fut>(&self, opts: CallOptions, mut attempt: F) -> Result<T>
+    async fn run<T, F, Fut>(&self, opts: CallOptions, attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Prepared<T>>>,
+    {
+        // A policy set compiled inside a transaction may be one that transaction cannot see
+        // committed yet (SQLite group commit: a PutPolicies earlier in the same group). It
+        // is cached only once the call's transaction has committed, so a set whose group
+        // failed to commit can never be served under a version number that a different set
+        // takes later.
+        let compiled = Arc::new(Mutex::new(CompiledInCall::default()));
+        let answer = COMPILED_IN_CALL.scope(compiled.clone(), self.run_attempts(opts, attempt)).await;
+        if let Some(c) = compiled.lock().ok().and_then(|mut c| if c.committed { c.set.take() } else { None }) {
+            self.remember(c);
+        }
+        answer
+    }
+
+    async fn run_attempts<T, F, Fut>(&self, opts: CallOptions, mut attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Prepared<T>>>,
@@ -997,6 +1122,7 @@ impl Engine {
         let mut refreshed = false;
         loop {
             tries += 1;
+            forget_compiled_in_call();
             let prepared = match opts.deadline {
                 Some(d) => tokio::time::timeout_at(d, attempt()).await.unwrap_or(Err(Error::DeadlineExceeded)),
                 None => attempt().await,
@@ -1006,7 +1132,10 @@ impl Engine {
                     if opts.deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(Error::DeadlineExceeded);
                     }
-                    txn.commit().await.map(|()| answer)
+                    txn.commit().await.map(|()| {
+                        with_compiled_in_call(|c| c.committed = true);
+                        answer
+                    })
                 }
                 Err(Error::Retry(m)) => Err(StoreError::Retry(m)),
                 Err(Error::UnknownKey(m)) => {
@@ -1102,7 +1231,8 @@ impl Engine {
             base.with_links(&links, state.links)
                 .map_err(|e| Error::Internal(format!("stored template links do not fit version {version}: {e}")))?,
         );
-        self.remember(compiled.clone());
+        // Remembered by `run` once this call's transaction has committed.
+        with_compiled_in_call(|c| c.set = Some(compiled.clone()));
         Ok(compiled)
     }
 
@@ -1211,6 +1341,9 @@ impl Engine {
                 self.settings.max_id_bytes
             ));
         }
+        if uid.ty == "Action" || uid.ty.ends_with("::Action") {
+            return Err(format!("{uid} is an action: action entities come from the schema, not from entity data"));
+        }
         policy::entity_uid(uid).map(|_| ())
     }
 
@@ -1248,6 +1381,12 @@ impl Engine {
         if key.required_typ.len() > 64 || key.max_lifetime_secs < 0 {
             return bad("required_typ must be at most 64 bytes and max lifetime not negative".into());
         }
+        if key.issuer.len() > 1024 || key.audience.len() > 1024 || key.principal_type.len() > 256 {
+            return bad("issuer and audience must be at most 1024 bytes, principal_type at most 256".into());
+        }
+        if key.public_key_pem.len() > 16 * 1024 || key.secret.len() > 1024 || key.jwk.len() > 16 * 1024 {
+            return bad("public_key_pem and jwk must be at most 16 KiB, secret at most 1 KiB".into());
+        }
         let hmac = key.algorithm.starts_with("HS");
         if hmac && !key.public_key_pem.is_empty() {
             return bad(format!("{} keys take `secret`, not `public_key_pem`", key.algorithm));
@@ -1266,6 +1405,54 @@ fn refuse_nul(what: &str, values: &[&str]) -> Result<()> {
         return Err(Error::InvalidArgument(format!("{what} must not contain NUL")));
     }
     Ok(())
+}
+
+/// Attribute values as an RPC would carry them (see `grpc::convert`): nested at most
+/// `max_depth` deep, no `null`, numbers integers within ±2^53. Without recursion.
+fn check_values(attributes: &Attributes, max_depth: usize) -> std::result::Result<(), String> {
+    const MAX_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
+    let mut stack: Vec<(&str, &Value, usize)> = attributes.iter().map(|(k, v)| (k.as_str(), v, 1)).collect();
+    while let Some((name, v, depth)) = stack.pop() {
+        if depth > max_depth {
+            return Err(format!("attribute `{}` nests deeper than {max_depth} levels", short(name)));
+        }
+        match v {
+            Value::Null => return Err(format!("attribute `{}` is null; Cedar has no null", short(name))),
+            Value::Number(n) if !n.as_i64().is_some_and(|n| n.abs() <= MAX_SAFE_INTEGER) => {
+                return Err(format!("attribute `{}` is {n}: numbers must be integers within ±2^53", short(name)));
+            }
+            Value::Array(a) => stack.extend(a.iter().map(|x| (name, x, depth + 1))),
+            Value::Object(o) => stack.extend(o.values().map(|x| (name, x, depth + 1))),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Refuses parents that would make `uid` its own ancestor: `ancestors` are the parents'
+/// stored entities and all their ancestors (an entity that lists `uid` as a parent, even
+/// before `uid` exists, closes the cycle too).
+fn refuse_cycle(uid: &Uid, parents: &[Uid], ancestors: &[&EntityRecord]) -> Result<()> {
+    if parents.contains(uid) || ancestors.iter().any(|a| a.uid == *uid || a.parents.contains(uid)) {
+        return Err(Error::InvalidArgument(format!(
+            "these parents would make {uid} its own ancestor (a parent cycle); nothing was committed"
+        )));
+    }
+    Ok(())
+}
+
+/// Caller text quoted in messages and audit details, cut to a short prefix (the full
+/// request is in the event's mutations already; a detail never repeats it at length).
+fn short(s: &str) -> String {
+    cut(s, 128)
+}
+
+/// `s` cut to at most `max` characters (marked with `…` when cut).
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_owned(),
+        Some((i, _)) => format!("{}…", &s[..i]),
+    }
 }
 
 /// `(CLI)` marks what the operator did on the database directly.

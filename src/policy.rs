@@ -20,6 +20,9 @@ pub struct CompiledPolicies {
     pub schema: Option<Schema>,
     /// Action entities declared by the schema (so `action in Action::"group"` works).
     action_entities: Vec<cedar_policy::Entity>,
+    /// The actions the schema declares as write actions, with the kinds of change each
+    /// may carry (see `WriteKind`). Empty without a schema: then nothing may write.
+    write_actions: HashMap<String, Vec<WriteKind>>,
 }
 
 /// Messages of a policy or schema that does not compile, each `line:column: message`.
@@ -61,9 +64,120 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// The largest policy text or schema text Lockstep compiles (the RPC request limit).
+pub const MAX_TEXT_BYTES: usize = 1024 * 1024;
+/// How deep brackets (`(`, `[`, `{`, and `<` in schemas) may nest in policy or schema text.
+/// Checked before Cedar's recursive parser sees the text.
+pub const MAX_TEXT_NESTING: usize = 32;
+/// How deep a parsed policy's expression may nest (measured on Cedar's JSON form of the
+/// policy, where each operator adds a level or two). Deeper policies — long `&&` chains,
+/// nested `if`s, which need no brackets — are refused, so that evaluating a stored policy
+/// can never exhaust a server thread's stack.
+pub const MAX_POLICY_DEPTH: usize = 160;
+/// How many operator characters (`&|+-*=!<>.`) and operator keywords (`if`, `in`, `has`,
+/// `like`, `is`) one policy statement may hold: operator chains nest without brackets.
+pub const MAX_POLICY_OPERATORS: usize = 2000;
+/// The stack Cedar's parser and validator run on: far more than any text within the
+/// bounds above needs, so a hostile text is refused, never a crash.
+const COMPILER_STACK_BYTES: usize = 256 * 1024 * 1024;
+
+/// Refuses `text` when it is too large or its brackets nest too deep, without recursion
+/// (string literals and `//` comments are skipped). `what` names the text in the message.
+pub fn check_text_bounds(text: &str, what: &str, brackets: &[u8]) -> Result<(), CompileErrors> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(CompileErrors(vec![format!("{what} is {} bytes; at most {MAX_TEXT_BYTES}", text.len())]));
+    }
+    let count_operators = !brackets.contains(&b'<');
+    let b = text.as_bytes();
+    let (mut depth, mut i, mut operators) = (0usize, 0usize, 0usize);
+    while i < b.len() {
+        if count_operators && operators > MAX_POLICY_OPERATORS {
+            let (line, col) = line_col(text, i);
+            return Err(CompileErrors(vec![format!(
+                "{line}:{col}: a policy holds more than {MAX_POLICY_OPERATORS} operators; split it into several policies"
+            )]));
+        }
+        match b[i] {
+            b';' if depth == 0 => operators = 0,
+            b'&' | b'|' | b'+' | b'-' | b'*' | b'=' | b'!' | b'<' | b'>' | b'.' => operators += 1,
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while i + 1 < b.len() && (b[i + 1].is_ascii_alphanumeric() || b[i + 1] == b'_') {
+                    i += 1;
+                }
+                if matches!(&b[start..=i], b"if" | b"in" | b"has" | b"like" | b"is") {
+                    operators += 1;
+                }
+            }
+            _ => {}
+        }
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            c if brackets.contains(&c) => {
+                depth += 1;
+                if depth > MAX_TEXT_NESTING {
+                    let (line, col) = line_col(text, i);
+                    return Err(CompileErrors(vec![format!(
+                        "{line}:{col}: {what} nests brackets more than {MAX_TEXT_NESTING} deep; simplify the expression"
+                    )]));
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'>' if brackets.contains(&b'<') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The depth of a JSON value, without recursion.
+fn json_depth(v: &Value) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        max = max.max(d);
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// Parses `policies` (naming each policy by its `@id("…")` annotation when it has one),
 /// and when `schema` is not empty parses it and validates the policies strictly.
+///
+/// Untrusted text: its size and bracket nesting are bounded before Cedar parses it, the
+/// parser and validator run on a thread with a large stack, and parsed policies nested
+/// deeper than `MAX_POLICY_DEPTH` are refused (see the constants above).
 pub fn compile(version: u64, policies: &str, schema: &str) -> Result<CompiledPolicies, CompileErrors> {
+    check_text_bounds(policies, "policy text", b"([{")?;
+    check_text_bounds(schema, "schema", b"([{<")?;
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("cedar-compile".into())
+            .stack_size(COMPILER_STACK_BYTES)
+            .spawn_scoped(scope, || compile_bounded(version, policies, schema))
+            .map_err(|e| CompileErrors(vec![format!("cannot start the policy compiler: {e}")]))?
+            .join()
+            .unwrap_or_else(|_| Err(CompileErrors(vec!["the policy compiler failed on this text".into()])))
+    })
+}
+
+/// `compile` after the text bounds, on the compiler's thread.
+fn compile_bounded(version: u64, policies: &str, schema: &str) -> Result<CompiledPolicies, CompileErrors> {
     let parsed = PolicySet::from_str(policies).map_err(|e| {
         let mut out = Vec::new();
         for err in e.iter() {
@@ -91,9 +205,22 @@ pub fn compile(version: u64, policies: &str, schema: &str) -> Result<CompiledPol
             errors.push(format!("{e} (two policies share an `@id`)"));
         }
     }
+    for t in set.templates() {
+        let depth = t.to_json().map(|j| json_depth(&j)).unwrap_or(usize::MAX);
+        if depth > MAX_POLICY_DEPTH {
+            errors.push(format!("template `{}` nests {depth} levels deep; at most {MAX_POLICY_DEPTH}", t.id()));
+        }
+    }
+    for p in set.policies() {
+        let depth = p.to_json().map(|j| json_depth(&j)).unwrap_or(usize::MAX);
+        if depth > MAX_POLICY_DEPTH {
+            errors.push(format!("policy `{}` nests {depth} levels deep; at most {MAX_POLICY_DEPTH}", p.id()));
+        }
+    }
     if !errors.is_empty() {
         return Err(CompileErrors(errors));
     }
+    let mut write_actions: HashMap<String, Vec<WriteKind>> = HashMap::new();
     let (schema, action_entities) = if schema.trim().is_empty() {
         (None, Vec::new())
     } else {
@@ -110,15 +237,51 @@ pub fn compile(version: u64, policies: &str, schema: &str) -> Result<CompiledPol
             }
             return Err(CompileErrors(out));
         }
-        let actions = s
-            .action_entities()
-            .map_err(|e| CompileErrors(vec![format!("schema actions: {e}")]))?
-            .iter()
-            .cloned()
-            .collect();
-        (Some(s), actions)
+        let actions = s.action_entities().map_err(|e| CompileErrors(vec![format!("schema actions: {e}")]))?;
+        for kind in WriteKind::ALL {
+            let group = kind.group();
+            for a in actions.iter().filter(|a| a.uid() != group && actions.is_ancestor_of(&group, &a.uid())) {
+                write_actions.entry(a.uid().to_string()).or_default().push(kind);
+            }
+        }
+        (Some(s), actions.iter().cloned().collect())
     };
-    Ok(CompiledPolicies { version, links: 0, set, schema, action_entities })
+    Ok(CompiledPolicies { version, links: 0, set, schema, action_entities, write_actions })
+}
+
+/// The kinds of change a mutation makes. An action may carry a mutation of a kind only
+/// when the schema declares it a member (directly or through groups) of that kind's
+/// action group — `Lockstep::Action::"CreateEntity"`, `"UpdateEntity"` or `"DeleteEntity"`
+/// — so a caller cannot pick a read action, or an update action, to judge a delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    Create,
+    Update,
+    Delete,
+}
+
+impl WriteKind {
+    pub const ALL: [WriteKind; 3] = [WriteKind::Create, WriteKind::Update, WriteKind::Delete];
+
+    /// The action group whose members may carry this kind of change.
+    pub fn group_name(self) -> &'static str {
+        match self {
+            WriteKind::Create => "Lockstep::Action::\"CreateEntity\"",
+            WriteKind::Update => "Lockstep::Action::\"UpdateEntity\"",
+            WriteKind::Delete => "Lockstep::Action::\"DeleteEntity\"",
+        }
+    }
+
+    fn group(self) -> EntityUid {
+        let id = match self {
+            WriteKind::Create => "CreateEntity",
+            WriteKind::Update => "UpdateEntity",
+            WriteKind::Delete => "DeleteEntity",
+        };
+        #[allow(clippy::expect_used)]
+        let ty = EntityTypeName::from_str("Lockstep::Action").expect("INVARIANT: a valid type name");
+        EntityUid::from_type_name_and_id(ty, EntityId::new(id))
+    }
 }
 
 /// A Cedar entity uid from a domain uid; the message says what is wrong with it.
@@ -127,11 +290,20 @@ pub fn entity_uid(uid: &Uid) -> Result<EntityUid, String> {
     Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(&uid.id)))
 }
 
+/// The longest action a request may name (an id, or a full uid with its namespace).
+pub const MAX_ACTION_BYTES: usize = 1024;
+
 /// An action as callers write it: `UpdateItem` means `Action::"UpdateItem"`; a full uid
 /// (`App::Action::"UpdateItem"`) is taken as written.
 pub fn action_uid(action: &str) -> Result<EntityUid, String> {
     if action.is_empty() {
         return Err("action is empty: name a Cedar action, e.g. `UpdateItem`".into());
+    }
+    if action.len() > MAX_ACTION_BYTES {
+        return Err(format!("action is {} bytes; at most {MAX_ACTION_BYTES}", action.len()));
+    }
+    if action.contains('\0') {
+        return Err("action must not contain NUL".into());
     }
     if action.contains('"') {
         let uid = EntityUid::from_str(action).map_err(|_| format!("invalid Cedar action uid `{action}`"))?;
@@ -226,7 +398,19 @@ pub fn context(record: Value) -> Result<Context, String> {
 impl CompiledPolicies {
     /// The empty policy set: denies everything (used before any policy was put).
     pub fn empty() -> Self {
-        Self { version: 0, links: 0, set: PolicySet::new(), schema: None, action_entities: Vec::new() }
+        Self {
+            version: 0,
+            links: 0,
+            set: PolicySet::new(),
+            schema: None,
+            action_entities: Vec::new(),
+            write_actions: HashMap::new(),
+        }
+    }
+
+    /// Whether `action` is declared to carry a change of `kind` (see `WriteKind`).
+    pub fn may_write(&self, action: &EntityUid, kind: WriteKind) -> bool {
+        self.write_actions.get(&action.to_string()).is_some_and(|k| k.contains(&kind))
     }
 
     /// This set with template links added (generation `links`); the message says which
@@ -284,11 +468,30 @@ impl CompiledPolicies {
         let request = Request::new(entity_uid(principal)?, action.clone(), entity_uid(resource)?, context, None)
             .map_err(|e| format!("invalid request: {e}"))?;
         let response = Authorizer::new().is_authorized(&request, &self.set, &cedar_entities);
-        Ok(Decision {
+        Ok(self.fail_closed(&response))
+    }
+
+    /// Cedar skips a policy whose evaluation errors. For a `permit` that is safe (it does
+    /// not allow), but a skipped `forbid` would let a permit win — e.g. a forbid reading
+    /// an entity outside the loaded slice. So an error in any forbid denies, and the
+    /// erroring forbids are the determining policies.
+    fn fail_closed(&self, response: &cedar_policy::Response) -> Decision {
+        let errors: Vec<String> = response.diagnostics().errors().map(ToString::to_string).collect();
+        let failed_forbids: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|cedar_policy::AuthorizationError::PolicyEvaluationError(e)| e.policy_id())
+            .filter(|id| self.set.policy(id).is_some_and(|p| p.effect() == cedar_policy::Effect::Forbid))
+            .map(ToString::to_string)
+            .collect();
+        if !failed_forbids.is_empty() {
+            return Decision { allowed: false, determining_policies: failed_forbids, errors };
+        }
+        Decision {
             allowed: response.decision() == cedar_policy::Decision::Allow,
             determining_policies: response.diagnostics().reason().map(ToString::to_string).collect(),
-            errors: response.diagnostics().errors().map(ToString::to_string).collect(),
-        })
+            errors,
+        }
     }
 }
 
@@ -364,6 +567,87 @@ mod tests {
                 assert_eq!(slow.into_inner().2, fast.into_inner().2, "{v}: parents");
             }
         }
+    }
+
+    /// Texts that once aborted the process (stack overflow in Cedar's recursive parser)
+    /// are refused with a message, on a thread with a server worker's small stack.
+    #[test]
+    fn deep_texts_are_refused_not_crashes() {
+        let deep_parens =
+            format!("permit(principal,action,resource) when {{ {}true{} }};", "(".repeat(150), ")".repeat(150));
+        let deep_if = format!(
+            "permit(principal,action,resource) when {{ {} true {} }};",
+            "if true then ".repeat(400),
+            " else false".repeat(400)
+        );
+        let long_and = format!("permit(principal,action,resource) when {{ {} true }};", "true && ".repeat(20_000));
+        let neg = format!("permit(principal,action,resource) when {{ {}1 == 1 }};", "-".repeat(5000));
+        let schema_deep = format!("entity A {{ a: {}String{} }};", "{ a: ".repeat(1000), " }".repeat(1000));
+        let schema_sets = format!("entity A {{ a: {}String{} }};", "Set<".repeat(1000), ">".repeat(1000));
+        let sneaky =
+            format!("permit(principal,action,resource) when {{ {}true{} }};", "(1>0 && ".repeat(150), ")".repeat(150));
+        let cases = [
+            (deep_parens, String::new()),
+            (deep_if, String::new()),
+            (long_and, String::new()),
+            (neg, String::new()),
+            (sneaky, String::new()),
+            ("permit(principal,action,resource);".to_string(), schema_deep),
+            ("permit(principal,action,resource);".to_string(), schema_sets),
+        ];
+        std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                for (p, s) in cases {
+                    let err = compile(1, &p, &s).err().unwrap_or_else(|| panic!("accepted: {}", &p[..80.min(p.len())]));
+                    assert!(!err.0.is_empty());
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        // Past the pre-parse bounds' reach, the parsed depth bound refuses a long chain...
+        let chain = |n: usize| format!("permit(principal,action,resource) when {{ {} true }};", "true && ".repeat(n));
+        assert!(compile(1, &chain(900), "").err().unwrap().0[0].contains("levels deep"));
+        // ... and the deepest chain it lets through evaluates on a worker's small stack.
+        let n = (1..120).rev().find(|n| compile(1, &chain(*n), "").is_ok()).unwrap();
+        let deepest = compile(1, &chain(n), "").unwrap();
+        std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                let a = action_uid("Read").unwrap();
+                let d =
+                    deepest.evaluate(&Uid::new("User", "a"), &a, &Uid::new("I", "x"), Context::empty(), &[]).unwrap();
+                assert!(d.allowed);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        // Within the bounds, ordinary nesting still compiles.
+        let ok = format!("permit(principal,action,resource) when {{ {}true{} }};", "(".repeat(20), ")".repeat(20));
+        compile(1, &ok, "").unwrap();
+    }
+
+    /// A forbid that errors (it reads an entity that is not loaded) denies: Cedar alone
+    /// would skip it and let the permit win.
+    #[test]
+    fn an_erroring_forbid_denies() {
+        let c = compile(
+            1,
+            r#"@id("p") permit(principal, action, resource);
+               @id("frozen") forbid(principal, action, resource) when { Config::"global".frozen };"#,
+            "",
+        )
+        .unwrap();
+        let a = action_uid("Write").unwrap();
+        let d = c.evaluate(&Uid::new("User", "a"), &a, &Uid::new("Item", "x"), Context::empty(), &[]).unwrap();
+        assert!(!d.allowed, "{d:?}");
+        assert_eq!(d.determining_policies, vec!["frozen"]);
+        // An erroring permit does not allow (and does not deny on its own).
+        let c =
+            compile(1, r#"@id("p") permit(principal, action, resource) when { Config::"global".open };"#, "").unwrap();
+        let d = c.evaluate(&Uid::new("User", "a"), &a, &Uid::new("Item", "x"), Context::empty(), &[]).unwrap();
+        assert!(!d.allowed);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub struct ParsedToken {
 pub struct VerifiedToken {
     /// `<principal_type>::"<sub>"`.
     pub principal: Uid,
-    /// `jti`, or when absent `sha256:<hex of the signature>`.
+    /// `jti`, or when absent `sha256:<hex of the signed part: header.claims>`.
     pub token_id: String,
     pub kid: String,
     pub sub: String,
@@ -165,6 +165,15 @@ fn verification_id(key: &KeyRecord, raw: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The id of a token without `jti`: a hash of what its signature signs (header and
+/// claims), never of the signature itself. Signatures can be malleable — an ECDSA (r, s)
+/// has a twin (r, n − s), RSA-PSS is randomized — so a hash of the signature would give one
+/// token many ids, and a logout could be undone by re-signing nothing.
+pub fn implicit_token_id(raw: &str) -> String {
+    let signed = raw.rsplit_once('.').map_or(raw, |(signed, _sig)| signed);
+    format!("sha256:{}", hex::encode(Sha256::digest(signed.as_bytes())))
+}
+
 /// Verifies signature and claims with `key` (which the caller has checked is not revoked).
 pub fn verify(
     token: &ParsedToken,
@@ -291,10 +300,7 @@ fn verify_signature_and_claims(token: &ParsedToken, key: &KeyRecord, settings: &
     let token_id = match opt_string(&c, "jti")? {
         Some(j) if !j.is_empty() && j.len() <= 256 && !j.contains('\0') => j,
         Some(_) => return Err(unauth("token `jti` must be 1 to 256 bytes without NUL")),
-        None => {
-            let sig = token.raw.rsplit('.').next().unwrap_or_default();
-            format!("sha256:{}", hex::encode(Sha256::digest(sig.as_bytes())))
-        }
+        None => implicit_token_id(&token.raw),
     };
     let mut scopes: Vec<String> = match c.get("scope") {
         None => Vec::new(),

@@ -213,8 +213,10 @@ impl pb::admin_server::Admin for AdminService {
         let call = Call::of(&request, &self.engine)?;
         let bearer = call.bearer()?;
         let r = request.into_inner();
-        let (version, seq) =
-            self.engine.put_policies(Caller::Bearer(bearer), &r.policies, &r.schema, call.opts).await?;
+        let (version, seq) = self
+            .engine
+            .put_policies(Caller::Bearer(bearer), &r.policies, &r.schema, r.allow_lockout, call.opts)
+            .await?;
         Ok(Response::new(pb::PutPoliciesResponse { version, audit_seq: seq }))
     }
 

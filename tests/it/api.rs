@@ -127,10 +127,10 @@ async fn authorize_is_a_decision(b: Backend) {
     let mut c = client(s.addr).await;
     let req =
         |action: &str| pb::AuthorizeRequest { action: action.into(), resource: uid("Item", "doc"), context: None };
-    let allow = c.authorize(authed(&token("k1", "alice"), req("UpdateItem"))).await.unwrap().into_inner();
+    let allow = c.authorize(authed(&token("k1", "alice"), req("ReadItem"))).await.unwrap().into_inner();
     assert_eq!(allow.decision, pb::Decision::Allow as i32);
     assert_eq!(allow.determining_policies, vec!["owner-manages"]);
-    let deny = c.authorize(authed(&token("k1", "mallory"), req("UpdateItem"))).await.unwrap().into_inner();
+    let deny = c.authorize(authed(&token("k1", "mallory"), req("ReadItem"))).await.unwrap().into_inner();
     assert_eq!(deny.decision, pb::Decision::Deny as i32);
     let bad = c.authorize(authed(&token("k1", "alice"), req(""))).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
@@ -348,7 +348,11 @@ async fn admin_policies_and_keys(b: Backend) {
     let bad = a
         .put_policies(authed(
             &root,
-            pb::PutPoliciesRequest { policies: "permit(principal, action, resource".into(), schema: String::new() },
+            pb::PutPoliciesRequest {
+                policies: "permit(principal, action, resource".into(),
+                schema: String::new(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap_err();
@@ -361,6 +365,7 @@ async fn admin_policies_and_keys(b: Backend) {
             pb::PutPoliciesRequest {
                 policies: "permit(principal, action == Action::\"Nope\", resource);".into(),
                 schema: schema.into(),
+                ..Default::default()
             },
         ))
         .await
@@ -371,7 +376,11 @@ async fn admin_policies_and_keys(b: Backend) {
     let denied = a
         .put_policies(authed(
             &token("k1", "alice"),
-            pb::PutPoliciesRequest { policies: "permit(principal, action, resource);".into(), schema: String::new() },
+            pb::PutPoliciesRequest {
+                policies: "permit(principal, action, resource);".into(),
+                schema: String::new(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap_err();
@@ -521,7 +530,7 @@ async fn cached_verification_still_expires() {
     let tok = sign("k1", &json!({ "sub": "alice", "iat": n, "exp": n + 2, "jti": "short-lived" }));
     let mut c = client(strict.addr).await;
     let ask = |t: &str| {
-        authed(t, pb::AuthorizeRequest { action: "UpdateItem".into(), resource: uid("Item", "doc"), context: None })
+        authed(t, pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "doc"), context: None })
     };
     for _ in 0..3 {
         assert_eq!(c.authorize(ask(&tok)).await.unwrap().into_inner().decision, pb::Decision::Allow as i32);
@@ -548,9 +557,12 @@ async fn template_links_share_one_resource(b: Backend) {
          @id(\"owners-share\") permit (principal, action == Lockstep::Action::\"LinkTemplate\", resource is Item) when {{ resource has owner && resource.owner == principal }};"
     );
     let mut a = admin(s.addr).await;
-    a.put_policies(authed(&root, pb::PutPoliciesRequest { policies: policies.clone(), schema: String::new() }))
-        .await
-        .unwrap();
+    a.put_policies(authed(
+        &root,
+        pb::PutPoliciesRequest { policies: policies.clone(), schema: SCHEMA.into(), ..Default::default() },
+    ))
+    .await
+    .unwrap();
     let read_as = |who: &str| {
         let t = token("k1", who);
         let addr = s.addr;
@@ -608,7 +620,10 @@ async fn template_links_share_one_resource(b: Backend) {
     assert_eq!(links.len(), 1);
     // A policy set without the linked template is refused while the link exists.
     let e = a
-        .put_policies(authed(&root, pb::PutPoliciesRequest { policies: POLICIES.into(), schema: String::new() }))
+        .put_policies(authed(
+            &root,
+            pb::PutPoliciesRequest { policies: POLICIES.into(), schema: SCHEMA.into(), ..Default::default() },
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -622,9 +637,12 @@ async fn template_links_share_one_resource(b: Backend) {
     );
     a.unlink_template(authed(&token("k1", "alice"), pb::UnlinkTemplateRequest { link_id: "l1".into() })).await.unwrap();
     assert_eq!(read_as("mallory").await, Err(Code::PermissionDenied));
-    a.put_policies(authed(&root, pb::PutPoliciesRequest { policies: POLICIES.into(), schema: String::new() }))
-        .await
-        .unwrap();
+    a.put_policies(authed(
+        &root,
+        pb::PutPoliciesRequest { policies: POLICIES.into(), schema: SCHEMA.into(), ..Default::default() },
+    ))
+    .await
+    .unwrap();
 }
 
 crate::on_both_backends!(template_links_share_one_resource);

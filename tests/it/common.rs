@@ -34,8 +34,43 @@ pub const POLICIES: &str = r#"
 @id("writers-update-shared") permit (principal in Group::"writers", action == Action::"UpdateItem", resource is Item)
   when { resource has shared && resource.shared };
 @id("owner-immutable") forbid (principal, action == Action::"UpdateItem", resource is Item)
-  when { context.change.changed_attributes.contains("owner") }
-  unless { resource.owner == principal || principal in Group::"admins" };
+  when { context has change && context.change.changed_attributes.contains("owner") }
+  unless { (resource has owner && resource.owner == principal) || principal in Group::"admins" };
+"#;
+
+/// The schema of the tests' policies and data. It declares which actions write (see
+/// docs/policies.md: without such a declaration no action may carry a mutation).
+pub const SCHEMA: &str = r#"
+type Token = { sub: String, iss: String, aud: String, jti: String, iat: Long, exp: Long, scopes: Set<String>, claims: {} };
+type ItemAttributes = {
+  owner?: User, shared?: Bool, n?: Long, m?: Long, title?: String, status?: String, probe?: Long,
+  x?: String, a?: Long, pad?: String, meta?: { k?: Long, j?: Long }
+};
+type Change = {
+  kind: String, changed_attributes: Set<String>, proposed: ItemAttributes,
+  added_parents: Set<Group>, removed_parents: Set<Group>
+};
+entity Group in [Group];
+entity User in [Group];
+entity Item in [Group] = {
+  owner?: User, shared?: Bool, n?: Long, m?: Long, title?: String, status?: String, probe?: Long,
+  x?: String, a?: Long, pad?: String, meta?: { k?: Long, j?: Long }
+};
+action ReadItem appliesTo { principal: User, resource: Item, context: { token: Token } };
+action CreateItem in [Lockstep::Action::"CreateEntity"] appliesTo { principal: User, resource: Item, context: { token: Token, change: Change } };
+action UpdateItem in [Lockstep::Action::"UpdateEntity"] appliesTo { principal: User, resource: Item, context: { token: Token, change: Change } };
+action DeleteItem in [Lockstep::Action::"DeleteEntity"] appliesTo { principal: User, resource: Item, context: { token: Token, change: Change } };
+type UserChange = {
+  kind: String, changed_attributes: Set<String>, proposed: {}, added_parents: Set<Group>, removed_parents: Set<Group>
+};
+action UpdateUser in [Lockstep::Action::"UpdateEntity"] appliesTo { principal: User, resource: User, context: { token: Token, change: UserChange } };
+namespace Lockstep {
+  entity Service;
+  action CreateEntity, UpdateEntity, DeleteEntity;
+  action RevokeToken, ReadAudit, PutPolicies, ManageKeys appliesTo { principal: User, resource: Service, context: { token: Token } };
+  action RevokeSubject appliesTo { principal: User, resource: User, context: { token: Token } };
+  action LinkTemplate appliesTo { principal: User, resource: [Service, Item], context: { token: Token } };
+}
 "#;
 
 pub const ENTITIES: &str = r#"[
@@ -253,7 +288,7 @@ async fn bootstrap(url: &str) {
         };
         engine.add_key(Caller::Operator, key, op).await.unwrap();
     }
-    engine.put_policies(Caller::Operator, POLICIES, "", op).await.unwrap();
+    engine.put_policies(Caller::Operator, POLICIES, SCHEMA, false, op).await.unwrap();
     engine.import_entities(lockstep::cli::parse_entities(ENTITIES).unwrap()).await.unwrap();
 }
 

@@ -80,7 +80,7 @@ fn signed(alg: Algorithm, kid: &str, key: &EncodingKey, c: &Value) -> String {
 
 async fn decide(addr: std::net::SocketAddr, tok: &str) -> Result<i32, Code> {
     let mut c = client(addr).await;
-    let r = pb::AuthorizeRequest { action: "UpdateItem".into(), resource: uid("Item", "doc"), context: None };
+    let r = pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "doc"), context: None };
     c.authorize(authed(tok, r)).await.map(|r| r.into_inner().decision).map_err(|s| s.code())
 }
 
@@ -383,32 +383,56 @@ async fn jwks_follow_refresh_retire_revoke(b: Backend) {
 /// Revoked-jti rows are purged once their token has expired (the housekeeping task's
 /// work), and not before.
 async fn revocations_are_purged_after_expiry(b: Backend) {
-    let Some(s) = start(b).await else { return };
+    let Some(base) = start(b).await else { return };
+    // A server whose tokens live at most 2 s (no leeway), so revocations can expire here.
+    let settings = lockstep::config::Settings { max_token_lifetime_secs: 2, leeway_secs: 0, ..Default::default() };
+    let s = serve_with_settings(&base.url, Default::default(), base.db.clone(), vec![], settings.clone()).await;
     let mut c = client(s.addr).await;
-    let root = token("k2", "root");
+    let root =
+        sign("k2", &json!({ "sub": "root", "iat": now(), "exp": now() + 2, "jti": lockstep::token::uuid_like() }));
+    // An `expires_at` in the past cannot end a revocation before the tokens it names.
     let past = prost_types::Timestamp { seconds: now() - 3600, nanos: 0 };
     c.revoke_token(authed(&root, pb::RevokeTokenRequest { jti: "old-token".into(), expires_at: Some(past) }))
         .await
         .unwrap();
-    c.revoke_token(authed(&root, pb::RevokeTokenRequest { jti: "live-token".into(), expires_at: None })).await.unwrap();
-    // Purge as the housekeeping task does (the server's own task may get there first).
+    let later = prost_types::Timestamp { seconds: now() + 3600, nanos: 0 };
+    c.revoke_token(authed(&root, pb::RevokeTokenRequest { jti: "live-token".into(), expires_at: Some(later) }))
+        .await
+        .unwrap();
     let store = lockstep::store::open(&s.url, &Default::default()).await.unwrap();
-    let engine = lockstep::engine::Engine::new(store, lockstep::config::Settings::default());
+    let engine = lockstep::engine::Engine::new(store, settings);
     engine.purge().await.unwrap();
-    let left: Vec<String> = if s.url.starts_with("sqlite:") {
-        use sqlx::Connection;
-        let mut c = sqlx::SqliteConnection::connect(&s.url).await.unwrap();
-        sqlx::query_scalar("SELECT token_id FROM revoked_tokens ORDER BY token_id").fetch_all(&mut c).await.unwrap()
-    } else {
-        use sqlx::Connection;
-        let mut c = sqlx::PgConnection::connect(&s.url).await.unwrap();
-        sqlx::query_scalar("SELECT token_id FROM revoked_tokens ORDER BY token_id").fetch_all(&mut c).await.unwrap()
+    let old = sign("k1", &json!({ "sub": "alice", "iat": now(), "exp": now() + 2, "jti": "old-token" }));
+    let ask = |t: String| {
+        let addr = s.addr;
+        async move {
+            let r = pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "doc"), context: None };
+            client(addr).await.authorize(authed(&t, r)).await.map(|r| r.into_inner().decision).map_err(|s| s.code())
+        }
     };
-    assert_eq!(left, vec!["live-token".to_string()], "exactly the expired revocation is purged");
-    assert_eq!(engine.purge().await.unwrap().0, 0);
+    assert_eq!(ask(old).await, Err(Code::Unauthenticated), "the revocation outlives every token it can name");
+    let revoked = |url: String| async move {
+        if url.starts_with("sqlite:") {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::query_scalar("SELECT token_id FROM revoked_tokens ORDER BY token_id").fetch_all(&mut c).await.unwrap()
+        } else {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query_scalar("SELECT token_id FROM revoked_tokens ORDER BY token_id").fetch_all(&mut c).await.unwrap()
+        }
+    };
+    let left: Vec<String> = revoked(s.url.clone()).await;
+    assert!(left.contains(&"old-token".to_string()), "{left:?}");
+    // Once every token it could name has expired, housekeeping purges it.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    engine.purge().await.unwrap();
+    let left: Vec<String> = revoked(s.url.clone()).await;
+    assert!(!left.contains(&"old-token".to_string()), "the expired revocation is purged: {left:?}");
+    assert!(left.contains(&"live-token".to_string()), "{left:?}");
     // The live revocation still holds.
-    let live = sign("k1", &json!({ "sub": "alice", "iat": now(), "exp": now() + 600, "jti": "live-token" }));
-    assert_eq!(decide(s.addr, &live).await, Err(Code::Unauthenticated));
+    let live = sign("k1", &json!({ "sub": "alice", "iat": now(), "exp": now() + 2, "jti": "live-token" }));
+    assert_eq!(ask(live).await, Err(Code::Unauthenticated));
 }
 
 crate::on_both_backends!(

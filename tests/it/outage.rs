@@ -46,7 +46,7 @@ async fn locked_database_fails_closed_and_recovers() {
     let d = c
         .authorize(authed(
             &tok,
-            pb::AuthorizeRequest { action: "UpdateItem".into(), resource: uid("Item", "doc"), context: None },
+            pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "doc"), context: None },
         ))
         .await
         .unwrap();
@@ -188,7 +188,7 @@ async fn postgres_outage_fails_closed_and_recovers() {
     let e = c
         .authorize(authed(
             &token("k1", "alice"),
-            pb::AuthorizeRequest { action: "UpdateItem".into(), resource: uid("Item", "doc"), context: None },
+            pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "doc"), context: None },
         ))
         .await
         .unwrap_err();

@@ -23,7 +23,7 @@ async fn property_rules_enforced(b: Backend) {
         engine.add_key(Caller::Operator, key, CallOptions::default()).await.unwrap();
         let policies = std::fs::read_to_string(format!("{root}/examples/property-rules/policies.cedar")).unwrap();
         let schema = std::fs::read_to_string(format!("{root}/examples/property-rules/schema.cedarschema")).unwrap();
-        engine.put_policies(Caller::Operator, &policies, &schema, CallOptions::default()).await.unwrap();
+        engine.put_policies(Caller::Operator, &policies, &schema, false, CallOptions::default()).await.unwrap();
         let entities = std::fs::read_to_string(format!("{root}/examples/property-rules/entities.json")).unwrap();
         engine.import_entities(lockstep::cli::parse_entities(&entities).unwrap()).await.unwrap();
     }

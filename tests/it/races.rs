@@ -275,7 +275,7 @@ async fn policy_change_races_writes(b: Backend) {
         let mut a = admin(s.addr).await;
         let without_owner: String =
             POLICIES.split(";\n").filter(|p| !p.contains("owner-manages")).collect::<Vec<_>>().join(";\n");
-        let req = pb::PutPoliciesRequest { policies: without_owner, schema: String::new() };
+        let req = pb::PutPoliciesRequest { policies: without_owner, schema: SCHEMA.into(), ..Default::default() };
         a.put_policies(authed(&token("k2", "root"), req)).await.unwrap().into_inner().audit_seq
     })
     .await;
@@ -331,7 +331,7 @@ async fn cross_instance_revocations(b: Backend) {
         let mut adm = admin(b_inst.addr).await;
         let without_owner: String =
             POLICIES.split(";\n").filter(|p| !p.contains("owner-manages")).collect::<Vec<_>>().join(";\n");
-        let req = pb::PutPoliciesRequest { policies: without_owner, schema: String::new() };
+        let req = pb::PutPoliciesRequest { policies: without_owner, schema: SCHEMA.into(), ..Default::default() };
         adm.put_policies(authed(&token("k2", "root"), req)).await.unwrap().into_inner().audit_seq
     })
     .await;
@@ -348,7 +348,9 @@ async fn unlink_races_writes(b: Backend) {
         "{POLICIES}\n@id(\"share-write\") permit (principal == ?principal, action == Action::\"UpdateItem\", resource == ?resource);"
     );
     let mut a = admin(s.addr).await;
-    a.put_policies(authed(&root, pb::PutPoliciesRequest { policies, schema: String::new() })).await.unwrap();
+    a.put_policies(authed(&root, pb::PutPoliciesRequest { policies, schema: SCHEMA.into(), ..Default::default() }))
+        .await
+        .unwrap();
     let link = pb::TemplateLink {
         link_id: "mallory-doc".into(),
         template_id: "share-write".into(),
