@@ -78,10 +78,22 @@ pub async fn seed(engine: &Engine, subjects: usize) -> anyhow::Result<KeyRecord>
     let mut entities = Vec::new();
     for u in 0..subjects {
         let owner = Uid::new("User", format!("u{u}"));
-        entities.push(EntityRecord { uid: owner.clone(), attributes: Default::default(), parents: vec![], version: 0 });
+        entities.push(EntityRecord {
+            uid: owner.clone(),
+            attributes: Default::default(),
+            parents: vec![],
+            version: 0,
+            tags: Default::default(),
+        });
         let attrs = json!({ "owner": owner.to_entity_ref_json(), "hot": false, "n": 0 });
         let attributes = attrs.as_object().cloned().unwrap_or_default();
-        entities.push(EntityRecord { uid: Uid::new("Item", format!("i{u}")), attributes, parents: vec![], version: 0 });
+        entities.push(EntityRecord {
+            uid: Uid::new("Item", format!("i{u}")),
+            attributes,
+            parents: vec![],
+            version: 0,
+            tags: Default::default(),
+        });
     }
     for h in 0..4 {
         let attrs = json!({ "owner": Uid::new("User", "nobody").to_entity_ref_json(), "hot": true, "n": 0 });
@@ -91,6 +103,7 @@ pub async fn seed(engine: &Engine, subjects: usize) -> anyhow::Result<KeyRecord>
             attributes,
             parents: vec![],
             version: 0,
+            tags: Default::default(),
         });
     }
     for chunk in entities.chunks(500) {
@@ -139,6 +152,7 @@ pub async fn phase(
                                 merge_patch: Some(patch),
                                 add_parents: vec![],
                                 remove_parents: vec![],
+                                tags_merge_patch: None,
                             })),
                             if_version: None,
                         };

@@ -320,21 +320,24 @@ impl Engine {
         // The Cedar resource (proposed for create, current otherwise), the entity as it
         // will be after the change, and the server-set `change` context.
         let (resource, after, change) = match &m.change {
-            Change::Create { attributes, parents } => {
+            Change::Create { attributes, parents, tags } => {
                 let proposed = EntityRecord {
                     uid: m.resource.clone(),
                     attributes: attributes.clone(),
                     parents: dedup(parents.clone()),
                     version: 1,
+                    tags: tags.clone(),
                 };
                 let change =
                     change_context("create", attributes.keys().cloned().collect(), attributes, &proposed.parents, &[]);
                 (proposed.clone(), proposed, change)
             }
-            Change::Update { merge_patch, add_parents, remove_parents } => {
+            Change::Update { merge_patch, add_parents, remove_parents, tags_merge_patch } => {
                 let Some(cur) = current.clone() else { return Ok(missing()) };
                 let mut attributes = cur.attributes.clone();
                 apply_merge_patch(&mut attributes, merge_patch);
+                let mut tags = cur.tags.clone();
+                apply_merge_patch(&mut tags, tags_merge_patch);
                 let removed: Vec<Uid> =
                     dedup(remove_parents.iter().filter(|p| cur.parents.contains(p)).cloned().collect());
                 let mut parents: Vec<Uid> =
@@ -348,7 +351,7 @@ impl Engine {
                     .chain(cur.attributes.keys().filter(|k| !attributes.contains_key(*k)).cloned())
                     .collect();
                 changed.sort();
-                let after = EntityRecord { uid: cur.uid.clone(), attributes, parents, version: cur.version + 1 };
+                let after = EntityRecord { uid: cur.uid.clone(), attributes, parents, version: cur.version + 1, tags };
                 let change = change_context("update", changed, &after.attributes, &added, &removed);
                 (cur, after, change)
             }
@@ -362,7 +365,7 @@ impl Engine {
         };
         if !matches!(m.change, Change::Delete) {
             self.check_attributes(&after)?;
-            policy::check_entity(&after).map_err(Error::InvalidArgument)?;
+            policies.check_entity(&after).map_err(Error::InvalidArgument)?;
         }
 
         let mut wanted = vec![token.principal.clone()];
@@ -375,7 +378,7 @@ impl Engine {
         }
         let mut all: Vec<&EntityRecord> = loaded.iter().collect();
         all.push(&resource);
-        let ctx = build_context(caller_context, token, Some(change))?;
+        let ctx = build_context(policies, &action, caller_context, token, Some(change), &policy::SERVER_CONTEXT)?;
         let decision = policies.evaluate(&token.principal, &action, &m.resource, ctx, &all).map_err(Error::Internal)?;
         if !decision.allowed {
             let reason = "no policy permits it, or a policy forbids it".into();
@@ -443,7 +446,7 @@ impl Engine {
             let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
             let policies = self.policies_at(&mut *txn, state).await?;
             let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
-            let ctx = build_context(context, &token, None)?;
+            let ctx = build_context(&policies, &action, context, &token, None, &policy::SERVER_CONTEXT)?;
             let decision = policies
                 .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
                 .map_err(Error::Internal);
@@ -468,7 +471,7 @@ impl Engine {
             let loaded = txn.entities_with_ancestors(&wanted).await?;
             let mut all: Vec<&EntityRecord> = loaded.iter().collect();
             all.push(&entity);
-            let ctx = build_context(&Map::new(), &token, None)?;
+            let ctx = build_context(&policies, &action, &Map::new(), &token, None, &policy::SERVER_CONTEXT)?;
             let decision = policies.evaluate(&token.principal, &action, uid, ctx, &all).map_err(Error::Internal)?;
             let answer = if decision.allowed { Ok(entity) } else { Err(denied()) };
             Ok((txn, answer))
@@ -528,7 +531,8 @@ impl Engine {
                     let policies = self.policies_at(&mut *txn, state).await?;
                     let loaded = txn.entities_with_ancestors(&[token.principal.clone(), t.resource.clone()]).await?;
                     let http = json!({ "method": method, "path": path });
-                    let ctx = build_context(&Map::from_iter([("http".to_string(), http)]), &token, None)?;
+                    let caller = Map::from_iter([("http".to_string(), http)]);
+                    let ctx = build_context(&policies, &action, &caller, &token, None, &["token", "http"])?;
                     policies
                         .evaluate(&token.principal, &action, &t.resource, ctx, &loaded.iter().collect::<Vec<_>>())
                         .map_err(Error::Internal)?
@@ -909,12 +913,15 @@ impl Engine {
             e.parents.iter().try_for_each(|p| self.check_uid(p)).map_err(at)?;
             check_values(&e.attributes, self.settings.max_value_depth).map_err(at)?;
             self.check_attributes(e)?;
-            policy::check_entity(e).map_err(Error::InvalidArgument)?;
         }
         let entities = &entities;
         self.run(CallOptions::default(), || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();
+            let policies = self.policies_in(&mut *txn).await?;
+            for e in entities {
+                policies.check_entity(e).map_err(Error::InvalidArgument)?;
+            }
             let mut written = Vec::new();
             for e in entities {
                 let mut e = e.clone();
@@ -1283,7 +1290,7 @@ impl Engine {
     ) -> Result<()> {
         let action_uid = policy::action_uid(&lockstep_action(action)).map_err(Error::Internal)?;
         let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
-        let ctx = build_context(&Map::new(), token, None)?;
+        let ctx = build_context(policies, &action_uid, &Map::new(), token, None, &policy::SERVER_CONTEXT)?;
         let decision = policies
             .evaluate(&token.principal, &action_uid, resource, ctx, &loaded.iter().collect::<Vec<_>>())
             .map_err(Error::Internal)?;
@@ -1321,12 +1328,14 @@ impl Engine {
             self.check_uid(&m.resource).map_err(|e| Error::InvalidArgument(format!("mutation {i}: {e}")))?;
             policy::action_uid(&m.action).map_err(|e| Error::InvalidArgument(format!("mutation {i}: {e}")))?;
             match &m.change {
-                Change::Create { attributes, parents } => {
+                Change::Create { attributes, parents, tags } => {
                     self.check_value_sizes(attributes, "attributes")?;
+                    self.check_value_sizes(tags, "tags")?;
                     parents.iter().try_for_each(|p| self.check_uid(p)).map_err(Error::InvalidArgument)?;
                 }
-                Change::Update { merge_patch, add_parents, remove_parents } => {
+                Change::Update { merge_patch, add_parents, remove_parents, tags_merge_patch } => {
                     self.check_value_sizes(merge_patch, "merge_patch")?;
+                    self.check_value_sizes(tags_merge_patch, "tags_merge_patch")?;
                     add_parents
                         .iter()
                         .chain(remove_parents)
@@ -1371,6 +1380,7 @@ impl Engine {
 
     fn check_attributes(&self, e: &EntityRecord) -> Result<()> {
         self.check_value_sizes(&e.attributes, "the entity's attributes")?;
+        self.check_value_sizes(&e.tags, "the entity's tags")?;
         if e.parents.len() > 1000 {
             return Err(Error::InvalidArgument("an entity may have at most 1000 parents".into()));
         }
@@ -1526,8 +1536,16 @@ fn change_context(kind: &str, changed: Vec<String>, proposed: &Attributes, added
 }
 
 /// The caller's context plus the server-set `token` (and `change`): the server's values
-/// replace any the caller sent under those names.
-fn build_context(caller: &Attributes, token: &VerifiedToken, change: Option<Value>) -> Result<cedar_policy::Context> {
+/// replace any the caller sent under those names. With a schema it is read through the
+/// action's context type (`server`: the keys Lockstep sets, see `CompiledPolicies::context`).
+fn build_context(
+    policies: &CompiledPolicies,
+    action: &cedar_policy::EntityUid,
+    caller: &Attributes,
+    token: &VerifiedToken,
+    change: Option<Value>,
+    server: &[&str],
+) -> Result<cedar_policy::Context> {
     let mut ctx = caller.clone();
     ctx.insert(
         "token".into(),
@@ -1550,7 +1568,7 @@ fn build_context(caller: &Attributes, token: &VerifiedToken, change: Option<Valu
             ctx.remove("change");
         }
     }
-    policy::context(Value::Object(ctx)).map_err(Error::InvalidArgument)
+    policies.context(action, ctx, server).map_err(Error::InvalidArgument)
 }
 
 #[cfg(test)]

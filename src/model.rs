@@ -42,14 +42,28 @@ pub struct EntityRecord {
     pub parents: Vec<Uid>,
     /// Starts at 1 on create and grows by 1 with every committed change.
     pub version: u64,
+    /// Cedar entity tags (`hasTag` / `getTag`), Cedar JSON values like the attributes.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub tags: Attributes,
 }
 
 /// What a mutation does to its entity.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Change {
-    Create { attributes: Attributes, parents: Vec<Uid> },
-    Update { merge_patch: Attributes, add_parents: Vec<Uid>, remove_parents: Vec<Uid> },
+    Create {
+        attributes: Attributes,
+        parents: Vec<Uid>,
+        #[serde(default, skip_serializing_if = "Map::is_empty")]
+        tags: Attributes,
+    },
+    Update {
+        merge_patch: Attributes,
+        add_parents: Vec<Uid>,
+        remove_parents: Vec<Uid>,
+        #[serde(default, skip_serializing_if = "Map::is_empty")]
+        tags_merge_patch: Attributes,
+    },
     Delete,
 }
 

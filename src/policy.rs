@@ -1,7 +1,7 @@
 //! Cedar: compiling a policy set (with its optional schema), turning domain values into
 //! Cedar requests and entities, and evaluating. Pure and synchronous; no I/O here.
 
-use crate::model::{Decision, EntityRecord, TemplateLink, Uid};
+use crate::model::{Attributes, Decision, EntityRecord, TemplateLink, Uid};
 use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Request,
     RestrictedExpression, Schema, SlotId, ValidationMode, Validator,
@@ -9,6 +9,7 @@ use cedar_policy::{
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// A parsed and validated policy set at one version: what the cache holds.
 #[derive(Clone)]
@@ -23,6 +24,8 @@ pub struct CompiledPolicies {
     /// The actions the schema declares as write actions, with the kinds of change each
     /// may carry (see `WriteKind`). Empty without a schema: then nothing may write.
     write_actions: HashMap<String, Vec<WriteKind>>,
+    /// The schema's types, read once, for building entities and contexts through it.
+    types: Option<Arc<SchemaTypes>>,
 }
 
 /// Messages of a policy or schema that does not compile, each `line:column: message`.
@@ -221,8 +224,8 @@ fn compile_bounded(version: u64, policies: &str, schema: &str) -> Result<Compile
         return Err(CompileErrors(errors));
     }
     let mut write_actions: HashMap<String, Vec<WriteKind>> = HashMap::new();
-    let (schema, action_entities) = if schema.trim().is_empty() {
-        (None, Vec::new())
+    let (schema, action_entities, types) = if schema.trim().is_empty() {
+        (None, Vec::new(), None)
     } else {
         let (s, _warnings) = Schema::from_cedarschema_str(schema).map_err(|e| {
             let mut out = Vec::new();
@@ -244,9 +247,10 @@ fn compile_bounded(version: u64, policies: &str, schema: &str) -> Result<Compile
                 write_actions.entry(a.uid().to_string()).or_default().push(kind);
             }
         }
-        (Some(s), actions.iter().cloned().collect())
+        let types = SchemaTypes::read(schema);
+        (Some(s), actions.iter().cloned().collect(), Some(Arc::new(types)))
     };
-    Ok(CompiledPolicies { version, links: 0, set, schema, action_entities, write_actions })
+    Ok(CompiledPolicies { version, links: 0, set, schema, action_entities, write_actions, types })
 }
 
 /// The kinds of change a mutation makes. An action may carry a mutation of a kind only
@@ -321,35 +325,65 @@ pub fn action_uid(action: &str) -> Result<EntityUid, String> {
 
 /// The entity in Cedar's JSON entity format.
 pub fn entity_json(e: &EntityRecord) -> Value {
-    json!({
+    let mut v = json!({
         "uid": { "type": e.uid.ty, "id": e.uid.id },
         "attrs": e.attributes,
         "parents": e.parents,
-    })
-}
-
-/// Checks that an entity is valid Cedar data (types, entity references, extension values).
-pub fn check_entity(e: &EntityRecord) -> Result<(), String> {
-    entity_uid(&e.uid)?;
-    for p in &e.parents {
-        entity_uid(p)?;
+    });
+    if !e.tags.is_empty() {
+        v["tags"] = Value::Object(e.tags.clone());
     }
-    cedar_entity(e).map(|_| ())
+    v
 }
 
-/// The Cedar entity of a record.
-fn cedar_entity(e: &EntityRecord) -> Result<Entity, String> {
-    let direct = || {
-        let attrs =
-            e.attributes.iter().map(|(k, v)| Some((k.clone(), cedar_value(v)?))).collect::<Option<HashMap<_, _>>>()?;
-        let parents = e.parents.iter().map(|p| entity_uid(p).ok()).collect::<Option<HashSet<_>>>()?;
-        Entity::new(entity_uid(&e.uid).ok()?, attrs, parents).ok()
+/// The entity built directly from its JSON values (`types`: through the schema's types),
+/// None where the direct path does not answer and Cedar's own parser must.
+fn direct_entity(e: &EntityRecord, types: Option<&SchemaTypes>) -> Option<Entity> {
+    let uid = entity_uid(&e.uid).ok()?;
+    let parents = e.parents.iter().map(|p| entity_uid(p).ok()).collect::<Option<HashSet<_>>>()?;
+    let (attrs, tags) = match types {
+        None => {
+            let plain = |m: &serde_json::Map<String, Value>| {
+                m.iter().map(|(k, v)| Some((k.clone(), cedar_value(v)?))).collect::<Option<Vec<_>>>()
+            };
+            (plain(&e.attributes)?, plain(&e.tags)?)
+        }
+        Some(t) => {
+            let (Ty::Record(shape, open), tags_ty) = t.entities.get(&e.uid.ty)? else { return None };
+            let attrs = typed_record(&e.attributes, shape, *open, false)?;
+            let tags = match (e.tags.is_empty(), tags_ty) {
+                (true, _) => Vec::new(),
+                (false, None) => return None,
+                (false, Some(ty)) => {
+                    e.tags.iter().map(|(k, v)| Some((k.clone(), typed(v, ty, false)?))).collect::<Option<Vec<_>>>()?
+                }
+            };
+            (attrs, tags)
+        }
     };
-    match direct() {
-        Some(entity) => Ok(entity),
-        None => Entity::from_json_value(entity_json(e), None)
-            .map_err(|err| format!("entity {} is not valid Cedar data: {err}", e.uid)),
+    Entity::new_with_tags(uid, attrs, parents, tags).ok()
+}
+
+/// The entity as Cedar's JSON parser reads it (through `schema` when given): the one
+/// answer, and the error message, wherever the direct path does not answer.
+fn parsed_entity(e: &EntityRecord, schema: Option<&Schema>) -> Result<Entity, String> {
+    Entity::from_json_value(entity_json(e), schema)
+        .map_err(|err| format!("entity {} is not valid Cedar data: {}", e.uid, chain(&err)))
+}
+
+/// An error with its sources, `outer: inner: …` (Cedar puts the attribute in the inner ones).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let m = s.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        next = s.source();
     }
+    out
 }
 
 /// A JSON value as Cedar's schemaless JSON format reads it, built directly rather than
@@ -383,7 +417,196 @@ fn cedar_value(v: &Value) -> Option<RestrictedExpression> {
     })
 }
 
-/// Builds a Cedar context from a JSON record.
+/// A schema type, as far as reading JSON values through it needs.
+#[derive(Debug, Clone, PartialEq)]
+enum Ty {
+    Bool,
+    Long,
+    Str,
+    Set(Box<Ty>),
+    /// Attributes (type, required) and whether others are allowed.
+    Record(BTreeMap<String, (Ty, bool)>, bool),
+    /// A reference to an entity of this (fully qualified) type.
+    Entity(String),
+    /// `decimal`, `ipaddr`, `datetime`, `duration`.
+    Ext(String),
+    /// Anything else: left to Cedar's parser.
+    Unknown,
+}
+
+/// The schema's types, read once per compile: each entity type's attributes and tags, and
+/// each action's context (keyed by the action uid in Cedar syntax).
+#[derive(Debug, Default)]
+struct SchemaTypes {
+    entities: HashMap<String, (Ty, Option<Ty>)>,
+    contexts: HashMap<String, Ty>,
+}
+
+impl SchemaTypes {
+    /// The types of a Cedar schema that compiles. When Cedar cannot resolve it to JSON
+    /// the result is empty, so every entity goes through Cedar's parser (correct, slower).
+    fn read(schema: &str) -> Self {
+        let Ok((Value::Object(namespaces), _)) = cedar_policy::schema_str_to_json_with_resolved_types(schema) else {
+            return Self::default();
+        };
+        let q = |ns: &str, n: &str| if ns.is_empty() { n.to_string() } else { format!("{ns}::{n}") };
+        let mut common = HashMap::new();
+        for (ns, frag) in &namespaces {
+            if let Some(Value::Object(c)) = frag.get("commonTypes") {
+                for (n, t) in c {
+                    common.insert(q(ns, n), t.clone());
+                }
+            }
+        }
+        let empty = || Ty::Record(BTreeMap::new(), false);
+        let mut out = Self::default();
+        for (ns, frag) in &namespaces {
+            if let Some(Value::Object(es)) = frag.get("entityTypes") {
+                for (n, e) in es {
+                    let shape = e.get("shape").map_or_else(empty, |s| schema_ty(s, &common, 0));
+                    let tags = e.get("tags").map(|t| schema_ty(t, &common, 0));
+                    out.entities.insert(q(ns, n), (shape, tags));
+                }
+            }
+            let Ok(action_ty) = EntityTypeName::from_str(&q(ns, "Action")) else { continue };
+            if let Some(Value::Object(acts)) = frag.get("actions") {
+                for (n, a) in acts {
+                    let ctx = a.get("appliesTo").and_then(|x| x.get("context"));
+                    let ctx = ctx.map_or_else(empty, |c| schema_ty(c, &common, 0));
+                    let uid = EntityUid::from_type_name_and_id(action_ty.clone(), EntityId::new(n));
+                    out.contexts.insert(uid.to_string(), ctx);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A type of Cedar's JSON schema format with resolved names (common types looked up).
+fn schema_ty(v: &Value, common: &HashMap<String, Value>, depth: usize) -> Ty {
+    if depth > 64 {
+        return Ty::Unknown;
+    }
+    let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("");
+    let builtin = |n: &str| n.strip_prefix("__cedar::").unwrap_or(n).to_string();
+    match builtin(field("type")).as_str() {
+        "String" => Ty::Str,
+        "Long" => Ty::Long,
+        "Boolean" | "Bool" => Ty::Bool,
+        "Set" => v.get("element").map_or(Ty::Unknown, |e| Ty::Set(Box::new(schema_ty(e, common, depth + 1)))),
+        "Record" => {
+            let attrs = match v.get("attributes") {
+                Some(Value::Object(a)) => a
+                    .iter()
+                    .map(|(k, a)| {
+                        let required = a.get("required").and_then(Value::as_bool).unwrap_or(true);
+                        (k.clone(), (schema_ty(a, common, depth + 1), required))
+                    })
+                    .collect(),
+                _ => BTreeMap::new(),
+            };
+            Ty::Record(attrs, v.get("additionalAttributes").and_then(Value::as_bool).unwrap_or(false))
+        }
+        "Entity" => Ty::Entity(field("name").to_string()),
+        "Extension" => Ty::Ext(builtin(field("name"))),
+        "EntityOrCommon" => match common.get(field("name")) {
+            Some(c) => schema_ty(c, common, depth + 1),
+            None => Ty::Entity(field("name").to_string()),
+        },
+        other => match common.get(field("type")) {
+            Some(c) => schema_ty(c, common, depth + 1),
+            None if matches!(other, "decimal" | "ipaddr" | "datetime" | "duration") => Ty::Ext(other.to_string()),
+            None => Ty::Unknown,
+        },
+    }
+}
+
+/// A JSON value read through a schema type, as Cedar's schema-based parser reads it: the
+/// `__entity` / `__extn` escapes may be left out (`{"type", "id"}` is an entity where the
+/// schema says so, `"1.5"` a decimal). None when the value does not fit the type (or takes
+/// a form not built here); the caller then asks Cedar (entities) or refuses (context).
+/// With `project`, attributes the schema does not declare, or that do not fit, are left
+/// out instead (for the records Lockstep itself sets, e.g. `token.claims`).
+fn typed(v: &Value, ty: &Ty, project: bool) -> Option<RestrictedExpression> {
+    Some(match (ty, v) {
+        (Ty::Bool, Value::Bool(b)) => RestrictedExpression::new_bool(*b),
+        (Ty::Long, Value::Number(n)) => RestrictedExpression::new_long(n.as_i64()?),
+        (Ty::Str, Value::String(s)) => RestrictedExpression::new_string(s.clone()),
+        (Ty::Set(t), Value::Array(a)) => {
+            RestrictedExpression::new_set(a.iter().map(|x| typed(x, t, project)).collect::<Option<Vec<_>>>()?)
+        }
+        (Ty::Record(attrs, open), Value::Object(o)) => {
+            RestrictedExpression::new_record(typed_record(o, attrs, *open, project)?).ok()?
+        }
+        (Ty::Entity(name), Value::Object(o)) => {
+            let inner = match o.get("__entity") {
+                Some(Value::Object(e)) if o.len() == 1 => e,
+                _ => o,
+            };
+            match (inner.len(), inner.get("type"), inner.get("id")) {
+                (2, Some(Value::String(t)), Some(Value::String(id))) if t == name => {
+                    let t = EntityTypeName::from_str(t).ok()?;
+                    RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
+                }
+                _ => return None,
+            }
+        }
+        (Ty::Ext(name), v) => {
+            let (ctor, make): (&str, fn(&str) -> RestrictedExpression) = match name.as_str() {
+                "decimal" => ("decimal", |s| RestrictedExpression::new_decimal(s)),
+                "ipaddr" => ("ip", |s| RestrictedExpression::new_ip(s)),
+                "datetime" => ("datetime", |s| RestrictedExpression::new_datetime(s)),
+                "duration" => ("duration", |s| RestrictedExpression::new_duration(s)),
+                _ => return None,
+            };
+            let arg = match v {
+                Value::String(s) => s,
+                Value::Object(o) => {
+                    let inner = match o.get("__extn") {
+                        Some(Value::Object(e)) if o.len() == 1 => e,
+                        _ => o,
+                    };
+                    match (inner.len(), inner.get("fn"), inner.get("arg")) {
+                        (2, Some(Value::String(f)), Some(Value::String(a))) if f == ctor => a,
+                        _ => return None,
+                    }
+                }
+                _ => return None,
+            };
+            make(arg)
+        }
+        _ => return None,
+    })
+}
+
+/// A JSON record read through a record type (see `typed`): every required attribute
+/// present (unless `project`) and no undeclared ones (unless the type allows them).
+fn typed_record(
+    o: &serde_json::Map<String, Value>,
+    attrs: &BTreeMap<String, (Ty, bool)>,
+    open: bool,
+    project: bool,
+) -> Option<Vec<(String, RestrictedExpression)>> {
+    if !project && attrs.iter().any(|(k, (_, required))| *required && !o.contains_key(k)) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(o.len());
+    for (k, v) in o {
+        let value = match attrs.get(k) {
+            Some((t, _)) => typed(v, t, project),
+            None if open => cedar_value(v),
+            None => None,
+        };
+        match value {
+            Some(x) => out.push((k.clone(), x)),
+            None if project => {}
+            None => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Builds a Cedar context from a JSON record, without a schema.
 pub fn context(record: Value) -> Result<Context, String> {
     if let Value::Object(o) = &record
         && !o.keys().any(|k| k.starts_with("__"))
@@ -395,7 +618,96 @@ pub fn context(record: Value) -> Result<Context, String> {
     Context::from_json_value(record, None).map_err(|e| format!("invalid context: {e}"))
 }
 
+/// Lockstep's own context records (`token`, `change`): read through the schema with
+/// undeclared parts left out, never refused.
+pub const SERVER_CONTEXT: [&str; 2] = ["token", "change"];
+
 impl CompiledPolicies {
+    /// The Cedar context of a request for `action`. When the schema declares the action,
+    /// values are read through its context type (entity references and extension values
+    /// without escapes), an attribute of the wrong type or one it does not declare is
+    /// refused naming it, and the `server` records are read with what the schema does not
+    /// declare left out. Without a schema (or for an action it does not declare), as written.
+    pub fn context(&self, action: &EntityUid, record: Attributes, server: &[&str]) -> Result<Context, String> {
+        let declared = self.types.as_ref().and_then(|t| t.contexts.get(&action.to_string()));
+        let Some(Ty::Record(attrs, open)) = declared else { return context(Value::Object(record)) };
+        let mut pairs = Vec::with_capacity(record.len());
+        for (k, v) in &record {
+            let project = server.contains(&k.as_str());
+            let value = match attrs.get(k) {
+                Some((ty, _)) => typed(v, ty, project),
+                None if *open => cedar_value(v),
+                None if project => continue,
+                None => return Err(format!("context attribute `{k}` is not declared by the schema for {action}")),
+            };
+            match value {
+                Some(x) => pairs.push((k.clone(), x)),
+                None if project => {}
+                None => {
+                    return Err(format!("context attribute `{k}` does not conform to the schema's type for {action}"));
+                }
+            }
+        }
+        Context::from_pairs(pairs).map_err(|e| format!("invalid context: {e}"))
+    }
+
+    /// Checks that an entity is valid Cedar data (types, entity references, extension
+    /// values) and, with a schema, conforms to it; the message names what is wrong.
+    pub fn check_entity(&self, e: &EntityRecord) -> Result<(), String> {
+        entity_uid(&e.uid)?;
+        for p in &e.parents {
+            entity_uid(p)?;
+        }
+        let Some(schema) = &self.schema else {
+            return direct_entity(e, None).map_or_else(|| parsed_entity(e, None).map(|_| ()), |_| Ok(()));
+        };
+        let conforms = |entity: Entity| {
+            Entities::from_entities([entity], Some(schema))
+                .map(|_| ())
+                .map_err(|err| format!("entity {} does not conform to the schema: {}", e.uid, chain(&err)))
+        };
+        match direct_entity(e, self.types.as_deref()).map(conforms) {
+            Some(Ok(())) => Ok(()),
+            _ => conforms(parsed_entity(e, Some(schema))?),
+        }
+    }
+
+    /// Cedar's entities for one evaluation: built directly where that answers, and when
+    /// the schema does not accept those, read again by Cedar's parser, whose answer counts.
+    fn cedar_entities(&self, records: &[&EntityRecord]) -> Result<Entities, String> {
+        let schema = self.schema.as_ref();
+        let types = self.types.as_deref();
+        let mut direct = true;
+        let built = records
+            .iter()
+            .map(|e| match direct_entity(e, types) {
+                Some(entity) => Ok(entity),
+                None => {
+                    direct = false;
+                    parsed_entity(e, schema)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("stored entities are not valid Cedar data: {e}"))?;
+        let Some(schema) = schema else {
+            return Entities::from_entities(built.into_iter().chain(self.action_entities.iter().cloned()), None)
+                .map_err(|e| format!("entities (with the schema's actions): {e}"));
+        };
+        match Entities::from_entities(built, Some(schema)) {
+            Ok(entities) => Ok(entities),
+            Err(_) if direct => {
+                let parsed = records
+                    .iter()
+                    .map(|e| parsed_entity(e, Some(schema)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("stored entities do not conform to the schema: {e}"))?;
+                Entities::from_entities(parsed, Some(schema))
+                    .map_err(|e| format!("stored entities do not conform to the schema: {}", chain(&e)))
+            }
+            Err(e) => Err(format!("stored entities do not conform to the schema: {}", chain(&e))),
+        }
+    }
+
     /// The empty policy set: denies everything (used before any policy was put).
     pub fn empty() -> Self {
         Self {
@@ -405,6 +717,7 @@ impl CompiledPolicies {
             schema: None,
             action_entities: Vec::new(),
             write_actions: HashMap::new(),
+            types: None,
         }
     }
 
@@ -457,14 +770,7 @@ impl CompiledPolicies {
         for e in entities {
             unique.insert(&e.uid, e);
         }
-        let stored = unique
-            .values()
-            .map(|e| cedar_entity(e))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("stored entities are not valid Cedar data: {e}"))?;
-        let cedar_entities =
-            Entities::from_entities(stored.into_iter().chain(self.action_entities.iter().cloned()), None)
-                .map_err(|e| format!("entities (with the schema's actions): {e}"))?;
+        let cedar_entities = self.cedar_entities(&unique.into_values().collect::<Vec<_>>())?;
         let request = Request::new(entity_uid(principal)?, action.clone(), entity_uid(resource)?, context, None)
             .map_err(|e| format!("invalid request: {e}"))?;
         let response = Authorizer::new().is_authorized(&request, &self.set, &cedar_entities);
@@ -550,12 +856,13 @@ mod tests {
             let Value::Object(attributes) = v.clone() else { unreachable!() };
             let record = EntityRecord {
                 uid: Uid::new("Item", "i"),
-                attributes,
+                attributes: attributes.clone(),
                 parents: vec![Uid::new("Group", "g")],
                 version: 1,
+                tags: attributes,
             };
             let slow = Entity::from_json_value(entity_json(&record), None);
-            let fast = cedar_entity(&record);
+            let fast = direct_entity(&record, None).ok_or(()).or_else(|_| parsed_entity(&record, None));
             assert_eq!(slow.is_ok(), fast.is_ok(), "{v}");
             if let (Ok(slow), Ok(fast)) = (slow, fast) {
                 // (Entity's `==` compares uids only.)
@@ -563,6 +870,9 @@ mod tests {
                     let attr = |e: &Entity| e.attr(k).map(|r| r.ok());
                     assert_eq!(attr(&slow), attr(&fast), "{v}: {k}");
                     assert!(attr(&fast).is_some(), "{v}: {k}");
+                    let tag = |e: &Entity| e.tag(k).map(|r| r.ok());
+                    assert_eq!(tag(&slow), tag(&fast), "{v}: tag {k}");
+                    assert!(tag(&fast).is_some(), "{v}: tag {k}");
                 }
                 assert_eq!(slow.into_inner().2, fast.into_inner().2, "{v}: parents");
             }
@@ -659,5 +969,137 @@ mod tests {
         assert_eq!(d.determining_policies, vec!["p"]);
         let d = c.evaluate(&Uid::new("User", "b"), &a, &Uid::new("Item", "x"), Context::empty(), &[]).unwrap();
         assert!(!d.allowed);
+    }
+
+    const SCHEMA: &str = r#"
+        type Token = { sub: String, claims: {} };
+        entity User;
+        entity Account { owner: User };
+        entity Item { account: Account, price: decimal, ip: ipaddr, level: Long, labels?: Set<String> } tags Bool;
+        action Read appliesTo { principal: User, resource: Item, context: { token: Token, limit?: decimal } };
+    "#;
+
+    const SCHEMA_POLICIES: &str = r#"
+        @id("all") permit(principal, action, resource);
+        @id("blocked") forbid(principal, action, resource) when { resource.hasTag("blocked") && resource.getTag("blocked") };
+        @id("mallory") forbid(principal, action, resource) when { resource.account.owner == User::"mallory" };
+        @id("dear") forbid(principal, action, resource) when { resource.price.greaterThan(decimal("0.5")) };
+        @id("inside") forbid(principal, action, resource) when { resource.ip.isInRange(ip("10.0.0.0/8")) };
+        @id("limit") forbid(principal, action, resource) when { context has limit && context.limit.lessThan(resource.price) };
+    "#;
+
+    fn record(ty: &str, id: &str, attrs: Value, tags: Value) -> EntityRecord {
+        let (Value::Object(attributes), Value::Object(tags)) = (attrs, tags) else { panic!("objects") };
+        EntityRecord { uid: Uid::new(ty, id), attributes, parents: vec![], version: 1, tags }
+    }
+
+    fn item(owner_account: &str, price: &str, ip: &str, blocked: bool) -> EntityRecord {
+        record(
+            "Item",
+            "i",
+            json!({"account": {"type": "Account", "id": owner_account}, "price": price,
+                   "ip": {"fn": "ip", "arg": ip}, "level": 5}),
+            json!({"blocked": blocked}),
+        )
+    }
+
+    fn decide(c: &CompiledPolicies, entities: &[EntityRecord], ctx: Value) -> Decision {
+        let a = action_uid("Read").unwrap();
+        let Value::Object(ctx) = ctx else { panic!("object") };
+        let ctx = c.context(&a, ctx, &SERVER_CONTEXT).unwrap();
+        let refs: Vec<&EntityRecord> = entities.iter().collect();
+        c.evaluate(&Uid::new("User", "u"), &a, &Uid::new("Item", "i"), ctx, &refs).unwrap()
+    }
+
+    /// Tags reach Cedar (schemaless and with a schema): `hasTag`/`getTag` make the forbid fire.
+    #[test]
+    fn tags_reach_cedar() {
+        let plain = compile(1, "@id(\"all\") permit(principal, action, resource);\n@id(\"blocked\") forbid(principal, action, resource) when { resource.hasTag(\"blocked\") && resource.getTag(\"blocked\") };", "").unwrap();
+        let e = record("Item", "i", json!({}), json!({"blocked": true}));
+        let d = decide(&plain, &[e], json!({}));
+        assert!(!d.allowed, "{d:?}");
+        assert_eq!(d.determining_policies, vec!["blocked"]);
+        let e = record("Item", "i", json!({}), json!({"blocked": false}));
+        assert!(decide(&plain, &[e], json!({})).allowed);
+    }
+
+    /// With a schema, `{"type", "id"}` is an entity reference, `"0.6"` a decimal and
+    /// `{"fn": "ip", …}` an ipaddr, as Cedar reads them; each forbid fires on its own.
+    #[test]
+    fn schema_reads_entities_as_cedar_does() {
+        let c = compile(1, SCHEMA_POLICIES, SCHEMA).unwrap();
+        let account = |owner: &str| record("Account", "a", json!({"owner": {"type": "User", "id": owner}}), json!({}));
+        let ok = decide(&c, &[account("alice"), item("a", "0.4", "192.168.0.1", false)], json!({}));
+        assert!(ok.allowed, "{ok:?}");
+        let cases = [
+            (account("mallory"), item("a", "0.4", "192.168.0.1", false), json!({}), "mallory"),
+            (account("alice"), item("a", "0.6", "192.168.0.1", false), json!({}), "dear"),
+            (account("alice"), item("a", "0.4", "10.1.2.3", false), json!({}), "inside"),
+            (account("alice"), item("a", "0.4", "192.168.0.1", true), json!({}), "blocked"),
+            (account("alice"), item("a", "0.4", "192.168.0.1", false), json!({"limit": "0.3"}), "limit"),
+        ];
+        for (a, i, ctx, want) in cases {
+            let d = decide(&c, &[a, i], ctx);
+            assert!(!d.allowed, "{want}: {d:?}");
+            assert_eq!(d.determining_policies, vec![want.to_string()], "{d:?}");
+            assert!(d.errors.is_empty(), "{d:?}");
+        }
+    }
+
+    /// The direct (typed) build agrees with Cedar's schema-based parser attribute by attribute.
+    #[test]
+    fn typed_values_agree_with_cedars_schema_parser() {
+        let c = compile(1, SCHEMA_POLICIES, SCHEMA).unwrap();
+        let schema = c.schema.as_ref().unwrap();
+        let samples = [
+            item("a", "0.6", "10.0.0.1", true),
+            record(
+                "Item",
+                "i",
+                json!({"account": {"__entity": {"type": "Account", "id": "x"}}, "price": {"__extn": {"fn": "decimal", "arg": "1.25"}}, "ip": "::1", "level": -3, "labels": ["a", "b"]}),
+                json!({}),
+            ),
+            record("Account", "a", json!({"owner": {"type": "User", "id": "alice"}}), json!({})),
+        ];
+        for e in samples {
+            let fast = direct_entity(&e, c.types.as_deref()).expect("direct");
+            let slow = parsed_entity(&e, Some(schema)).unwrap();
+            for k in e.attributes.keys() {
+                assert_eq!(fast.attr(k).map(|r| r.ok()), slow.attr(k).map(|r| r.ok()), "{k}");
+            }
+            for k in e.tags.keys() {
+                assert_eq!(fast.tag(k).map(|r| r.ok()), slow.tag(k).map(|r| r.ok()), "tag {k}");
+            }
+            c.check_entity(&e).unwrap();
+        }
+    }
+
+    /// Data that does not conform to the schema is refused, naming the attribute.
+    #[test]
+    fn nonconforming_entities_and_contexts_are_refused() {
+        let c = compile(1, SCHEMA_POLICIES, SCHEMA).unwrap();
+        let mut e = item("a", "0.4", "10.0.0.1", false);
+        e.attributes.insert("level".into(), json!("5"));
+        let err = c.check_entity(&e).unwrap_err();
+        assert!(err.contains("level"), "{err}");
+        let mut e = item("a", "0.4", "10.0.0.1", false);
+        e.attributes.insert("colour".into(), json!("red"));
+        let err = c.check_entity(&e).unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+        let mut e = item("a", "0.4", "10.0.0.1", false);
+        e.attributes.remove("level");
+        assert!(c.check_entity(&e).unwrap_err().contains("level"));
+        let mut e = item("a", "0.4", "10.0.0.1", false);
+        e.tags.insert("n".into(), json!(1));
+        assert!(c.check_entity(&e).is_err());
+        assert!(c.check_entity(&record("Nope", "x", json!({}), json!({}))).is_err());
+        let a = action_uid("Read").unwrap();
+        let ctx = |v: Value| c.context(&a, v.as_object().unwrap().clone(), &SERVER_CONTEXT);
+        assert!(ctx(json!({"limit": 5})).unwrap_err().contains("limit"));
+        assert!(ctx(json!({"other": 1})).unwrap_err().contains("other"));
+        // Lockstep's own records lose what the schema does not declare, and are never refused.
+        let got = ctx(json!({"token": {"sub": "u", "iss": "x", "claims": {"a": 1}}})).unwrap();
+        let token = got.get("token").unwrap().to_string();
+        assert!(!token.contains("iss") && !token.contains("\"a\""), "{token}");
     }
 }

@@ -13,6 +13,11 @@
 //!
 //! The context is taken as written: tests describe the `token` and `change` records that
 //! Lockstep would set. `determining` is optional; when given it must match exactly (as a set).
+//! `action` is an action id taken as written (`UpdateItem`, `say "hi"`), a full Cedar
+//! action uid (`App::Action::"UpdateItem"`), or `{"type", "id"}`. Entities are Cedar's entity
+//! JSON (with `tags`, and uids also as `{"__entity": …}`); with a schema, entities and
+//! contexts are read through it and data that does not conform is reported. A key given
+//! twice in one object is refused.
 
 use crate::model::{EntityRecord, Uid};
 use crate::policy::{self, CompiledPolicies};
@@ -32,7 +37,7 @@ struct TestFile {
 struct Case {
     name: String,
     principal: Uid,
-    action: String,
+    action: Value,
     resource: Uid,
     #[serde(default)]
     context: serde_json::Map<String, Value>,
@@ -53,19 +58,25 @@ pub struct Outcome {
 
 /// Runs every case of one test file's text against `policies`.
 pub fn run_file(file: &str, text: &str, policies: &CompiledPolicies) -> Result<Vec<Outcome>, String> {
-    let t: TestFile = serde_json::from_str(text).map_err(|e| format!("{file}: {e}"))?;
-    let entities =
-        crate::cli::parse_entities(&Value::Array(t.entities).to_string()).map_err(|e| format!("{file}: {e:#}"))?;
+    let v = crate::cli::parse_json_strict(text).map_err(|e| format!("{file}: {e:#}"))?;
+    let t: TestFile = serde_json::from_value(v).map_err(|e| format!("{file}: {e}"))?;
+    let entities = t
+        .entities
+        .iter()
+        .enumerate()
+        .map(|(i, e)| crate::cli::entity_of_json(i, e))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(|e| format!("{file}: {e:#}"))?;
     for e in &entities {
-        policy::check_entity(e).map_err(|m| format!("{file}: {m}"))?;
+        policies.check_entity(e).map_err(|m| format!("{file}: {m}"))?;
     }
     let refs: Vec<&EntityRecord> = entities.iter().collect();
     let mut out = Vec::new();
     for c in t.cases {
         let expected = c.decision.to_ascii_lowercase();
-        let result = policy::action_uid(&c.action)
-            .and_then(|a| Ok((a, policy::context(Value::Object(c.context.clone()))?)))
-            .and_then(|(a, ctx)| policies.evaluate(&c.principal, &a, &c.resource, ctx, &refs));
+        let result = action(&c.action)
+            .and_then(|a| Ok((policies.context(&a, c.context.clone(), &policy::SERVER_CONTEXT)?, a)))
+            .and_then(|(ctx, a)| policies.evaluate(&c.principal, &a, &c.resource, ctx, &refs));
         let (got, determining, note) = match result {
             Ok(d) => {
                 (if d.allowed { "allow" } else { "deny" }.to_string(), d.determining_policies, d.errors.join("; "))
@@ -82,4 +93,23 @@ pub fn run_file(file: &str, text: &str, policies: &CompiledPolicies) -> Result<V
         out.push(Outcome { file: file.to_owned(), name: c.name, expected, got, determining, passed, note });
     }
     Ok(out)
+}
+
+/// A case's action: `{"type", "id"}`, a full Cedar action uid, or else an id of `Action`
+/// taken as written (no Cedar escaping needed).
+fn action(v: &Value) -> Result<cedar_policy::EntityUid, String> {
+    let uid = match v {
+        Value::String(s) if s.is_empty() || !s.contains('"') => return policy::action_uid(s),
+        Value::String(s) => match policy::action_uid(s) {
+            Ok(a) => return Ok(a),
+            Err(_) => Uid::new("Action", s.clone()),
+        },
+        Value::Object(_) => serde_json::from_value(v.clone())
+            .map_err(|_| "`action` must be a string or {\"type\", \"id\"}".to_string())?,
+        _ => return Err("`action` must be a string or {\"type\", \"id\"}".into()),
+    };
+    if uid.ty != "Action" && !uid.ty.ends_with("::Action") {
+        return Err(format!("`{}` is not an action: its type must be `Action` or end in `::Action`", uid.ty));
+    }
+    policy::entity_uid(&uid)
 }

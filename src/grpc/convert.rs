@@ -124,6 +124,7 @@ pub fn entity(e: &EntityRecord) -> pb::Entity {
         attributes: Some(attributes_to_struct(&e.attributes)),
         parents: e.parents.iter().map(entity_ref).collect(),
         version: e.version,
+        tags: (!e.tags.is_empty()).then(|| attributes_to_struct(&e.tags)),
     }
 }
 
@@ -138,11 +139,18 @@ pub fn mutation(m: pb::Mutation, i: usize, max_depth: usize) -> Result<Mutation>
         Some(pb::mutation::Change::Create(c)) => Change::Create {
             attributes: struct_to_attributes(c.attributes, &at("create.attributes"), max_depth, false)?,
             parents: uids(c.parents, &at("create.parents"))?,
+            tags: struct_to_attributes(c.tags, &at("create.tags"), max_depth, false)?,
         },
         Some(pb::mutation::Change::Update(u)) => Change::Update {
             merge_patch: struct_to_attributes(u.merge_patch, &at("update.merge_patch"), max_depth, true)?,
             add_parents: uids(u.add_parents, &at("update.add_parents"))?,
             remove_parents: uids(u.remove_parents, &at("update.remove_parents"))?,
+            tags_merge_patch: struct_to_attributes(
+                u.tags_merge_patch,
+                &at("update.tags_merge_patch"),
+                max_depth,
+                true,
+            )?,
         },
         Some(pb::mutation::Change::Delete(_)) => Change::Delete,
     };
@@ -151,15 +159,19 @@ pub fn mutation(m: pb::Mutation, i: usize, max_depth: usize) -> Result<Mutation>
 
 pub fn mutation_to_pb(m: &Mutation) -> pb::Mutation {
     let change = match &m.change {
-        Change::Create { attributes, parents } => pb::mutation::Change::Create(pb::CreateEntity {
+        Change::Create { attributes, parents, tags } => pb::mutation::Change::Create(pb::CreateEntity {
             attributes: Some(attributes_to_struct(attributes)),
             parents: parents.iter().map(entity_ref).collect(),
+            tags: (!tags.is_empty()).then(|| attributes_to_struct(tags)),
         }),
-        Change::Update { merge_patch, add_parents, remove_parents } => pb::mutation::Change::Update(pb::UpdateEntity {
-            merge_patch: Some(attributes_to_struct(merge_patch)),
-            add_parents: add_parents.iter().map(entity_ref).collect(),
-            remove_parents: remove_parents.iter().map(entity_ref).collect(),
-        }),
+        Change::Update { merge_patch, add_parents, remove_parents, tags_merge_patch } => {
+            pb::mutation::Change::Update(pb::UpdateEntity {
+                merge_patch: Some(attributes_to_struct(merge_patch)),
+                add_parents: add_parents.iter().map(entity_ref).collect(),
+                remove_parents: remove_parents.iter().map(entity_ref).collect(),
+                tags_merge_patch: (!tags_merge_patch.is_empty()).then(|| attributes_to_struct(tags_merge_patch)),
+            })
+        }
         Change::Delete => pb::mutation::Change::Delete(pb::DeleteEntity {}),
     };
     pb::Mutation {

@@ -199,6 +199,7 @@ pub(crate) struct EntityRow {
     attributes: String,
     parents: String,
     version: i64,
+    tags: String,
 }
 
 impl TryFrom<EntityRow> for EntityRecord {
@@ -209,6 +210,7 @@ impl TryFrom<EntityRow> for EntityRecord {
             attributes: serde_json::from_str(&r.attributes).map_err(json_err)?,
             parents: serde_json::from_str(&r.parents).map_err(json_err)?,
             version: to_u64(r.version),
+            tags: serde_json::from_str(&r.tags).map_err(json_err)?,
         })
     }
 }

@@ -408,7 +408,7 @@ impl Txn for PgTxn {
             // or deletes it, so every writer of an entity holds its exclusive lock.
             self.lock_exclusive(&entity_lock_key(uid)).await?;
         }
-        let sql = "SELECT etype, eid, attributes, parents, version FROM entities WHERE etype = $1 AND eid = $2";
+        let sql = "SELECT etype, eid, attributes, parents, version, tags FROM entities WHERE etype = $1 AND eid = $2";
         let row = sqlx::query_as::<_, EntityRow>(sql)
             .bind(&uid.ty)
             .bind(&uid.id)
@@ -432,7 +432,7 @@ impl Txn for PgTxn {
                      FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid,
                           jsonb_array_elements(e.parents::jsonb) AS p
                  )
-                 SELECT e.etype, e.eid, e.attributes, e.parents, e.version
+                 SELECT e.etype, e.eid, e.attributes, e.parents, e.version, e.tags
                  FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid",
             )
             .bind(start)
@@ -450,7 +450,7 @@ impl Txn for PgTxn {
             self.lock_shared(&frontier.iter().map(entity_lock_key).collect::<Vec<_>>()).await?;
             let (types, ids) = split(&frontier);
             let rows = sqlx::query_as::<_, EntityRow>(
-                "SELECT etype, eid, attributes, parents, version FROM entities
+                "SELECT etype, eid, attributes, parents, version, tags FROM entities
                  WHERE (etype, eid) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
             )
             .bind(types)
@@ -473,27 +473,31 @@ impl Txn for PgTxn {
     }
 
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
-        sqlx::query("INSERT INTO entities (etype, eid, attributes, parents, version) VALUES ($1, $2, $3, $4, $5)")
-            .bind(&e.uid.ty)
-            .bind(&e.uid.id)
-            .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
-            .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
-            .bind(to_i64(e.version))
-            .execute(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
-        Ok(())
-    }
-
-    async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
-        let done = sqlx::query(
-            "UPDATE entities SET attributes = $3, parents = $4, version = $5 WHERE etype = $1 AND eid = $2",
+        sqlx::query(
+            "INSERT INTO entities (etype, eid, attributes, parents, version, tags) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&e.uid.ty)
         .bind(&e.uid.id)
         .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
         .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
         .bind(to_i64(e.version))
+        .bind(serde_json::to_string(&e.tags).map_err(json_err)?)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE entities SET attributes = $3, parents = $4, version = $5, tags = $6 WHERE etype = $1 AND eid = $2",
+        )
+        .bind(&e.uid.ty)
+        .bind(&e.uid.id)
+        .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
+        .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
+        .bind(to_i64(e.version))
+        .bind(serde_json::to_string(&e.tags).map_err(json_err)?)
         .execute(&mut *self.tx)
         .await
         .map_err(map_err)?;

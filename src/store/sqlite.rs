@@ -475,6 +475,7 @@ impl SqliteTxn {
                         attributes: r.get(2)?,
                         parents: r.get(3)?,
                         version: r.get(4)?,
+                        tags: r.get(5)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
@@ -559,7 +560,7 @@ fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRow> {
 
 macro_rules! select_entities {
     () => {
-        "SELECT etype, eid, attributes, parents, version FROM entities"
+        "SELECT etype, eid, attributes, parents, version, tags FROM entities"
     };
 }
 
@@ -784,11 +785,12 @@ impl Txn for SqliteTxn {
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
         let attributes = serde_json::to_string(&e.attributes).map_err(json_err)?;
         let parents = serde_json::to_string(&e.parents).map_err(json_err)?;
+        let tags = serde_json::to_string(&e.tags).map_err(json_err)?;
         self.with(|c| {
             c.prepare_cached(
-                "INSERT INTO entities (etype, eid, attributes, parents, version) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO entities (etype, eid, attributes, parents, version, tags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![e.uid.ty, e.uid.id, attributes, parents, to_i64(e.version)])
+            .execute(params![e.uid.ty, e.uid.id, attributes, parents, to_i64(e.version), tags])
         })?;
         Ok(())
     }
@@ -796,11 +798,12 @@ impl Txn for SqliteTxn {
     async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
         let attributes = serde_json::to_string(&e.attributes).map_err(json_err)?;
         let parents = serde_json::to_string(&e.parents).map_err(json_err)?;
+        let tags = serde_json::to_string(&e.tags).map_err(json_err)?;
         let n = self.with(|c| {
             c.prepare_cached(
-                "UPDATE entities SET attributes = ?3, parents = ?4, version = ?5 WHERE etype = ?1 AND eid = ?2",
+                "UPDATE entities SET attributes = ?3, parents = ?4, version = ?5, tags = ?6 WHERE etype = ?1 AND eid = ?2",
             )?
-            .execute(params![e.uid.ty, e.uid.id, attributes, parents, to_i64(e.version)])
+            .execute(params![e.uid.ty, e.uid.id, attributes, parents, to_i64(e.version), tags])
         })?;
         if n != 1 {
             return Err(StoreError::Internal(format!("update of missing entity {}", e.uid)));

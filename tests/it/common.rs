@@ -365,6 +365,7 @@ pub fn update(action: &str, ty: &str, id: &str, patch: Value, if_version: Option
             merge_patch: st(patch),
             add_parents: vec![],
             remove_parents: vec![],
+            tags_merge_patch: None,
         })),
         if_version,
     }
@@ -374,7 +375,11 @@ pub fn create(action: &str, ty: &str, id: &str, attrs: Value) -> pb::Mutation {
     pb::Mutation {
         action: action.into(),
         resource: uid(ty, id),
-        change: Some(pb::mutation::Change::Create(pb::CreateEntity { attributes: st(attrs), parents: vec![] })),
+        change: Some(pb::mutation::Change::Create(pb::CreateEntity {
+            attributes: st(attrs),
+            parents: vec![],
+            tags: None,
+        })),
         if_version: None,
     }
 }

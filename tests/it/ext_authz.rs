@@ -146,7 +146,7 @@ async fn edge_server(base: &TestServer, routes: &str, extra: &str, entities: &st
     let engine = lockstep::engine::Engine::new(store, Default::default())
         .with_edge_routes(lockstep::edge::RouteMap::parse(routes).unwrap());
     let policies = format!("{POLICIES}{extra}");
-    engine.put_policies(Caller::Operator, &policies, "", CallOptions::default()).await.unwrap();
+    engine.put_policies(Caller::Operator, &policies, SCHEMA, false, CallOptions::default()).await.unwrap();
     engine.import_entities(lockstep::cli::parse_entities(entities).unwrap()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -4,6 +4,7 @@
 mod api;
 mod bench;
 mod bench_sql;
+mod cedar_semantics;
 mod cli;
 mod common;
 mod consistency;

@@ -257,6 +257,7 @@ async fn group_removal_races_writes(b: Backend) {
                 merge_patch: None,
                 add_parents: vec![],
                 remove_parents: vec![pb::EntityRef { r#type: "Group".into(), id: "writers".into() }],
+                tags_merge_patch: None,
             })),
             if_version: None,
         };

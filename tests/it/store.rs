@@ -10,8 +10,13 @@ async fn ancestors_few_and_many(b: Backend) {
     let Some(db) = TestDb::new(b).await else { return };
     let store = lockstep::store::open(&db.url, &Default::default()).await.unwrap();
     let g = |i: usize| Uid::new("Group", format!("g{i}"));
-    let entity =
-        |uid: Uid, parents: Vec<Uid>| EntityRecord { uid, attributes: Default::default(), parents, version: 1 };
+    let entity = |uid: Uid, parents: Vec<Uid>| EntityRecord {
+        uid,
+        attributes: Default::default(),
+        parents,
+        version: 1,
+        tags: Default::default(),
+    };
     let mut txn = store.write().await.unwrap();
     // g0 -> g1 -> g2 -> g0 (a cycle), g3 alone; u0..u11 each in g(i % 4).
     for (i, parents) in [vec![g(1)], vec![g(2)], vec![g(0)], vec![]].into_iter().enumerate() {
