@@ -1006,7 +1006,7 @@ impl Engine {
                     if opts.deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(Error::DeadlineExceeded);
                     }
-                    txn.commit().await.map(|()| answer)
+                    txn.commit_before(opts.deadline).await.map(|()| answer)
                 }
                 Err(Error::Retry(m)) => Err(StoreError::Retry(m)),
                 Err(Error::UnknownKey(m)) => {
