@@ -1150,7 +1150,7 @@ impl Engine {
                     if opts.deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(Error::DeadlineExceeded);
                     }
-                    txn.commit().await.map(|()| {
+                    txn.commit_before(opts.deadline).await.map(|()| {
                         with_compiled_in_call(|c| c.committed = true);
                         answer
                     })

@@ -27,7 +27,7 @@ pub enum StoreError {
     #[error("{0}")]
     Invalid(String),
     /// A commit whose outcome cannot be known (the connection failed during COMMIT and
-    /// the database is still unreachable).
+    /// the database could not be asked before the deadline or settle window ran out).
     #[error("{0}")]
     Unknown(String),
     /// A serialization failure or deadlock: the whole transaction may be retried.
@@ -188,6 +188,14 @@ pub trait Txn: Send {
 
     /// Makes every write of this transaction durable and visible, atomically.
     async fn commit(self: Box<Self>) -> StoreResult<()>;
+
+    /// `commit` for a call with a deadline: a store that must find out whether an
+    /// interrupted COMMIT landed (PostgreSQL) asks until `deadline` before it answers
+    /// `Unknown`; `None` leaves it its own bounded settle window.
+    async fn commit_before(self: Box<Self>, deadline: Option<tokio::time::Instant>) -> StoreResult<()> {
+        let _ = deadline;
+        self.commit().await
+    }
 }
 
 /// Row shapes shared by both backends (sqlx decodes them from either), and their

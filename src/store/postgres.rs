@@ -27,6 +27,35 @@
 //! subject's token) take table locks instead of one hot row that every commit would
 //! share-lock; frequent ones take advisory locks, which write nothing and queue fairly. Deadlocks and serialization failures (40P01, 40001) are retried by the
 //! engine. Read-only calls use a REPEATABLE READ snapshot and take no row locks.
+//!
+//! # Settling an interrupted COMMIT
+//!
+//! When the connection fails while COMMIT is on its way (sent, no answer), the
+//! transaction may have committed, may have aborted, or may still be committing on its
+//! old backend, which keeps running without a client. The store does not guess:
+//!
+//! 1. Before COMMIT it knows the transaction id and the backend: the audit insert, the
+//!    last statement of every audited transaction, also returns `pg_current_xact_id()`
+//!    and `pg_backend_pid()` (no extra round trip; a write transaction without an audit
+//!    event asks with one statement, `pg_current_xact_id_if_assigned()`: NULL means it
+//!    wrote nothing, so there is nothing to settle).
+//! 2. After the failure it asks `pg_xact_status(xid)` on a fresh connection (not the
+//!    pool, whose connections may all be dead), retrying connection failures with
+//!    backoff (10 ms doubling to 250 ms) until the caller's deadline, or for
+//!    `SETTLE_WINDOW` when the call has none:
+//!    - `committed`: OK;
+//!    - `aborted`: UNAVAILABLE, nothing was committed;
+//!    - `in progress`: the old backend is still committing. Nobody can read its answer any
+//!      more, so it is ended with `pg_terminate_backend`, only while it still holds this
+//!      xid (`pg_stat_activity.backend_xid`), and the status is asked again until it is
+//!      committed or aborted (terminating after the commit record changes nothing: the
+//!      backend finishes the commit first). An audit-row lookup alone could not tell "not
+//!      yet" from "never": it would read "absent" while the old backend is still
+//!      committing, and answer UNAVAILABLE for a write that lands a moment later;
+//!    - NULL (the xid is older than the commit log kept): the audit event is looked up by
+//!      its `seq` instead; with the xid that old, nothing of it is still in progress.
+//! 3. Only when the database cannot be asked in time is the answer `Unknown` (UNKNOWN),
+//!    naming the xid and the audit seq to look for.
 
 use super::{
     AuditRow, CallStateRow, EntityRow, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, call_state,
@@ -37,10 +66,19 @@ use crate::model::{
     AuditEvent, CallState, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid,
 };
 use async_trait::async_trait;
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::HashSet;
 use std::str::FromStr;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long an interrupted COMMIT of a call without a deadline is settled (see the module
+/// doc): long enough for a failover or a restart of the proxy in front of the database,
+/// short enough that a caller without a deadline is not held indefinitely.
+pub const SETTLE_WINDOW: Duration = Duration::from_secs(5);
 
 pub struct PgStore {
     pool: PgPool,
@@ -67,18 +105,26 @@ impl PgStore {
             .map_err(|e| anyhow::anyhow!("cannot reach or migrate the PostgreSQL database: {e}"))?;
         Ok(Self { pool })
     }
+
+    /// Settles the outcome of transaction `xid` (text of `pg_current_xact_id()`), last run
+    /// by backend `pid`, as `commit` does when the COMMIT acknowledgement is lost. Public
+    /// so that the outage tests can settle a transaction they hold open themselves.
+    #[doc(hidden)]
+    pub async fn settle(&self, xid: &str, pid: i32, audit_seq: Option<u64>, until: Instant) -> StoreResult<()> {
+        settle(&self.pool, &Pending { xid: xid.to_owned(), pid, audit_seq }, until, "settled on request").await
+    }
 }
 
 #[async_trait]
 impl Store for PgStore {
     async fn write(&self) -> StoreResult<Box<dyn Txn>> {
         let tx = self.pool.begin().await.map_err(map_err)?;
-        Ok(Box::new(PgTxn { tx, write: true, pool: self.pool.clone(), audit_seq: None }))
+        Ok(Box::new(PgTxn { tx, write: true, pool: self.pool.clone(), pending: None }))
     }
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_err)?;
-        Ok(Box::new(PgTxn { tx, write: false, pool: self.pool.clone(), audit_seq: None }))
+        Ok(Box::new(PgTxn { tx, write: false, pool: self.pool.clone(), pending: None }))
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -93,7 +139,18 @@ struct PgTxn {
     write: bool,
     /// For settling a commit whose acknowledgement was lost (see `commit`).
     pool: PgPool,
-    /// The audit event this transaction appended: its presence proves the commit.
+    /// Who this transaction is, for settling its COMMIT: set by the audit insert.
+    pending: Option<Pending>,
+}
+
+/// A transaction about to commit, as the database knows it.
+#[derive(Debug, Clone)]
+struct Pending {
+    /// `pg_current_xact_id()` as text (an `xid8`: never wraps around).
+    xid: String,
+    /// `pg_backend_pid()` of the backend running it.
+    pid: i32,
+    /// The audit event it appended: the fallback proof of its commit.
     audit_seq: Option<u64>,
 }
 
@@ -579,9 +636,11 @@ impl Txn for PgTxn {
     }
 
     async fn append_audit(&mut self, ev: &NewAuditEvent, now: i64) -> StoreResult<u64> {
-        let seq: i64 = sqlx::query_scalar(
+        // Also returns who this transaction is, for settling an interrupted COMMIT: no
+        // extra round trip (see the module doc).
+        let (seq, xid, pid): (i64, String, i32) = sqlx::query_as(
             "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq, pg_current_xact_id()::text, pg_backend_pid()",
         )
         .bind(now)
         .bind(ev.kind as i64)
@@ -594,7 +653,7 @@ impl Txn for PgTxn {
         .fetch_one(&mut *self.tx)
         .await
         .map_err(map_err)?;
-        self.audit_seq = Some(to_u64(seq));
+        self.pending = Some(Pending { xid, pid, audit_seq: Some(to_u64(seq)) });
         Ok(to_u64(seq))
     }
 
@@ -622,27 +681,157 @@ impl Txn for PgTxn {
         Ok((tokens.rows_affected(), keys.rows_affected()))
     }
 
-    /// Commits. When the connection fails during COMMIT the outcome is unknown to us:
-    /// the audit event this transaction wrote is then looked up on a new connection, so
-    /// that a committed call is never answered UNAVAILABLE; when even that is impossible
-    /// the answer is `Unknown`, never a guess.
+    /// Commits; an interrupted COMMIT is settled for `SETTLE_WINDOW`.
     async fn commit(self: Box<Self>) -> StoreResult<()> {
-        let PgTxn { tx, pool, audit_seq, .. } = *self;
+        self.commit_before(None).await
+    }
+
+    /// Commits. When the connection fails during COMMIT the outcome is unknown to us: it
+    /// is then settled by asking the database about this transaction id until `deadline`
+    /// (see the module doc), so that a committed call is never answered UNAVAILABLE and an
+    /// uncommitted one is not answered UNKNOWN when the database is back in time.
+    async fn commit_before(self: Box<Self>, deadline: Option<Instant>) -> StoreResult<()> {
+        let PgTxn { mut tx, write, pool, pending } = *self;
+        let pending = match pending {
+            Some(p) => Some(p),
+            // Rare (housekeeping, a repeated idempotent request): one statement.
+            None if write => {
+                let (xid, pid): (Option<String>, i32) =
+                    sqlx::query_as("SELECT pg_current_xact_id_if_assigned()::text, pg_backend_pid()")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
+                xid.map(|xid| Pending { xid, pid, audit_seq: None })
+            }
+            None => None,
+        };
         match tx.commit().await.map_err(map_err) {
-            Err(StoreError::Unavailable(m)) => {
-                let Some(seq) = audit_seq else { return Err(StoreError::Unavailable(m)) };
+            Err(StoreError::Unavailable(m)) => match pending {
+                // Wrote nothing: whatever happened, nothing was committed.
+                None => Err(StoreError::Unavailable(m)),
+                Some(p) => {
+                    let until = deadline.unwrap_or_else(|| Instant::now() + SETTLE_WINDOW);
+                    settle(&pool, &p, until, &m).await
+                }
+            },
+            other => other,
+        }
+    }
+}
+
+/// What became of a transaction, as far as the database can tell.
+enum XactStatus {
+    Committed,
+    Aborted,
+    InProgress,
+    /// Older than the commit log kept, and no audit event to look up.
+    Forgotten,
+}
+
+/// Asks once, on `conn` (opened first if needed), what became of `p`. A transaction still
+/// in progress has its old backend ended (only while that backend still holds its xid; an
+/// error there, e.g. a missing privilege, leaves it to finish by itself).
+async fn ask(conn: &mut Option<PgConnection>, pool: &PgPool, p: &Pending) -> Result<XactStatus, sqlx::Error> {
+    if conn.is_none() {
+        *conn = Some(PgConnection::connect_with(&pool.connect_options()).await?);
+    }
+    let c = conn.as_mut().expect("connected above");
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT pg_xact_status($1::xid8)::text").bind(&p.xid).fetch_one(&mut *c).await?;
+    Ok(match status.as_deref() {
+        Some("committed") => XactStatus::Committed,
+        Some("aborted") => XactStatus::Aborted,
+        Some(_) => {
+            let ended = sqlx::query_scalar::<_, Option<bool>>(
+                "SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE pid = $2 AND backend_xid = $1::xid8::xid",
+            )
+            .bind(&p.xid)
+            .bind(p.pid)
+            .fetch_one(&mut *c)
+            .await;
+            if let Err(e) = ended {
+                tracing::debug!(pid = p.pid, error = %e, "cannot end the backend of an interrupted COMMIT");
+            }
+            XactStatus::InProgress
+        }
+        // Older than the commit log: nothing of it is in progress, so its audit event
+        // (if it wrote one) tells.
+        None => match p.audit_seq {
+            None => XactStatus::Forgotten,
+            Some(seq) => {
                 let found =
-                    sqlx::query("SELECT 1 FROM audit WHERE seq = $1").bind(to_i64(seq)).fetch_optional(&pool).await;
-                match found {
-                    Ok(Some(_)) => Ok(()),
-                    Ok(None) => Err(StoreError::Unavailable(m)),
-                    Err(_) => Err(StoreError::Unknown(format!(
-                        "the connection failed during COMMIT and the database cannot be reached to tell whether it \
-                         committed: audit seq {seq} exists if it did"
-                    ))),
+                    sqlx::query("SELECT 1 FROM audit WHERE seq = $1").bind(to_i64(seq)).fetch_optional(&mut *c).await?;
+                if found.is_some() { XactStatus::Committed } else { XactStatus::Aborted }
+            }
+        },
+    })
+}
+
+/// Settles an interrupted COMMIT of `p` by `until` (the protocol is in the module doc).
+/// `cause`: why COMMIT failed, for the answer.
+async fn settle(pool: &PgPool, p: &Pending, until: Instant, cause: &str) -> StoreResult<()> {
+    let t0 = Instant::now();
+    let mut conn: Option<PgConnection> = None;
+    let mut backoff = Duration::from_millis(10);
+    let mut last = "no answer in time".to_owned();
+    let mut asked = 0u32;
+    let mut told_to_end = false;
+    let committed = loop {
+        asked += 1;
+        let Ok(status) = tokio::time::timeout_at(until, ask(&mut conn, pool, p)).await else { break None };
+        match status {
+            Ok(XactStatus::Committed) => break Some(true),
+            Ok(XactStatus::Aborted) => break Some(false),
+            Ok(XactStatus::InProgress) => {
+                if !told_to_end {
+                    // Its old backend was just told to end: ask again soon.
+                    told_to_end = true;
+                    backoff = Duration::from_millis(10);
                 }
             }
-            other => other,
+            Ok(XactStatus::Forgotten) => {
+                last = "its xid is older than the commit log and it wrote no audit event".into();
+                break None;
+            }
+            Err(e) => {
+                last = e.to_string();
+                conn = None;
+            }
+        }
+        let pause = backoff.min(until.saturating_duration_since(Instant::now()));
+        if pause.is_zero() {
+            break None;
+        }
+        tokio::time::sleep(pause).await;
+        backoff = (backoff * 2).min(Duration::from_millis(250));
+    };
+    if let Some(c) = conn {
+        tokio::spawn(async move {
+            let _ = c.close().await;
+        });
+    }
+    let elapsed = t0.elapsed();
+    match committed {
+        Some(true) => {
+            tracing::warn!(xid = %p.xid, asked, ?elapsed, "COMMIT was interrupted; it committed");
+            Ok(())
+        }
+        Some(false) => {
+            tracing::warn!(xid = %p.xid, asked, ?elapsed, "COMMIT was interrupted; it did not commit");
+            Err(StoreError::Unavailable(format!(
+                "the connection failed during COMMIT ({cause}) and the transaction did not commit; nothing was \
+                 committed, retry"
+            )))
+        }
+        None => {
+            tracing::error!(xid = %p.xid, asked, ?elapsed, error = %last, "COMMIT was interrupted; outcome unknown");
+            let seq = p.audit_seq.map_or_else(|| "no audit event".to_owned(), |s| format!("audit seq {s}"));
+            Err(StoreError::Unknown(format!(
+                "the connection failed during COMMIT ({cause}) and the database could not tell in time whether it \
+                 committed ({last}): transaction {} ({seq}) committed if `SELECT pg_xact_status('{}')` says so",
+                p.xid, p.xid
+            )))
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Fail closed: when the database cannot be had, calls answer UNAVAILABLE (or, past the
-//! caller's deadline, DEADLINE_EXCEEDED) and nothing is committed; service resumes.
+//! caller's deadline, DEADLINE_EXCEEDED) and nothing is committed; service resumes. A
+//! connection cut during COMMIT itself is settled: the answer is the real outcome.
 
 use crate::common::*;
 use lockstep::config::StoreOptions;
@@ -236,8 +237,8 @@ async fn postgres_outage_fails_closed_and_recovers() {
         calls.extend(w.await.unwrap());
     }
 
-    // Every answer was OK or UNAVAILABLE (UNKNOWN only for a lost COMMIT acknowledgement),
-    // none took longer than the timeouts allow.
+    // Every answer was OK or UNAVAILABLE (UNKNOWN only for a lost COMMIT acknowledgement
+    // that could not be settled in time), none took longer than the timeouts allow.
     let slowest = calls.iter().map(|c| c.2).max().unwrap();
     assert!(slowest < Duration::from_secs(6), "a call hung for {slowest:?}");
     let bad: Vec<_> = calls
@@ -307,4 +308,267 @@ async fn postgres_deadline_mid_transaction_rolls_back() {
     ))
     .await
     .unwrap();
+}
+
+/// Where `CommitCutter` cuts the connection that sends COMMIT.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cut {
+    /// COMMIT reaches PostgreSQL; its answer never reaches the client.
+    AfterCommitSent,
+    /// COMMIT never reaches PostgreSQL.
+    BeforeCommitSent,
+}
+
+/// A TCP proxy in front of PostgreSQL that, once armed, cuts the first connection on which
+/// the client sends COMMIT (the simple-query message sqlx sends for it) and every other
+/// connection through it, then refuses new connections for `outage`: the database is
+/// "back" after that.
+struct CommitCutter {
+    addr: std::net::SocketAddr,
+    armed: Arc<Mutex<Option<Cut>>>,
+    outage: Duration,
+    refuse_until: Arc<Mutex<Option<Instant>>>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// `Q`, length 11, "COMMIT\0".
+const COMMIT_MSG: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+
+impl CommitCutter {
+    async fn start(upstream: std::net::SocketAddr, outage: Duration) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed: Arc<Mutex<Option<Cut>>> = Arc::default();
+        let refuse_until: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let cuts: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (a, r, n) = (armed.clone(), refuse_until.clone(), cuts.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else { return };
+                if r.lock().unwrap().is_some_and(|t| Instant::now() < t) {
+                    continue; // dropped: the database is away
+                }
+                let Ok(out) = tokio::net::TcpStream::connect(upstream).await else { continue };
+                let (mut ci, mut co) = inbound.into_split();
+                let (mut ui, mut uo) = out.into_split();
+                let s2c = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ui, &mut co).await;
+                });
+                let s2c_handle = s2c.abort_handle();
+                let (a, r, n, all) = (a.clone(), r.clone(), n.clone(), conns.clone());
+                let c2s = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(len @ 1..) = ci.read(&mut buf).await {
+                        let chunk = &buf[..len];
+                        let cut = if chunk.windows(COMMIT_MSG.len()).any(|w| w == COMMIT_MSG) {
+                            a.lock().unwrap().take()
+                        } else {
+                            None
+                        };
+                        if cut == Some(Cut::AfterCommitSent) && uo.write_all(chunk).await.is_err() {
+                            break;
+                        }
+                        if let Some(cut) = cut {
+                            *r.lock().unwrap() = Some(Instant::now() + outage);
+                            n.fetch_add(1, Ordering::SeqCst);
+                            // Every other connection goes; this one's client side goes
+                            // now, its server side stays open a while, so that PostgreSQL
+                            // surely reads the COMMIT it was sent.
+                            let me = tokio::task::id();
+                            for h in all.lock().unwrap().drain(..).filter(|h| h.id() != me) {
+                                h.abort();
+                            }
+                            s2c.abort();
+                            drop(ci);
+                            if cut == Cut::AfterCommitSent {
+                                tokio::time::sleep(Duration::from_secs(3)).await;
+                            }
+                            return;
+                        }
+                        if uo.write_all(chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                    s2c.abort();
+                });
+                conns.lock().unwrap().extend([c2s.abort_handle(), s2c_handle]);
+            }
+        });
+        Self { addr, armed, outage, refuse_until, cuts }
+    }
+
+    fn arm(&self, cut: Cut) {
+        *self.armed.lock().unwrap() = Some(cut);
+    }
+}
+
+/// What a commit cut during COMMIT answered, and what the database holds afterwards.
+struct CutOutcome {
+    answer: Result<u64, tonic::Status>,
+    took: Duration,
+    /// Audit events and entity versions carrying the call's marker, read directly.
+    events: i64,
+    version: i64,
+}
+
+/// A server behind a `CommitCutter`; one warm-up commit, then one commit (patch `marker`,
+/// deadline 5 s) whose COMMIT is cut as `cut` says. `setup` runs on the database first.
+async fn cut_during_commit(cut: Cut, setup: &[&str], marker: &str) -> Option<CutOutcome> {
+    let db = Arc::new(TestDb::new(Backend::Postgres).await?);
+    bootstrap_db(&db.url).await;
+    let mut direct = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for sql in setup {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut direct).await.unwrap();
+    }
+    let proxy = CommitCutter::start("127.0.0.1:5432".parse().unwrap(), Duration::from_millis(400)).await;
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    // Plaintext, so that the proxy can see the COMMIT message.
+    let url = format!("postgres://postgres@{}/{name}?sslmode=disable", proxy.addr);
+    let s = serve_url(&url, StoreOptions::default(), Some(db.clone())).await;
+    let tok = token("k1", "alice");
+    let mut c = client(s.addr).await;
+    c.authorize_and_commit(authed(
+        &tok,
+        commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "w": 1 }), None)]),
+    ))
+    .await
+    .unwrap();
+
+    proxy.arm(cut);
+    let mut req = authed(&tok, commit_req(vec![update("UpdateItem", "Item", "doc", json!({ marker: 1 }), None)]));
+    req.set_timeout(Duration::from_secs(5));
+    let t0 = Instant::now();
+    let answer = c.authorize_and_commit(req).await.map(|r| r.into_inner().audit_seq);
+    let took = t0.elapsed();
+    assert_eq!(proxy.cuts.load(Ordering::SeqCst), 1, "the proxy never saw the COMMIT: {answer:?}");
+    assert!(took >= proxy.outage / 2, "answered before the database was back ({took:?}): {answer:?}");
+    assert!(proxy.refuse_until.lock().unwrap().is_some());
+    // Long enough for anything still running on the old backend to have finished.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let like = format!("%{marker}%");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit WHERE mutations LIKE $1")
+        .bind(&like)
+        .fetch_one(&mut direct)
+        .await
+        .unwrap();
+    let version: i64 = sqlx::query_scalar("SELECT version FROM entities WHERE etype = 'Item' AND eid = 'doc'")
+        .fetch_one(&mut direct)
+        .await
+        .unwrap();
+    eprintln!("commit cut {cut:?}: answer={answer:?} took={took:?} events={events} version={version}");
+    Some(CutOutcome { answer, took, events, version })
+}
+
+/// The answer of a commit whose COMMIT was cut is its real outcome: OK with the write
+/// there, or UNAVAILABLE with nothing of it there; never UNKNOWN when the database is back
+/// before the deadline.
+fn assert_real_outcome(o: &CutOutcome) {
+    match &o.answer {
+        Ok(_) => {
+            assert_eq!((o.events, o.version), (1, 3), "answered OK but the write is not there");
+        }
+        Err(e) => {
+            assert_eq!(e.code(), Code::Unavailable, "not the real outcome: {e:?}");
+            assert!(e.message().contains("did not commit"), "{}", e.message());
+            assert_eq!((o.events, o.version), (0, 2), "answered UNAVAILABLE but the write landed");
+        }
+    }
+    assert!(o.took < Duration::from_millis(4500), "settling outlived the deadline: {:?}", o.took);
+}
+
+/// The connection dies right after COMMIT went out (PostgreSQL commits, the client never
+/// hears it) and the database is unreachable for 400 ms: the call settles as OK, not
+/// UNKNOWN, and the write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_commit_cut_after_commit_sent_settles_ok() {
+    let Some(o) = cut_during_commit(Cut::AfterCommitSent, &[], "cut_after").await else { return };
+    assert_real_outcome(&o);
+    assert!(o.answer.is_ok(), "{:?}", o.answer);
+}
+
+/// The connection dies as COMMIT is sent, before PostgreSQL gets it: the call settles as
+/// UNAVAILABLE ("did not commit"), not UNKNOWN, and nothing of it is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_commit_cut_before_commit_sent_settles_unavailable() {
+    let Some(o) = cut_during_commit(Cut::BeforeCommitSent, &[], "cut_before").await else { return };
+    assert_real_outcome(&o);
+    assert!(o.answer.is_err(), "{:?}", o.answer);
+}
+
+/// COMMIT takes 1.5 s (a deferred constraint trigger sleeps, on this test database only)
+/// and the connection dies right after it went out: when the database is back the old
+/// backend is still committing. An audit-row lookup would find nothing yet and answer
+/// UNAVAILABLE for a write that lands a second later; settling by transaction id gives the
+/// real outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_commit_still_running_when_the_database_is_back() {
+    let setup = [
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$",
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON audit DEFERRABLE INITIALLY DEFERRED
+         FOR EACH ROW WHEN (NEW.mutations LIKE '%slow_commit%') EXECUTE FUNCTION slow_commit()",
+    ];
+    let Some(o) = cut_during_commit(Cut::AfterCommitSent, &setup, "slow_commit").await else { return };
+    assert_real_outcome(&o);
+}
+
+/// Begins a transaction on `c` that has written a row; its xid and backend pid.
+async fn begin_scratch(c: &mut sqlx::PgConnection) -> (String, i32) {
+    sqlx::query("BEGIN").execute(&mut *c).await.unwrap();
+    sqlx::query_as("INSERT INTO scratch VALUES (1) RETURNING pg_current_xact_id()::text, pg_backend_pid()")
+        .fetch_one(&mut *c)
+        .await
+        .unwrap()
+}
+
+/// `PgStore::settle` on transactions held by a connection of the test: committed is OK,
+/// rolled back is UNAVAILABLE, one still in progress has its backend ended and is then
+/// UNAVAILABLE (aborted), and with the database unreachable the answer is UNKNOWN once
+/// the time is up, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_settle_by_transaction_id() {
+    use lockstep::store::StoreError;
+    use lockstep::store::postgres::PgStore;
+    let Some(db) = TestDb::new(Backend::Postgres).await else { return };
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let store =
+        PgStore::open(&format!("postgres://postgres@{}/{name}", proxy.addr), &StoreOptions::default()).await.unwrap();
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("CREATE TABLE scratch (x int)").execute(&mut holder).await.unwrap();
+    let soon = || tokio::time::Instant::now() + Duration::from_secs(3);
+
+    let (xid, pid) = begin_scratch(&mut holder).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    assert!(store.settle(&xid, pid, None, soon()).await.is_ok(), "committed");
+
+    let (xid, pid) = begin_scratch(&mut holder).await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    assert!(matches!(store.settle(&xid, pid, None, soon()).await, Err(StoreError::Unavailable(_))), "rolled back");
+
+    // In progress: the holder keeps its transaction open (as a backend whose client is
+    // gone would); settling ends that backend and reports what that made of it.
+    let (xid, pid) = begin_scratch(&mut holder).await;
+    let r = store.settle(&xid, pid, None, soon()).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "in progress, then ended: {r:?}");
+    assert!(sqlx::query("SELECT 1").execute(&mut holder).await.is_err(), "the holder's backend still runs");
+    let mut check = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM scratch").fetch_one(&mut check).await.unwrap();
+    assert_eq!(rows, 1, "only the committed row is there");
+    let gone: bool = sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+        .bind(pid)
+        .fetch_one(&mut check)
+        .await
+        .unwrap();
+    assert!(gone);
+
+    // Unreachable: UNKNOWN when the time is up.
+    proxy.cut();
+    let t0 = Instant::now();
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    let r = store.settle(&xid, pid, Some(7), until).await;
+    assert!(matches!(&r, Err(StoreError::Unknown(m)) if m.contains(&xid) && m.contains("audit seq 7")), "{r:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(450) && t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
 }
