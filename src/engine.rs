@@ -251,7 +251,12 @@ impl Engine {
                 }
                 Step::Denied { decision, reason, explain } => {
                     txn.rollback_to_savepoint().await?;
-                    let what = format!("mutation {i} ({} `{}` on {})", m.change.kind(), short(&m.action), m.resource);
+                    let what = format!(
+                        "mutation {i} ({} `{}` on {})",
+                        m.change.kind(),
+                        short(&m.action),
+                        short(&m.resource.to_string())
+                    );
                     let errors = if decision.errors.is_empty() {
                         String::new()
                     } else {

@@ -20,7 +20,9 @@ entity User;
 entity Account { owner: User };
 entity Doc in [Account] { account: Account, price: decimal, ip: ipaddr, level: Long } tags Bool;
 action ReadDoc appliesTo { principal: User, resource: Doc, context: { token: Token } };
-action CreateDoc, UpdateDoc appliesTo { principal: User, resource: Doc, context: { token: Token, change: Change } };
+action CreateDoc in [Lockstep::Action::"CreateEntity"] appliesTo { principal: User, resource: Doc, context: { token: Token, change: Change } };
+action UpdateDoc in [Lockstep::Action::"UpdateEntity"] appliesTo { principal: User, resource: Doc, context: { token: Token, change: Change } };
+namespace Lockstep { action CreateEntity, UpdateEntity; }
 "#;
 
 const POLICIES: &str = r#"

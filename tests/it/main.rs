@@ -8,6 +8,7 @@ mod cedar_semantics;
 mod cli;
 mod common;
 mod consistency;
+mod edges;
 mod ext_authz;
 mod group_commit;
 mod keys;

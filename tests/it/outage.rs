@@ -437,7 +437,7 @@ async fn cut_during_commit(cut: Cut, setup: &[&str], marker: &str) -> Option<Cut
     .unwrap();
 
     proxy.arm(cut);
-    let mut req = authed(&tok, commit_req(vec![update("UpdateItem", "Item", "doc", json!({ marker: 1 }), None)]));
+    let mut req = authed(&tok, commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "title": marker }), None)]));
     req.set_timeout(Duration::from_secs(5));
     let t0 = Instant::now();
     let answer = c.authorize_and_commit(req).await.map(|r| r.into_inner().audit_seq);
