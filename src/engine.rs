@@ -987,7 +987,9 @@ impl Engine {
     /// transient conflict (serialization failure, deadlock) are retried a bounded number
     /// of times. Nothing is committed after the caller's deadline: an attempt still
     /// running then is dropped (its transaction rolls back) and the commit itself is
-    /// only started before the deadline.
+    /// only started before the deadline. Once started, the commit runs in a task of its
+    /// own and its outcome is the answer: dropping this future (a client gone, a
+    /// transport timer) cannot cut a COMMIT in half or turn it into a failure answer.
     async fn run<T, F, Fut>(&self, opts: CallOptions, mut attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
@@ -1006,7 +1008,10 @@ impl Engine {
                     if opts.deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(Error::DeadlineExceeded);
                     }
-                    txn.commit().await.map(|()| answer)
+                    match tokio::spawn(txn.commit()).await {
+                        Ok(committed) => committed.map(|()| answer),
+                        Err(e) => Err(StoreError::Unknown(format!("the commit's task failed: {e}"))),
+                    }
                 }
                 Err(Error::Retry(m)) => Err(StoreError::Retry(m)),
                 Err(Error::UnknownKey(m)) => {
