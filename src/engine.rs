@@ -1253,6 +1253,7 @@ impl Engine {
         if key.required_typ.len() > 64 || key.max_lifetime_secs < 0 {
             return bad("required_typ must be at most 64 bytes and max lifetime not negative".into());
         }
+        token::check_algorithm(&key.algorithm).map_err(Error::InvalidArgument)?;
         let hmac = key.algorithm.starts_with("HS");
         if hmac && !key.public_key_pem.is_empty() {
             return bad(format!("{} keys take `secret`, not `public_key_pem`", key.algorithm));

@@ -167,7 +167,9 @@ pub fn remapped(status: &Status) -> Option<Status> {
             Some(Status::resource_exhausted(format!("request message too large: {m}")))
         }
         Code::Internal if m.starts_with("failed to decode Protobuf message") || m.starts_with("protocol error:") => {
-            Some(Status::invalid_argument(format!("request cannot be decoded: {m}")))
+            // prost names every field on the way down; what went wrong is the last part.
+            let what = m.rsplit(": ").next().unwrap_or(m);
+            Some(Status::invalid_argument(format!("request cannot be decoded as protobuf: {what}")))
         }
         _ => None,
     }

@@ -309,3 +309,43 @@ async fn cli_plaintext_beyond_loopback_needs_allow_plaintext() {
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("WARN") && logged.contains("PLAINTEXT"), "{logged}");
 }
+
+/// `keys add --alg hs256` (or `foo`) names the algorithm as the problem and lists the
+/// twelve valid names; `policies test` on a folder of entity files says which file is not
+/// a test file and what a test file looks like.
+#[test]
+fn cli_messages_name_the_real_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("m.db").display());
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, [7u8; 32]).unwrap();
+    for alg in ["hs256", "foo"] {
+        let o = lockstep(&db, &["keys", "add", "--kid", "x", "--alg", alg, "--secret-file", secret.to_str().unwrap()]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("unknown algorithm `{alg}`")), "{err}");
+        assert!(
+            err.contains("HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"),
+            "{err}"
+        );
+        assert!(!err.contains("public_key_pem"), "{err}");
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let entities = dir.path().join("entities");
+    std::fs::create_dir(&entities).unwrap();
+    std::fs::copy(format!("{root}/examples/quickstart/entities.json"), entities.join("entities.json")).unwrap();
+    let o = lockstep(
+        &db,
+        &[
+            "policies",
+            "test",
+            entities.to_str().unwrap(),
+            "--policies",
+            &format!("{root}/examples/quickstart/policies.cedar"),
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("entities.json is not a policy test file"), "{err}");
+    assert!(err.contains("\"cases\"") && err.contains("\"decision\""), "{err}");
+}
