@@ -122,6 +122,13 @@ pub struct ServeArgs {
     /// CA (PEM) that client certificates must chain to: mutual TLS.
     #[arg(long, env = "LOCKSTEP_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// A TLS connection that has not finished its handshake by then is closed, e.g. 10s.
+    #[arg(long, env = "LOCKSTEP_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Serve plaintext on a non-loopback address (refused without it: plaintext is for
+    /// loopback; use --tls-cert/--tls-key, or a TLS-terminating proxy on the same host).
+    #[arg(long, env = "LOCKSTEP_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
     /// Route map for Envoy ext_authz (envoy.service.auth.v3.Authorization/Check on the
     /// same port): JSON `{"routes": [{"method", "path": "/items/{id}", "action",
     /// "resource": {"type", "id": "{id}"}}]}`. Without it every edge check is denied.
@@ -367,19 +374,23 @@ const OP: CallOptions = CallOptions { deadline: None };
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve(args) => {
+            let tls = tls_options(args)?;
+            check_plaintext(args, tls.is_some())?;
             let engine = engine(&cli, Some(args)).await?;
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
-            server::run_with(engine, listener, server::shutdown_signal(), tls_options(args)?).await
+            server::run_with(engine, listener, server::shutdown_signal(), tls).await
         }
         Command::Demo(args) => {
+            let tls = tls_options(args)?;
+            check_plaintext(args, tls.is_some())?;
             let engine = engine(&cli, Some(args)).await?;
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             demo(&engine, &listener.local_addr()?).await?;
-            server::run_with(engine, listener, server::shutdown_signal(), tls_options(args)?).await
+            server::run_with(engine, listener, server::shutdown_signal(), tls).await
         }
         Command::Keys(k) => {
             let engine = engine(&cli, None).await?;
@@ -602,16 +613,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Reads the TLS files and checks them, so that a bad file is named at start.
 fn tls_options(args: &ServeArgs) -> anyhow::Result<Option<server::TlsOptions>> {
     let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
     match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Ok(Some(server::TlsOptions {
-            cert_pem: read(cert)?,
-            key_pem: read(key)?,
-            client_ca_pem: args.client_ca.as_ref().map(read).transpose()?,
-        })),
+        (Some(cert), Some(key)) => {
+            let tls = server::TlsOptions {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+                client_ca_pem: args.client_ca.as_ref().map(read).transpose()?,
+                handshake_timeout: args.tls_handshake_timeout,
+            };
+            let ca = args.client_ca.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            let names = server::TlsSources {
+                cert: &cert.display().to_string(),
+                key: &key.display().to_string(),
+                client_ca: &ca,
+            };
+            tls.check(&names).map_err(|e| anyhow::anyhow!("invalid TLS configuration: {e}"))?;
+            Ok(Some(tls))
+        }
         _ => Ok(None),
     }
+}
+
+/// Plaintext is for loopback: a non-loopback listener without TLS is refused unless the
+/// operator says `--allow-plaintext` (then it is logged as a warning).
+fn check_plaintext(args: &ServeArgs, tls: bool) -> anyhow::Result<()> {
+    if tls || args.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !args.allow_plaintext {
+        bail!(
+            "refusing to serve plaintext on `{}`, which is not a loopback address: tokens would cross the network \
+             in the clear; give --tls-cert and --tls-key (TLS), listen on 127.0.0.1, or pass --allow-plaintext \
+             if a TLS-terminating proxy on this host is in front",
+            args.listen
+        );
+    }
+    tracing::warn!(listen = %args.listen, "serving PLAINTEXT on a non-loopback address (--allow-plaintext)");
+    Ok(())
 }
 
 fn read_policy_files(policies: &PathBuf, schema: Option<&PathBuf>) -> anyhow::Result<(String, String)> {

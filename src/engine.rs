@@ -1117,7 +1117,9 @@ impl Engine {
     /// transient conflict (serialization failure, deadlock) are retried a bounded number
     /// of times. Nothing is committed after the caller's deadline: an attempt still
     /// running then is dropped (its transaction rolls back) and the commit itself is
-    /// only started before the deadline.
+    /// only started before the deadline. Once started, the commit runs in a task of its
+    /// own and its outcome is the answer: dropping this future (a client gone, a
+    /// transport timer) cannot cut a COMMIT in half or turn it into a failure answer.
     async fn run<T, F, Fut>(&self, opts: CallOptions, attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
@@ -1155,10 +1157,14 @@ impl Engine {
                     if opts.deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(Error::DeadlineExceeded);
                     }
-                    txn.commit_before(opts.deadline).await.map(|()| {
-                        with_compiled_in_call(|c| c.committed = true);
-                        answer
-                    })
+                    let deadline = opts.deadline;
+                    match tokio::spawn(async move { txn.commit_before(deadline).await }).await {
+                        Ok(committed) => committed.map(|()| {
+                            with_compiled_in_call(|c| c.committed = true);
+                            answer
+                        }),
+                        Err(e) => Err(StoreError::Unknown(format!("the commit's task failed: {e}"))),
+                    }
                 }
                 Err(Error::Retry(m)) => Err(StoreError::Retry(m)),
                 Err(Error::UnknownKey(m)) => {
@@ -1407,6 +1413,7 @@ impl Engine {
         if key.required_typ.len() > 64 || key.max_lifetime_secs < 0 {
             return bad("required_typ must be at most 64 bytes and max lifetime not negative".into());
         }
+        token::check_algorithm(&key.algorithm).map_err(Error::InvalidArgument)?;
         if key.issuer.len() > 1024 || key.audience.len() > 1024 || key.principal_type.len() > 256 {
             return bad("issuer and audience must be at most 1024 bytes, principal_type at most 256".into());
         }

@@ -56,10 +56,28 @@ pub struct Outcome {
     pub note: String,
 }
 
+/// What a test file looks like, for the message about a file that is not one.
+const SHAPE: &str = "a policy test file is a JSON object {\"entities\": [Cedar entities], \"cases\": [{\"name\", \
+                     \"principal\": {\"type\", \"id\"}, \"action\", \"resource\": {\"type\", \"id\"}, \
+                     \"context\" (optional), \"decision\": \"allow\" | \"deny\", \"determining\" (optional)}]}";
+
 /// Runs every case of one test file's text against `policies`.
 pub fn run_file(file: &str, text: &str, policies: &CompiledPolicies) -> Result<Vec<Outcome>, String> {
-    let v = crate::cli::parse_json_strict(text).map_err(|e| format!("{file}: {e:#}"))?;
-    let t: TestFile = serde_json::from_value(v).map_err(|e| format!("{file}: {e}"))?;
+    let value = crate::cli::parse_json_strict(text).map_err(|e| format!("{file}: not valid JSON: {e:#}"))?;
+    match &value {
+        Value::Array(_) => {
+            return Err(format!(
+                "{file} is not a policy test file: it holds a JSON array (Cedar entities?), not an object; {SHAPE}"
+            ));
+        }
+        Value::Object(o) if !o.contains_key("cases") => {
+            return Err(format!("{file} is not a policy test file: it has no `cases`; {SHAPE}"));
+        }
+        Value::Object(_) => {}
+        _ => return Err(format!("{file} is not a policy test file: it holds no JSON object; {SHAPE}")),
+    }
+    let t: TestFile =
+        serde_json::from_value(value).map_err(|e| format!("{file}: not a valid policy test file: {e}"))?;
     let entities = t
         .entities
         .iter()

@@ -25,6 +25,10 @@ pub fn check_crypto_provider() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a TLS connection may take to finish its handshake before it is closed, unless
+/// `--tls-handshake-timeout` says otherwise.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// TLS for the listener (rustls): the server's certificate chain and key, and for mTLS
 /// the CA that client certificates must chain to.
 #[derive(Clone)]
@@ -33,6 +37,78 @@ pub struct TlsOptions {
     pub key_pem: Vec<u8>,
     /// Set: clients must present a certificate issued by this CA (mTLS).
     pub client_ca_pem: Option<Vec<u8>>,
+    /// A connection that has not finished its TLS handshake by then is closed, so that
+    /// connections which never handshake cannot pile up (default 10 s).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsOptions {
+    fn default() -> Self {
+        Self {
+            cert_pem: Vec::new(),
+            key_pem: Vec::new(),
+            client_ca_pem: None,
+            handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// Where the TLS material came from (file names), for the messages of `TlsOptions::check`.
+pub struct TlsSources<'a> {
+    pub cert: &'a str,
+    pub key: &'a str,
+    pub client_ca: &'a str,
+}
+
+impl TlsOptions {
+    /// Checks the certificate chain, the key (and that it is the certificate's) and the
+    /// client CA the way rustls will use them, saying which file is wrong and how (tonic
+    /// itself only says "transport error").
+    pub fn check(&self, names: &TlsSources<'_>) -> Result<(), String> {
+        use rustls::pki_types::pem::{self, PemObject};
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |text: &[u8], what: &str, name: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+            let certs = CertificateDer::pem_slice_iter(text)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{what} `{name}` is not valid PEM: {e}"))?;
+            if certs.is_empty() {
+                return Err(format!("{what} `{name}` holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)"));
+            }
+            Ok(certs)
+        };
+        let chain = certs(&self.cert_pem, "TLS certificate", names.cert)?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| match e {
+            pem::Error::NoItemsFound => format!(
+                "TLS key `{}` holds no PEM private key (`-----BEGIN PRIVATE KEY-----`: PKCS#8, PKCS#1 or SEC1)",
+                names.key
+            ),
+            e => format!("TLS key `{}` is not valid PEM: {e}", names.key),
+        })?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => format!(
+                "TLS key `{}` does not match the certificate `{}` (the key is not the certificate's private key)",
+                names.key, names.cert
+            ),
+            rustls::Error::General(m) => format!("TLS key `{}` cannot be used: {m}", names.key),
+            e => format!("TLS certificate `{}` with key `{}` cannot be used: {e}", names.cert, names.key),
+        })?;
+        if let Some(ca) = &self.client_ca_pem {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certs(ca, "client CA", names.client_ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("client CA `{}` is not a usable CA certificate: {e}", names.client_ca))?;
+            }
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .map_err(|e| format!("client CA `{}` cannot verify client certificates: {e}", names.client_ca))?;
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("the TLS handshake timeout must be more than 0".into());
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for TlsOptions {
@@ -163,15 +239,21 @@ pub async fn run_with(
     };
     let mut builder = Server::builder();
     if let Some(t) = &tls {
+        t.check(&TlsSources { cert: "(certificate)", key: "(key)", client_ca: "(client CA)" })
+            .map_err(|e| anyhow::anyhow!("invalid TLS configuration: {e}"))?;
         let mut cfg = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem));
+            .identity(tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem))
+            .timeout(t.handshake_timeout);
         if let Some(ca) = &t.client_ca_pem {
             cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
         }
-        builder = builder.tls_config(cfg).map_err(|e| anyhow::anyhow!("invalid TLS configuration: {e}"))?;
-        tracing::info!(mtls = t.client_ca_pem.is_some(), "TLS enabled");
+        builder = builder.tls_config(cfg).map_err(|e| anyhow::anyhow!("invalid TLS configuration: {e:#}"))?;
+        tracing::info!(mtls = t.client_ca_pem.is_some(), handshake_timeout = ?t.handshake_timeout, "TLS enabled");
     }
     let serve = builder
+        // Every call runs to its outcome in its own task (tonic's grpc-timeout cannot drop
+        // a COMMIT in flight), and decode failures get the README's codes.
+        .layer(crate::grpc::layer::AnswerLayer)
         .add_service(lockstep)
         .add_service(admin)
         .add_service(ext_authz)

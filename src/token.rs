@@ -79,9 +79,21 @@ pub fn parse(raw: &str, settings: &Settings) -> Result<ParsedToken> {
     Ok(ParsedToken { raw: raw.to_owned(), kid, alg: header.alg, typ: header.typ })
 }
 
+/// The twelve algorithm names a key may have (case-sensitive, as in a JWS `alg` header).
+pub const ALGORITHMS: [&str; 12] =
+    ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
+
+/// Refuses an algorithm name that is not one of `ALGORITHMS`, listing them.
+pub fn check_algorithm(name: &str) -> std::result::Result<Algorithm, String> {
+    match ALGORITHMS.contains(&name).then(|| Algorithm::from_str(name)) {
+        Some(Ok(alg)) => Ok(alg),
+        _ => Err(format!("unknown algorithm `{name}`: use one of {} (case-sensitive)", ALGORITHMS.join(", "))),
+    }
+}
+
 /// The decoding key for a stored key record, or why it cannot be used.
 pub fn decoding_key(key: &KeyRecord) -> std::result::Result<(Algorithm, DecodingKey), String> {
-    let alg = Algorithm::from_str(&key.algorithm).map_err(|_| format!("unknown algorithm `{}`", key.algorithm))?;
+    let alg = check_algorithm(&key.algorithm)?;
     if !key.jwk.is_empty() {
         let jwk: jsonwebtoken::jwk::Jwk =
             serde_json::from_str(&key.jwk).map_err(|e| format!("unusable JWK for `{}`: {e}", key.kid))?;
@@ -246,40 +258,39 @@ fn check_times(t: &VerifiedToken, key: &KeyRecord, now_secs: i64, settings: &Set
 /// The signature and every claim but the times (which `check_times` reads on each call).
 fn verify_signature_and_claims(token: &ParsedToken, key: &KeyRecord, settings: &Settings) -> Result<VerifiedToken> {
     let (alg, dk) = decoding_key(key).map_err(|e| unauth(format!("key `{}` cannot verify: {e}", key.kid)))?;
+    // jsonwebtoken checks the signature only: its claim checks would answer "a required
+    // claim is missing" for an `exp` of the wrong type. Every claim is read here, by type,
+    // so the message says what is wrong; the times are checked on every call (`check_times`).
     let mut v = Validation::new(alg);
-    v.leeway = settings.leeway_secs;
-    v.validate_exp = true;
-    v.validate_nbf = true;
-    let mut required = vec!["exp", "sub"];
-    if key.issuer.is_empty() {
-        v.iss = None;
-    } else {
-        v.set_issuer(&[&key.issuer]);
-        required.push("iss");
-    }
-    if key.audience.is_empty() {
-        v.validate_aud = false;
-    } else {
-        v.set_audience(&[&key.audience]);
-        required.push("aud");
-    }
-    v.set_required_spec_claims(&required);
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    v.iss = None;
+    v.set_required_spec_claims::<&str>(&[]);
     let data = jsonwebtoken::decode::<Map<String, Value>>(&token.raw, &dk, &v)
         .map_err(|e| unauth(format!("token rejected: {}", describe(e.kind()))))?;
     let c = data.claims;
 
-    // jsonwebtoken skips claims of the wrong type unless required: read each one here,
-    // by type; the times are checked again on every call (`check_times`).
     let exp = numeric_date(&c, "exp")?.ok_or_else(|| unauth("token has no `exp`"))?;
     let nbf = numeric_date(&c, "nbf")?;
     let iat = numeric_date(&c, "iat")?;
     let sub = match c.get("sub") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= settings.max_id_bytes && !s.contains('\0') => s.clone(),
-        _ => return Err(unauth("token `sub` must be a non-empty string without NUL")),
+        None => return Err(unauth("token has no `sub`")),
+        Some(Value::String(s)) if s.len() > settings.max_id_bytes => {
+            return Err(unauth(format!("token `sub` is {} bytes; at most {}", s.len(), settings.max_id_bytes)));
+        }
+        Some(Value::String(s)) if !s.is_empty() && !s.contains('\0') => s.clone(),
+        Some(_) => return Err(unauth("token `sub` must be a non-empty string without NUL")),
     };
     let iss = opt_string(&c, "iss")?.unwrap_or_default();
+    if !key.issuer.is_empty() && iss.is_empty() {
+        return Err(unauth(format!("token has no `iss`; key `{}` requires one", key.kid)));
+    }
     if !key.issuer.is_empty() && iss != key.issuer {
         return Err(unauth("token rejected: wrong issuer"));
+    }
+    if !key.audience.is_empty() && !c.contains_key("aud") {
+        return Err(unauth(format!("token has no `aud`; key `{}` requires one", key.kid)));
     }
     let aud = match c.get("aud") {
         None => String::new(),
@@ -338,16 +349,27 @@ fn verify_signature_and_claims(token: &ParsedToken, key: &KeyRecord, settings: &
     })
 }
 
-/// A NumericDate claim: absent, or a number (fractions are cut). Any other type is an error.
+/// A NumericDate claim: absent, or a number of seconds since 1970 from 0 to below 10^15
+/// (fractions are cut). Anything else is an error that says what the claim is instead.
 fn numeric_date(c: &Map<String, Value>, name: &str) -> Result<Option<i64>> {
+    let wrong = |what: &str| {
+        Err(unauth(format!(
+            "token `{name}` must be a number of seconds since 1970-01-01 UTC (NumericDate), 0 to 10^15; it is {what}"
+        )))
+    };
     match c.get(name) {
         None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15).map(|f| f.floor() as i64))
-            .map(Some)
-            .ok_or_else(|| unauth(format!("token `{name}` is out of range"))),
-        Some(_) => Err(unauth(format!("token `{name}` must be a number (NumericDate)"))),
+        Some(Value::Number(n)) => {
+            match n.as_i64().or_else(|| n.as_f64().filter(|f| f.abs() < 1e15).map(|f| f.floor() as i64)) {
+                Some(secs) if secs < 0 => wrong("negative"),
+                Some(secs) if secs < 1_000_000_000_000_000 => Ok(Some(secs)),
+                _ => wrong("out of range"),
+            }
+        }
+        Some(Value::Null) => wrong("null"),
+        Some(Value::Bool(_)) => wrong("a boolean"),
+        Some(Value::String(_)) => wrong("a string"),
+        Some(_) => wrong("an array or object"),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod ext_authz;
+pub mod layer;
 
 use crate::engine::{CallOptions, Caller, Engine};
 use crate::error::Error;
@@ -84,8 +85,9 @@ impl Call {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
-            // Finish a little before the caller gives up, so an answer of DEADLINE_EXCEEDED
-            // is never sent for a transaction that committed.
+            // Give up a little before the caller does, so that the server's DEADLINE_EXCEEDED
+            // (sent only for a call that committed nothing) reaches the caller; once COMMIT
+            // has started the answer is its outcome, however late (`grpc::layer`).
             .map(|d| tokio::time::Instant::now() + d.mul_f64(0.9).saturating_sub(Duration::from_millis(5)));
         Ok(Self { bearer, opts: CallOptions { deadline } })
     }

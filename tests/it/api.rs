@@ -646,3 +646,67 @@ async fn template_links_share_one_resource(b: Backend) {
 }
 
 crate::on_both_backends!(template_links_share_one_resource);
+
+/// Messages name the real problem: an unknown algorithm in AddKey (before anything about
+/// its key material), an `exp` of the wrong kind, a `sub` over the limit; a message over
+/// gRPC's 4 MiB is RESOURCE_EXHAUSTED and one nested past prost's recursion limit is
+/// INVALID_ARGUMENT (tonic itself says OUT_OF_RANGE and INTERNAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_name_the_real_problem() {
+    let Some(s) = start(Backend::Sqlite).await else { return };
+    let root = token("k2", "root");
+    let mut a = admin(s.addr).await;
+    for alg in ["none", "hs256", "foo"] {
+        let e = a
+            .add_key(authed(
+                &root,
+                pb::AddKeyRequest { kid: "n".into(), algorithm: alg.into(), secret: vec![7; 32], ..Default::default() },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(&format!("unknown algorithm `{alg}`")), "{alg}: {e:?}");
+        assert!(
+            e.message().contains("HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"),
+            "{alg}: {e:?}"
+        );
+    }
+
+    let mut c = client(s.addr).await;
+    let n = now();
+    let claims =
+        |exp: serde_json::Value| json!({ "sub": "alice", "iat": n, "exp": exp, "jti": lockstep::token::uuid_like() });
+    for (exp, what) in
+        [(json!(-1), "negative"), (json!(1e300), "out of range"), (json!(true), "a boolean"), (json!(null), "null")]
+    {
+        let e =
+            c.authorize_and_commit(authed(&sign("k1", &claims(exp.clone())), commit_req(touch()))).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains("token `exp` must be a number of seconds"), "exp {exp}: {e:?}");
+        assert!(e.message().contains(what), "exp {exp}: {e:?}");
+    }
+    let long = sign("k1", &json!({ "sub": "a".repeat(2048), "iat": n, "exp": n + 600 }));
+    let e = c.authorize_and_commit(authed(&long, commit_req(touch()))).await.unwrap_err();
+    assert!(e.message().contains("token `sub` is 2048 bytes; at most 1024"), "{e:?}");
+
+    // A context nested 150 deep (prost stops at 100): INVALID_ARGUMENT.
+    let mut v = prost_types::Value { kind: Some(prost_types::value::Kind::BoolValue(true)) };
+    for _ in 0..150 {
+        let st = prost_types::Struct { fields: [("a".to_string(), v)].into_iter().collect() };
+        v = prost_types::Value { kind: Some(prost_types::value::Kind::StructValue(st)) };
+    }
+    let Some(prost_types::value::Kind::StructValue(deep)) = v.kind else { unreachable!() };
+    let mut req = commit_req(touch());
+    req.context = Some(deep);
+    let e = c.authorize_and_commit(authed(&token("k1", "alice"), req)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("cannot be decoded"), "{e:?}");
+    // Over gRPC's own 4 MiB: RESOURCE_EXHAUSTED.
+    let mut big = commit_req(touch());
+    big.idempotency_key = "k".repeat(5 * 1024 * 1024);
+    let e = c.authorize_and_commit(authed(&token("k1", "alice"), big)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+
+    // The server is fine afterwards.
+    c.authorize_and_commit(authed(&token("k1", "alice"), commit_req(touch()))).await.unwrap();
+}

@@ -257,3 +257,95 @@ async fn cli_bench_runs() {
     ));
     assert!(!lockstep(&other, &["bench", "--seconds", "1"]).status.success());
 }
+
+/// `serve --listen 0.0.0.0:…` without TLS is refused with a message naming the fixes;
+/// with --allow-plaintext it serves (reachable over loopback) and logs a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_plaintext_beyond_loopback_needs_allow_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("p.db").display());
+    let mut refused = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["serve", "--database", &db, "--listen", "0.0.0.0:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while refused.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            refused.kill().unwrap();
+            refused.wait().unwrap();
+            panic!("served plaintext on 0.0.0.0");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = refused.wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("refusing to serve plaintext on `0.0.0.0:0`"), "{err}");
+    assert!(err.contains("--tls-cert") && err.contains("--allow-plaintext"), "{err}");
+
+    let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+    let log = dir.path().join("serve.log");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["serve", "--database", &db, "--listen", &format!("0.0.0.0:{port}"), "--allow-plaintext"])
+        .env("LOCKSTEP_LOG", "warn")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let ch = loop {
+        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await {
+            Ok(ch) => break ch,
+            Err(_) if t0.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("server did not start: {e}"),
+        }
+    };
+    let health = tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    health.unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("WARN") && logged.contains("PLAINTEXT"), "{logged}");
+}
+
+/// `keys add --alg hs256` (or `foo`) names the algorithm as the problem and lists the
+/// twelve valid names; `policies test` on a folder of entity files says which file is not
+/// a test file and what a test file looks like.
+#[test]
+fn cli_messages_name_the_real_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("m.db").display());
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, [7u8; 32]).unwrap();
+    for alg in ["hs256", "foo"] {
+        let o = lockstep(&db, &["keys", "add", "--kid", "x", "--alg", alg, "--secret-file", secret.to_str().unwrap()]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("unknown algorithm `{alg}`")), "{err}");
+        assert!(
+            err.contains("HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"),
+            "{err}"
+        );
+        assert!(!err.contains("public_key_pem"), "{err}");
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let entities = dir.path().join("entities");
+    std::fs::create_dir(&entities).unwrap();
+    std::fs::copy(format!("{root}/examples/quickstart/entities.json"), entities.join("entities.json")).unwrap();
+    let o = lockstep(
+        &db,
+        &[
+            "policies",
+            "test",
+            entities.to_str().unwrap(),
+            "--policies",
+            &format!("{root}/examples/quickstart/policies.cedar"),
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("entities.json is not a policy test file"), "{err}");
+    assert!(err.contains("\"cases\"") && err.contains("\"decision\""), "{err}");
+}

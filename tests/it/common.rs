@@ -321,6 +321,19 @@ pub async fn client(addr: SocketAddr) -> LockstepClient<Channel> {
     LockstepClient::new(channel(addr).await)
 }
 
+/// A Lockstep client over a bare HTTP/2 connection (hyper), without tonic's channel: it
+/// sends `grpc-timeout` but never enforces it itself (tonic's channel answers CANCELLED
+/// "Timeout expired" at the deadline on its own), so every answer it sees is the server's.
+pub type RawClient = LockstepClient<
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, tonic::body::Body>,
+>;
+
+pub fn raw_client(addr: SocketAddr) -> RawClient {
+    let c =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    LockstepClient::with_origin(c, format!("http://{addr}").parse().unwrap())
+}
+
 pub async fn admin(addr: SocketAddr) -> AdminClient<Channel> {
     AdminClient::new(channel(addr).await)
 }

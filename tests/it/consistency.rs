@@ -115,3 +115,114 @@ async fn idempotency_key_applies_once_under_concurrency(b: Backend) {
 }
 
 crate::on_both_backends!(if_version_loses_no_update, idempotency_key_applies_once_under_concurrency);
+
+/// Short deadlines under load never make a committed write look failed: 16 clients send
+/// if_version increments with 10–20 ms deadlines and unique idempotency keys, over a bare
+/// HTTP/2 client that does not enforce the deadline itself (so every answer is the
+/// server's). Every call the server answered with a failure code (its own
+/// DEADLINE_EXCEEDED, or CANCELLED "Timeout expired", which tonic's transport sent when it
+/// dropped the handler at the deadline, COMMIT in flight or not) must be absent from the
+/// audit log and the counters, and every OK must be present.
+async fn short_deadlines_never_fail_a_committed_write(b: Backend) {
+    let Some(s) = start(b).await else { return };
+    let clients = 16;
+    let per_client = 25;
+    let mut handles = Vec::new();
+    for w in 0..clients {
+        let addr = s.addr;
+        handles.push(tokio::spawn(async move {
+            let mut c = raw_client(addr);
+            let tok = token("k2", "root");
+            let item = if w % 2 == 0 { "doc" } else { "shared" };
+            let mut answers = Vec::new();
+            for i in 0..per_client {
+                let e = c
+                    .get_entity(authed(
+                        &tok,
+                        pb::GetEntityRequest { uid: uid("Item", item), action: "ReadItem".into() },
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .entity
+                    .unwrap();
+                let n = match e.attributes.unwrap().fields["n"].kind {
+                    Some(prost_types::value::Kind::NumberValue(n)) => n as i64,
+                    ref k => panic!("n is {k:?}"),
+                };
+                let call = format!("c{w}-{i}");
+                let m = update("UpdateItem", "Item", item, json!({ "n": n + 1, "call": call }), Some(e.version));
+                let mut req = authed(
+                    &tok,
+                    pb::AuthorizeAndCommitRequest { mutations: vec![m], context: None, idempotency_key: call.clone() },
+                );
+                req.set_timeout(std::time::Duration::from_millis(10 + (i as u64 * 7 + w as u64) % 11));
+                let answer = c.authorize_and_commit(req).await.map(|_| ());
+                answers.push((call, answer));
+            }
+            answers
+        }));
+    }
+    let mut answers = Vec::new();
+    for h in handles {
+        answers.extend(h.await.unwrap());
+    }
+    let committed: std::collections::HashSet<String> = audit(s.addr)
+        .await
+        .iter()
+        .filter(|e| e.kind == pb::audit_event::Kind::Commit as i32)
+        .flat_map(|e| e.entities.iter())
+        .filter_map(|e| match &e.attributes.as_ref()?.fields.get("call")?.kind {
+            Some(prost_types::value::Kind::StringValue(c)) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut by_code = std::collections::BTreeMap::<String, usize>::new();
+    let (mut failed_but_committed, mut ok_but_missing) = (Vec::new(), Vec::new());
+    for (call, answer) in &answers {
+        match answer {
+            Ok(()) => {
+                *by_code.entry("Ok".into()).or_default() += 1;
+                if !committed.contains(call) {
+                    ok_but_missing.push(call.clone());
+                }
+            }
+            Err(st) => {
+                *by_code.entry(format!("{:?}", st.code())).or_default() += 1;
+                // ABORTED (if_version) and the server's DEADLINE_EXCEEDED promise that nothing
+                // was committed; CANCELLED and UNKNOWN make no promise but must not hide a
+                // commit either (the server knows the outcome: it waits for it).
+                assert!(
+                    matches!(st.code(), Code::Aborted | Code::DeadlineExceeded | Code::Cancelled),
+                    "unexpected answer for {call}: {st:?}"
+                );
+                if committed.contains(call) {
+                    failed_but_committed.push(format!("{call}: {:?} {}", st.code(), st.message()));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "short-deadlines: calls={} answers={by_code:?} committed={} committed_but_answered_failure={}",
+        answers.len(),
+        committed.len(),
+        failed_but_committed.len()
+    );
+    assert!(ok_but_missing.is_empty(), "answered OK but not committed: {ok_but_missing:?}");
+    assert!(failed_but_committed.is_empty(), "committed but answered failure: {failed_but_committed:#?}");
+    // The server never gives up on a handler: CANCELLED from it meant a dropped handler,
+    // whose COMMIT may have been in flight (this client never cancels by itself).
+    assert_eq!(by_code.get("Cancelled"), None, "the server answered CANCELLED: {by_code:?}");
+    // The counters agree with the audit log: each commit added exactly one.
+    let mut sum = 0.0;
+    for id in ["doc", "shared"] {
+        if let Some(prost_types::value::Kind::NumberValue(n)) =
+            read(s.addr, "Item", id).await.unwrap().attributes.unwrap().fields["n"].kind
+        {
+            sum += n;
+        }
+    }
+    assert_eq!(sum as usize, committed.len(), "counters and audit log disagree");
+}
+
+crate::on_both_backends!(short_deadlines_never_fail_a_committed_write);

@@ -1,6 +1,7 @@
 //! TLS and mutual TLS over rustls, with a CA made inside the test (rcgen): a TLS client
 //! that trusts the CA gets through; a plaintext client does not; with --client-ca, a
-//! client without a certificate from that CA is refused.
+//! client without a certificate from that CA is refused. A connection that never
+//! handshakes is closed; bad TLS files are named at start, with what is wrong.
 
 use crate::common::*;
 use lockstep::grpc::pb;
@@ -73,6 +74,7 @@ async fn tls_and_mutual_tls() {
         cert_pem: p.server.0.clone().into(),
         key_pem: p.server.1.clone().into(),
         client_ca_pem: None,
+        ..TlsOptions::default()
     })
     .await;
     tls_client(addr, &p.ca_pem, None).await.unwrap();
@@ -96,9 +98,82 @@ async fn tls_and_mutual_tls() {
         cert_pem: p.server.0.clone().into(),
         key_pem: p.server.1.clone().into(),
         client_ca_pem: Some(p.ca_pem.clone().into()),
+        ..TlsOptions::default()
     })
     .await;
     tls_client(addr, &p.ca_pem, Some(&p.client)).await.unwrap();
     assert!(tls_client(addr, &p.ca_pem, None).await.is_err(), "mTLS let a client without a certificate in");
     assert!(tls_client(addr, &p.ca_pem, Some(&p.stranger)).await.is_err(), "mTLS accepted another CA's certificate");
+}
+
+/// A TCP connection to the TLS port that never sends a ClientHello is closed once the
+/// handshake timeout passes (here 300 ms), and the port keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_without_handshake_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let p = pki();
+    let (addr, _keep) = serve_tls(TlsOptions {
+        cert_pem: p.server.0.clone().into(),
+        key_pem: p.server.1.clone().into(),
+        client_ca_pem: None,
+        handshake_timeout: std::time::Duration::from_millis(300),
+    })
+    .await;
+    tls_client(addr, &p.ca_pem, None).await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(3), idle.read(&mut buf)).await;
+    match read {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("the server sent {n} bytes to a client that said nothing"),
+        Err(_) => panic!("a connection that never handshakes was still open after 3 s"),
+    }
+    assert!(t0.elapsed() < std::time::Duration::from_secs(2), "closed only after {:?}", t0.elapsed());
+    tls_client(addr, &p.ca_pem, None).await.unwrap();
+}
+
+/// `lockstep serve` with a bad TLS file exits at once, naming the file and what is wrong
+/// (not just "transport error").
+#[test]
+fn tls_misconfiguration_names_the_file_and_the_problem() {
+    let p = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        f.display().to_string()
+    };
+    let cert = file("server.pem", &p.server.0);
+    let key = file("server.key", &p.server.1);
+    let other_key = file("client.key", &p.client.1);
+    let garbage = file("garbage.pem", "not a pem file\n");
+    let ca = file("ca.pem", &p.ca_pem);
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let serve = |cert: &str, key: &str, ca: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"));
+        c.args(["serve", "--database", &db, "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key]);
+        if let Some(ca) = ca {
+            c.args(["--client-ca", ca]);
+        }
+        let out = c.env("LOCKSTEP_LOG", "warn").output().unwrap();
+        assert!(!out.status.success(), "served with a bad TLS configuration");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!err.contains("transport error"), "{err}");
+        err
+    };
+    let e = serve(&garbage, &key, None);
+    assert!(e.contains(&format!("TLS certificate `{garbage}` holds no PEM certificate")), "{e}");
+    let e = serve(&cert, &garbage, None);
+    assert!(e.contains(&format!("TLS key `{garbage}` holds no PEM private key")), "{e}");
+    let e = serve(&cert, &other_key, None);
+    assert!(e.contains(&format!("TLS key `{other_key}` does not match the certificate `{cert}`")), "{e}");
+    let e = serve(&cert, &key, Some(&garbage));
+    assert!(e.contains(&format!("client CA `{garbage}` holds no PEM certificate")), "{e}");
+    // A key file with a PEM label but no key inside.
+    let hollow = file("hollow.key", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+    let e = serve(&cert, &hollow, None);
+    assert!(e.contains(&format!("`{hollow}`")), "{e}");
+    // The good files still work with the CA.
+    let _ = ca;
 }
