@@ -673,15 +673,28 @@ impl Engine {
             )));
         }
         refuse_nul("policies and schema", &[policies, schema])?;
+        // Untrusted text is parsed only once its sender is authenticated and allowed to put
+        // policies (a read transaction; the write transaction below checks again, at the
+        // moment it commits), and `compile` bounds it before Cedar's parser sees it. It is
+        // compiled outside the write transaction, so the writer is not held meanwhile.
+        if let Caller::Bearer(_) = caller {
+            self.run(opts, || async {
+                let mut txn = self.store.read().await?;
+                self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
+                Ok((txn, Ok(())))
+            })
+            .await?;
+        }
+        let (p, s) = (policies.to_owned(), schema.to_owned());
+        let compiled = tokio::task::spawn_blocking(move || policy::compile(0, &p, &s))
+            .await
+            .map_err(|e| Error::Internal(format!("the policy compiler failed: {e}")))?
+            .map_err(|e| Error::InvalidArgument(format!("policies are invalid; the active set is unchanged:\n{e}")))?;
+        let compiled = &compiled;
         self.run(opts, || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();
             let token = self.admit(&mut *txn, caller, "PutPolicies", &service_uid()).await?;
-            // Untrusted text is parsed only once its sender is authenticated and allowed
-            // to put policies (and `compile` bounds it before Cedar's parser sees it).
-            let compiled = policy::compile(0, policies, schema).map_err(|e| {
-                Error::InvalidArgument(format!("policies are invalid; the active set is unchanged:\n{e}"))
-            })?;
             let links = txn.policy_links().await?;
             let linked = compiled.with_links(&links, 0).map_err(|e| {
                 Error::InvalidArgument(format!(

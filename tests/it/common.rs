@@ -44,7 +44,7 @@ pub const SCHEMA: &str = r#"
 type Token = { sub: String, iss: String, aud: String, jti: String, iat: Long, exp: Long, scopes: Set<String>, claims: {} };
 type ItemAttributes = {
   owner?: User, shared?: Bool, n?: Long, m?: Long, title?: String, status?: String, probe?: Long,
-  x?: Long, w?: Long, a?: Long, pad?: String, tags?: Set<String>, meta?: { k?: Long, j?: Long }
+  x?: Long, w?: Long, a?: Long, pad?: String, call?: String, tags?: Set<String>, meta?: { k?: Long, j?: Long }
 };
 type Change = {
   kind: String, changed_attributes: Set<String>, proposed: ItemAttributes,
@@ -54,7 +54,7 @@ entity Group in [Group];
 entity User in [Group];
 entity Item in [Group] = {
   owner?: User, shared?: Bool, n?: Long, m?: Long, title?: String, status?: String, probe?: Long,
-  x?: Long, w?: Long, a?: Long, pad?: String, tags?: Set<String>, meta?: { k?: Long, j?: Long }
+  x?: Long, w?: Long, a?: Long, pad?: String, call?: String, tags?: Set<String>, meta?: { k?: Long, j?: Long }
 };
 action ReadItem appliesTo { principal: User, resource: Item, context: { token: Token } };
 action CreateItem in [Lockstep::Action::"CreateEntity"] appliesTo { principal: User, resource: Item, context: { token: Token, change: Change } };
