@@ -17,6 +17,7 @@
 //! - [`store`]: the `Store`/`Txn` traits and their SQLite implementation.
 //! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
 //! - [`server`]: serving with health, reflection, housekeeping and graceful shutdown.
+//! - [`fuzz`]: entry points of the fuzz targets and the bounded fuzz smoke run.
 //! - [`bench`]: the load generator behind `lockstep bench`.
 //! - [`cli`]: the `lockstep` command line (serve, demo, keys, policies, token, entities).
 
@@ -26,6 +27,7 @@ pub mod config;
 pub mod edge;
 pub mod engine;
 pub mod error;
+pub mod fuzz;
 pub mod grpc;
 pub mod jwks;
 pub mod model;

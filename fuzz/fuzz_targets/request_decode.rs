@@ -13,16 +13,22 @@ fuzz_target!(|data: &[u8]| {
     let Ok(req) = convert::commit_request(req, 16) else { return };
     for m in &req.mutations {
         let _ = lockstep::policy::action_uid(&m.action);
-        let mut e = EntityRecord { uid: m.resource.clone(), attributes: Default::default(), parents: vec![], version: 1 };
+        let mut e = EntityRecord {
+            uid: m.resource.clone(),
+            attributes: Default::default(),
+            parents: vec![],
+            version: 1,
+            tags: Default::default(),
+        };
         match &m.change {
-            Change::Create { attributes, parents } => {
+            Change::Create { attributes, parents, .. } => {
                 e.attributes = attributes.clone();
                 e.parents = parents.clone();
             }
             Change::Update { merge_patch, .. } => lockstep::engine::apply_merge_patch(&mut e.attributes, merge_patch),
             Change::Delete => {}
         }
-        let _ = lockstep::policy::check_entity(&e);
+        let _ = lockstep::policy::CompiledPolicies::empty().check_entity(&e);
         let json = serde_json::to_string(&e).expect("serializable");
         let back: EntityRecord = serde_json::from_str(&json).expect("round trip");
         assert_eq!(back, e);
