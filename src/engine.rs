@@ -1244,6 +1244,23 @@ impl Engine {
         Ok((token, state.policy))
     }
 
+    /// Why the active policy set cannot be used (it does not compile, or its links do not
+    /// fit), if so: the health watcher reports it. None when it compiles or the database
+    /// cannot be asked (the watcher checks the database itself).
+    pub async fn policy_problem(&self) -> Option<String> {
+        let checked = self
+            .run(CallOptions::default(), || async {
+                let mut txn = self.store.read().await?;
+                let compiled = self.policies_in(&mut *txn).await.map(|_| ());
+                Ok((txn, compiled))
+            })
+            .await;
+        match checked {
+            Err(Error::Internal(m)) => Some(m),
+            _ => None,
+        }
+    }
+
     /// The active policy set with its template links, selected by the policy version and
     /// links generation read in `txn`; compiled once per (version, generation).
     async fn policies_in(&self, txn: &mut dyn Txn) -> Result<Arc<CompiledPolicies>> {

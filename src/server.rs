@@ -149,14 +149,21 @@ pub async fn run_with(
         tokio::spawn(async move {
             let mut last = true;
             loop {
-                let ok =
+                let db_ok =
                     matches!(tokio::time::timeout(Duration::from_secs(2), engine.store().ping()).await, Ok(Ok(())));
+                // Also NOT_SERVING while the active policy set cannot be compiled (every
+                // decision would fail): health says why, in the log.
+                let problem = if db_ok {
+                    tokio::time::timeout(Duration::from_secs(2), engine.policy_problem()).await.unwrap_or(None)
+                } else {
+                    Some("database unreachable".to_string())
+                };
+                let ok = problem.is_none();
                 if ok != last {
                     let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
-                    if ok {
-                        tracing::info!("database reachable again: SERVING");
-                    } else {
-                        tracing::warn!("database unreachable: NOT_SERVING");
+                    match &problem {
+                        None => tracing::info!("database reachable and policies compile again: SERVING"),
+                        Some(why) => tracing::warn!(reason = %why, "NOT_SERVING"),
                     }
                     for s in services {
                         reporter.set_service_status(s, status).await;

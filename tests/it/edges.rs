@@ -58,10 +58,27 @@ async fn hostile_policy_text(b: Backend) {
     for _ in 0..3 {
         assert_eq!(read_item(s.addr, "alice").await, Err(Code::Internal), "fails closed, clearly, and lives on");
     }
+    assert!(wait_health(s.addr, false).await, "health says NOT_SERVING while the policies do not compile");
     // The operator's CLI path recovers it.
     let engine = Engine::new(store, Default::default());
     engine.put_policies(Caller::Operator, POLICIES, SCHEMA, false, CallOptions::default()).await.unwrap();
     assert_eq!(read_item(s.addr, "alice").await, Ok(pb::Decision::Allow as i32));
+    assert!(wait_health(s.addr, true).await, "SERVING again");
+}
+
+/// Waits (up to 5 s) for the health of `lockstep.v1.Lockstep` to be SERVING (or not).
+async fn wait_health(addr: std::net::SocketAddr, serving: bool) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
+    for _ in 0..50 {
+        let req = HealthCheckRequest { service: "lockstep.v1.Lockstep".into() };
+        let st = h.check(req).await.map(|r| r.into_inner().status).unwrap_or_default();
+        if (st == ServingStatus::Serving as i32) == serving {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
 }
 
 /// Every string field has a limit, and a denial's audit event holds the request's
