@@ -1481,7 +1481,7 @@ fn check_values(attributes: &Attributes, max_depth: usize) -> std::result::Resul
         }
         match v {
             Value::Null => return Err(format!("attribute `{}` is null; Cedar has no null", short(name))),
-            Value::Number(n) if !n.as_i64().is_some_and(|n| n.abs() <= MAX_SAFE_INTEGER) => {
+            Value::Number(n) if n.as_i64().is_none_or(|n| n.abs() > MAX_SAFE_INTEGER) => {
                 return Err(format!("attribute `{}` is {n}: numbers must be integers within ±2^53", short(name)));
             }
             Value::Array(a) => stack.extend(a.iter().map(|x| (name, x, depth + 1))),

@@ -205,7 +205,7 @@ async fn every_action_with_every_change_kind(b: Backend) {
                     // Delete last: the entity is gone for any later case.
                     assert!(r.is_ok(), "{}: {action} {kind}: {r:?}", case.example);
                     if kind == "delete" {
-                        let back = create(&case.actions[1].0.to_string(), case.ty, case.existing, case.attrs.clone());
+                        let back = create(case.actions[1].0, case.ty, case.existing, case.attrs.clone());
                         c.authorize_and_commit(authed(&tok, commit_req(vec![back]))).await.unwrap();
                     }
                 } else {
