@@ -80,6 +80,14 @@ pub const MAX_POLICY_DEPTH: usize = 160;
 /// How many operator characters (`&|+-*=!<>.`) and operator keywords (`if`, `in`, `has`,
 /// `like`, `is`) one policy statement may hold: operator chains nest without brackets.
 pub const MAX_POLICY_OPERATORS: usize = 2000;
+/// How many hierarchy relations (`in X`, each member of `in [X, Y]`) a schema may declare:
+/// Cedar computes the transitive closure of the entity type and action hierarchies, which
+/// for a long chain costs time and memory quadratic in its length.
+pub const MAX_SCHEMA_HIERARCHY_EDGES: usize = 300;
+/// At most this many compile messages are reported (the rest are counted), each cut to
+/// `MAX_COMPILE_MESSAGE_CHARS`: a hostile text must not get a reply larger than itself.
+const MAX_COMPILE_MESSAGES: usize = 20;
+const MAX_COMPILE_MESSAGE_CHARS: usize = 500;
 /// The stack Cedar's parser and validator run on: far more than any text within the
 /// bounds above needs, so a hostile text is refused, never a crash.
 const COMPILER_STACK_BYTES: usize = 256 * 1024 * 1024;
@@ -90,26 +98,48 @@ pub fn check_text_bounds(text: &str, what: &str, brackets: &[u8]) -> Result<(), 
     if text.len() > MAX_TEXT_BYTES {
         return Err(CompileErrors(vec![format!("{what} is {} bytes; at most {MAX_TEXT_BYTES}", text.len())]));
     }
-    let count_operators = !brackets.contains(&b'<');
+    let schema = brackets.contains(&b'<');
     let b = text.as_bytes();
     let (mut depth, mut i, mut operators) = (0usize, 0usize, 0usize);
+    // Schema: hierarchy edges (`in X`, and each member of `in [X, Y]`), and the bracket
+    // depth of the `in [` list being read.
+    let (mut edges, mut in_list, mut after_in) = (0usize, None::<usize>, false);
     while i < b.len() {
-        if count_operators && operators > MAX_POLICY_OPERATORS {
+        if !schema && operators > MAX_POLICY_OPERATORS {
             let (line, col) = line_col(text, i);
             return Err(CompileErrors(vec![format!(
                 "{line}:{col}: a policy holds more than {MAX_POLICY_OPERATORS} operators; split it into several policies"
             )]));
         }
+        if schema && edges > MAX_SCHEMA_HIERARCHY_EDGES {
+            let (line, col) = line_col(text, i);
+            return Err(CompileErrors(vec![format!(
+                "{line}:{col}: the schema declares more than {MAX_SCHEMA_HIERARCHY_EDGES} `in` relations \
+                 (entity type and action hierarchies); at most {MAX_SCHEMA_HIERARCHY_EDGES}"
+            )]));
+        }
+        if after_in && !b[i].is_ascii_whitespace() {
+            after_in = false;
+            if b[i] == b'[' {
+                in_list = Some(depth + 1);
+            }
+        }
         match b[i] {
             b';' if depth == 0 => operators = 0,
-            b'&' | b'|' | b'+' | b'-' | b'*' | b'=' | b'!' | b'<' | b'>' | b'.' => operators += 1,
+            b'&' | b'|' | b'+' | b'-' | b'*' | b'=' | b'!' | b'<' | b'>' | b'.' | b'[' if !schema => operators += 1,
+            b',' if in_list == Some(depth) => edges += 1,
             c if c.is_ascii_alphabetic() || c == b'_' => {
                 let start = i;
                 while i + 1 < b.len() && (b[i + 1].is_ascii_alphanumeric() || b[i + 1] == b'_') {
                     i += 1;
                 }
-                if matches!(&b[start..=i], b"if" | b"in" | b"has" | b"like" | b"is") {
+                let word = &b[start..=i];
+                if !schema && matches!(word, b"if" | b"in" | b"has" | b"like" | b"is") {
                     operators += 1;
+                }
+                if schema && word == b"in" {
+                    edges += 1;
+                    after_in = true;
                 }
             }
             _ => {}
@@ -135,7 +165,12 @@ pub fn check_text_bounds(text: &str, what: &str, brackets: &[u8]) -> Result<(), 
                     )]));
                 }
             }
-            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b')' | b']' | b'}' => {
+                if in_list == Some(depth) {
+                    in_list = None;
+                }
+                depth = depth.saturating_sub(1);
+            }
             b'>' if brackets.contains(&b'<') => depth = depth.saturating_sub(1),
             _ => {}
         }
@@ -168,7 +203,7 @@ fn json_depth(v: &Value) -> usize {
 pub fn compile(version: u64, policies: &str, schema: &str) -> Result<CompiledPolicies, CompileErrors> {
     check_text_bounds(policies, "policy text", b"([{")?;
     check_text_bounds(schema, "schema", b"([{<")?;
-    std::thread::scope(|scope| {
+    let compiled = std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("cedar-compile".into())
             .stack_size(COMPILER_STACK_BYTES)
@@ -176,6 +211,20 @@ pub fn compile(version: u64, policies: &str, schema: &str) -> Result<CompiledPol
             .map_err(|e| CompileErrors(vec![format!("cannot start the policy compiler: {e}")]))?
             .join()
             .unwrap_or_else(|_| Err(CompileErrors(vec!["the policy compiler failed on this text".into()])))
+    });
+    compiled.map_err(|CompileErrors(mut messages)| {
+        let more = messages.len().saturating_sub(MAX_COMPILE_MESSAGES);
+        messages.truncate(MAX_COMPILE_MESSAGES);
+        for m in &mut messages {
+            if let Some((at, _)) = m.char_indices().nth(MAX_COMPILE_MESSAGE_CHARS) {
+                m.truncate(at);
+                m.push('…');
+            }
+        }
+        if more > 0 {
+            messages.push(format!("… and {more} more"));
+        }
+        CompileErrors(messages)
     })
 }
 
@@ -894,6 +943,14 @@ mod tests {
         let neg = format!("permit(principal,action,resource) when {{ {}1 == 1 }};", "-".repeat(5000));
         let schema_deep = format!("entity A {{ a: {}String{} }};", "{ a: ".repeat(1000), " }".repeat(1000));
         let schema_sets = format!("entity A {{ a: {}String{} }};", "Set<".repeat(1000), ">".repeat(1000));
+        let schema_chain: String =
+            (0..2000).map(|i| format!("entity E{i} in [E{}];\n", i + 1)).collect::<String>() + "entity E2000;";
+        let action_chain: String =
+            (0..2000).map(|i| format!("action \"a{i}\" in [\"a{}\"];\n", i + 1)).collect::<String>()
+                + "action \"a2000\";";
+        let wide_list = format!("entity A in [{}];", (0..2000).map(|i| format!("B{i}")).collect::<Vec<_>>().join(", "));
+        let index_chain =
+            format!("permit(principal,action,resource) when {{ principal{} }};", "[\"a\"]".repeat(150_000));
         let sneaky =
             format!("permit(principal,action,resource) when {{ {}true{} }};", "(1>0 && ".repeat(150), ")".repeat(150));
         let cases = [
@@ -904,6 +961,10 @@ mod tests {
             (sneaky, String::new()),
             ("permit(principal,action,resource);".to_string(), schema_deep),
             ("permit(principal,action,resource);".to_string(), schema_sets),
+            ("permit(principal,action,resource);".to_string(), schema_chain),
+            ("permit(principal,action,resource);".to_string(), action_chain),
+            ("permit(principal,action,resource);".to_string(), wide_list),
+            (index_chain, String::new()),
         ];
         std::thread::Builder::new()
             .stack_size(2 * 1024 * 1024)
@@ -933,6 +994,11 @@ mod tests {
             .unwrap()
             .join()
             .unwrap();
+        // A text with a hundred thousand errors answers a short list, not a reply larger
+        // than the text.
+        let annotations = format!("@a{}permit(principal,action,resource);", "@a(\"x\")".repeat(100_000));
+        let err = compile(1, &annotations, "").err().unwrap();
+        assert!(err.0.len() <= 21 && err.to_string().len() < 16 * 1024, "{} bytes", err.to_string().len());
         // Within the bounds, ordinary nesting still compiles.
         let ok = format!("permit(principal,action,resource) when {{ {}true{} }};", "(".repeat(20), ")".repeat(20));
         compile(1, &ok, "").unwrap();
