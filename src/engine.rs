@@ -94,6 +94,9 @@ pub struct Engine {
     jwks_on_demand: tokio::sync::Mutex<Option<Instant>>,
     /// The Envoy ext_authz route map (empty: every edge check is denied).
     edge_routes: Arc<crate::edge::RouteMap>,
+    /// Set at start and when a call finds the active policy set unusable (it does not
+    /// compile): the health watcher then asks `policy_problem`, NOT_SERVING until mended.
+    policy_broken: std::sync::atomic::AtomicBool,
     /// Tokens already verified under a key's exact material (times and revocation are
     /// still checked on every call).
     verified: token::VerifyCache,
@@ -152,6 +155,8 @@ impl Engine {
             jwks_on_demand: tokio::sync::Mutex::new(None),
             edge_routes: Arc::default(),
             verified: token::VerifyCache::new(VERIFY_CACHE_ENTRIES),
+            // Unknown until checked: the watcher's first look compiles the active set.
+            policy_broken: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -1247,7 +1252,13 @@ impl Engine {
     /// Why the active policy set cannot be used (it does not compile, or its links do not
     /// fit), if so: the health watcher reports it. None when it compiles or the database
     /// cannot be asked (the watcher checks the database itself).
+    ///
+    /// Asks the database only while a call has met such a problem (`policy_broken`), so a
+    /// healthy server's watcher costs nothing; once the set compiles again the flag clears.
     pub async fn policy_problem(&self) -> Option<String> {
+        if !self.policy_broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let checked = self
             .run(CallOptions::default(), || async {
                 let mut txn = self.store.read().await?;
@@ -1257,7 +1268,11 @@ impl Engine {
             .await;
         match checked {
             Err(Error::Internal(m)) => Some(m),
-            _ => None,
+            Ok(()) => {
+                self.policy_broken.store(false, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -1283,12 +1298,16 @@ impl Engine {
             .policies(version)
             .await?
             .ok_or_else(|| Error::Internal(format!("policy version {version} vanished")))?;
+        let broken = |m: String| {
+            self.policy_broken.store(true, std::sync::atomic::Ordering::Relaxed);
+            Error::Internal(m)
+        };
         let base = policy::compile(version, &record.policies, &record.schema)
-            .map_err(|e| Error::Internal(format!("stored policy version {version} does not compile: {e}")))?;
+            .map_err(|e| broken(format!("stored policy version {version} does not compile: {e}")))?;
         let links = txn.policy_links().await?;
         let compiled = Arc::new(
             base.with_links(&links, state.links)
-                .map_err(|e| Error::Internal(format!("stored template links do not fit version {version}: {e}")))?,
+                .map_err(|e| broken(format!("stored template links do not fit version {version}: {e}")))?,
         );
         // Remembered by `run` once this call's transaction has committed.
         with_compiled_in_call(|c| c.set = Some(compiled.clone()));
