@@ -4,7 +4,7 @@
 //! formats: `__entity` uids, duplicate keys, action ids taken as written.
 
 use crate::common::*;
-use lockstep::engine::{CallOptions, Caller, Engine};
+use lockstep::engine::{CallOptions, Caller};
 use lockstep::grpc::pb;
 use serde_json::{Value, json};
 use tonic::Code;
@@ -72,15 +72,7 @@ fn doc_attrs(account: &str, level: Value) -> Value {
 async fn schema_and_tags_decide(b: Backend) {
     let Some(db) = TestDb::new(b).await else { return };
     {
-        let store = lockstep::store::open(&db.url, &Default::default()).await.unwrap();
-        let engine = Engine::new(store, Default::default());
-        let key = lockstep::model::KeyRecord {
-            kid: "k1".into(),
-            algorithm: "HS256".into(),
-            secret: SECRET_K1.to_vec(),
-            ..Default::default()
-        };
-        engine.add_key(Caller::Operator, key, CallOptions::default()).await.unwrap();
+        let engine = operator_with_k1(&db.url).await;
         engine.put_policies(Caller::Operator, POLICIES, SCHEMA, false, CallOptions::default()).await.unwrap();
         // The import reads through the schema too: a Long written as a string is refused.
         let mut bad = entities();

@@ -264,6 +264,17 @@ macro_rules! on_both_backends {
     };
 }
 
+/// The operator's engine on `url` with the harness key `k1` added (for tests that put
+/// policies of their own, e.g. the examples').
+pub async fn operator_with_k1(url: &str) -> Engine {
+    let store = lockstep::store::open(url, &StoreOptions::default()).await.unwrap();
+    let engine = Engine::new(store, Settings::default());
+    let key =
+        KeyRecord { kid: "k1".into(), algorithm: "HS256".into(), secret: SECRET_K1.to_vec(), ..KeyRecord::default() };
+    engine.add_key(Caller::Operator, key, CallOptions::default()).await.unwrap();
+    engine
+}
+
 /// Bootstraps a database the way an operator would (keys, policies, entities).
 pub async fn bootstrap_db(url: &str) {
     bootstrap(url).await

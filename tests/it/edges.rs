@@ -119,15 +119,7 @@ async fn fields_are_bounded_and_audit_is_not_amplified(b: Backend) {
 async fn example(b: Backend, name: &str) -> Option<TestServer> {
     let db = TestDb::new(b).await?;
     let root = env!("CARGO_MANIFEST_DIR");
-    let store = lockstep::store::open(&db.url, &Default::default()).await.unwrap();
-    let engine = Engine::new(store, Default::default());
-    let key = lockstep::model::KeyRecord {
-        kid: "k1".into(),
-        algorithm: "HS256".into(),
-        secret: SECRET_K1.to_vec(),
-        ..Default::default()
-    };
-    engine.add_key(Caller::Operator, key, CallOptions::default()).await.unwrap();
+    let engine = operator_with_k1(&db.url).await;
     let file = |f: &str| std::fs::read_to_string(format!("{root}/examples/{name}/{f}")).unwrap();
     let op = CallOptions::default();
     engine

@@ -3,7 +3,7 @@
 //! by the right role, and only a token with a scope may change `featured`.
 
 use crate::common::*;
-use lockstep::engine::{CallOptions, Caller, Engine};
+use lockstep::engine::{CallOptions, Caller};
 use lockstep::grpc::pb;
 use serde_json::json;
 use tonic::Code;
@@ -12,15 +12,7 @@ async fn property_rules_enforced(b: Backend) {
     let Some(db) = TestDb::new(b).await else { return };
     let root = env!("CARGO_MANIFEST_DIR");
     {
-        let store = lockstep::store::open(&db.url, &Default::default()).await.unwrap();
-        let engine = Engine::new(store, Default::default());
-        let key = lockstep::model::KeyRecord {
-            kid: "k1".into(),
-            algorithm: "HS256".into(),
-            secret: SECRET_K1.to_vec(),
-            ..Default::default()
-        };
-        engine.add_key(Caller::Operator, key, CallOptions::default()).await.unwrap();
+        let engine = operator_with_k1(&db.url).await;
         let policies = std::fs::read_to_string(format!("{root}/examples/property-rules/policies.cedar")).unwrap();
         let schema = std::fs::read_to_string(format!("{root}/examples/property-rules/schema.cedarschema")).unwrap();
         engine.put_policies(Caller::Operator, &policies, &schema, false, CallOptions::default()).await.unwrap();
