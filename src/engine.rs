@@ -86,7 +86,7 @@ pub struct Engine {
     /// The last compiled policy set, keyed by its version. Only a version number read
     /// inside the deciding transaction selects it, so a new set is used by every
     /// transaction that starts after the new set committed.
-    cache: Mutex<Arc<CompiledPolicies>>,
+    cache: Mutex<CachedPolicies>,
     /// JWKS sources followed by this server (fetched at start, periodically, and on an
     /// unknown `kid`, at most once per `JWKS_ON_DEMAND_INTERVAL`).
     jwks: Vec<JwksSource>,
@@ -102,12 +102,36 @@ pub struct Engine {
     verified: token::VerifyCache,
 }
 
-/// The policy set the current attempt of a call compiled, and whether the attempt's
-/// transaction committed (see `Engine::run`).
+/// The policy set the current attempt of a call compiled or used (with the digest of what
+/// it was compiled from), and whether the attempt's transaction committed (see `Engine::run`).
 #[derive(Default)]
 struct CompiledInCall {
-    set: Option<Arc<CompiledPolicies>>,
+    set: Option<(Arc<CompiledPolicies>, [u8; 32])>,
     committed: bool,
+}
+
+/// The policy cache's one entry. A set compiled inside a transaction may be one that
+/// transaction alone sees (SQLite group commit: a PutPolicies earlier in the same group);
+/// if that group's COMMIT fails, another set can later commit under the same version
+/// number. So an entry is *confirmed* only once a call that used it has committed; an
+/// unconfirmed one is used only after its digest is checked against what the transaction
+/// reads, and gives way to any other set.
+struct CachedPolicies {
+    set: Arc<CompiledPolicies>,
+    /// SHA-256 of the policy text, the schema and the template links it was compiled from.
+    digest: [u8; 32],
+    confirmed: bool,
+}
+
+/// What a compiled set was made from (see `CachedPolicies`).
+fn policy_digest(record: &PolicyRecord, links: &[TemplateLink]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [record.policies.as_bytes(), record.schema.as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.update(serde_json::to_vec(links).unwrap_or_default());
+    h.finalize().into()
 }
 
 tokio::task_local! {
@@ -150,7 +174,11 @@ impl Engine {
         Self {
             store,
             settings,
-            cache: Mutex::new(Arc::new(CompiledPolicies::empty())),
+            cache: Mutex::new(CachedPolicies {
+                set: Arc::new(CompiledPolicies::empty()),
+                digest: [0; 32],
+                confirmed: false,
+            }),
             jwks: Vec::new(),
             jwks_on_demand: tokio::sync::Mutex::new(None),
             edge_routes: Arc::default(),
@@ -1143,15 +1171,14 @@ impl Engine {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Prepared<T>>>,
     {
-        // A policy set compiled inside a transaction may be one that transaction cannot see
-        // committed yet (SQLite group commit: a PutPolicies earlier in the same group). It
-        // is cached only once the call's transaction has committed, so a set whose group
-        // failed to commit can never be served under a version number that a different set
-        // takes later.
+        // The policy set a call used is confirmed in the cache once its transaction has
+        // committed (see `CachedPolicies`).
         let compiled = Arc::new(Mutex::new(CompiledInCall::default()));
         let answer = COMPILED_IN_CALL.scope(compiled.clone(), self.run_attempts(opts, attempt)).await;
-        if let Some(c) = compiled.lock().ok().and_then(|mut c| if c.committed { c.set.take() } else { None }) {
-            self.remember(c);
+        if let Some((set, digest)) =
+            compiled.lock().ok().and_then(|mut c| if c.committed { c.set.take() } else { None })
+        {
+            self.remember(set, digest, true);
         }
         answer
     }
@@ -1288,37 +1315,54 @@ impl Engine {
         let Some(version) = state.version else {
             return Ok(Arc::new(CompiledPolicies::empty()));
         };
-        {
+        let hit = {
             let cached = self.cache.lock().map_err(|_| Error::Internal("policy cache poisoned".into()))?;
-            if cached.version == version && cached.links == state.links {
-                return Ok(cached.clone());
-            }
+            (cached.set.version == version && cached.set.links == state.links)
+                .then(|| (cached.set.clone(), cached.digest, cached.confirmed))
+        };
+        if let Some((set, _, true)) = hit {
+            return Ok(set);
         }
         let record = txn
             .policies(version)
             .await?
             .ok_or_else(|| Error::Internal(format!("policy version {version} vanished")))?;
+        let links = txn.policy_links().await?;
+        let digest = policy_digest(&record, &links);
+        if let Some((set, d, false)) = hit
+            && d == digest
+        {
+            with_compiled_in_call(|c| c.set = Some((set.clone(), digest)));
+            return Ok(set);
+        }
         let broken = |m: String| {
             self.policy_broken.store(true, std::sync::atomic::Ordering::Relaxed);
             Error::Internal(m)
         };
         let base = policy::compile(version, &record.policies, &record.schema)
             .map_err(|e| broken(format!("stored policy version {version} does not compile: {e}")))?;
-        let links = txn.policy_links().await?;
         let compiled = Arc::new(
             base.with_links(&links, state.links)
                 .map_err(|e| broken(format!("stored template links do not fit version {version}: {e}")))?,
         );
-        // Remembered by `run` once this call's transaction has committed.
-        with_compiled_in_call(|c| c.set = Some(compiled.clone()));
+        // Cached unconfirmed now (later members of the same group reuse it after checking
+        // its digest), confirmed by `run` once this call's transaction has committed.
+        self.remember(compiled.clone(), digest, false);
+        with_compiled_in_call(|c| c.set = Some((compiled.clone(), digest)));
         Ok(compiled)
     }
 
-    fn remember(&self, compiled: Arc<CompiledPolicies>) {
-        if let Ok(mut cached) = self.cache.lock()
-            && (compiled.version, compiled.links) >= (cached.version, cached.links)
-        {
-            *cached = compiled;
+    /// Puts a set in the cache: an unconfirmed entry gives way to any set; a confirmed one
+    /// to a newer (version, links), or to its own confirmation.
+    fn remember(&self, set: Arc<CompiledPolicies>, digest: [u8; 32], confirmed: bool) {
+        if let Ok(mut cached) = self.cache.lock() {
+            let key = (set.version, set.links);
+            let cached_key = (cached.set.version, cached.set.links);
+            let same = key == cached_key && cached.digest == digest;
+            if !cached.confirmed || key > cached_key || same {
+                let confirmed = confirmed || (same && cached.confirmed);
+                *cached = CachedPolicies { set, digest, confirmed };
+            }
         }
     }
 
