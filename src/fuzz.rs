@@ -22,7 +22,7 @@ pub fn schema_text(data: &[u8]) {
 /// An entities file through the CLI's parser and the Cedar conversion of each entity.
 pub fn entity_json(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(entities) = crate::cli::parse_entities(text) else { return };
+    let Ok(entities) = crate::entity_json::parse_entities(text) else { return };
     let policies = CompiledPolicies::empty();
     for e in &entities {
         let _ = policies.check_entity(e);

@@ -13,6 +13,7 @@
 //! - [`policy`]: Cedar compilation and evaluation (no I/O).
 //! - [`policytest`]: policy test files run without a server (`lockstep policies test`).
 //! - [`edge`]: the Envoy ext_authz route map (HTTP request -> Cedar request).
+//! - [`entity_json`]: Cedar entities JSON files (import, policy tests), parsed strictly.
 //! - [`engine`]: the use cases, each one transaction that reads, decides, writes, audits.
 //! - [`store`]: the `Store`/`Txn` traits and their SQLite implementation.
 //! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod edge;
 pub mod engine;
+pub mod entity_json;
 pub mod error;
 pub mod fuzz;
 pub mod grpc;

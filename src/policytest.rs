@@ -63,7 +63,7 @@ const SHAPE: &str = "a policy test file is a JSON object {\"entities\": [Cedar e
 
 /// Runs every case of one test file's text against `policies`.
 pub fn run_file(file: &str, text: &str, policies: &CompiledPolicies) -> Result<Vec<Outcome>, String> {
-    let value = crate::cli::parse_json_strict(text).map_err(|e| format!("{file}: not valid JSON: {e:#}"))?;
+    let value = crate::entity_json::parse_json_strict(text).map_err(|e| format!("{file}: not valid JSON: {e:#}"))?;
     match &value {
         Value::Array(_) => {
             return Err(format!(
@@ -82,7 +82,7 @@ pub fn run_file(file: &str, text: &str, policies: &CompiledPolicies) -> Result<V
         .entities
         .iter()
         .enumerate()
-        .map(|(i, e)| crate::cli::entity_of_json(i, e))
+        .map(|(i, e)| crate::entity_json::entity_of_json(i, e))
         .collect::<anyhow::Result<Vec<_>>>()
         .map_err(|e| format!("{file}: {e:#}"))?;
     for e in &entities {

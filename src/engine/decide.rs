@@ -1,0 +1,77 @@
+//! Decisions without a write: Authorize, GetEntity (an authorized read), ListAuditEvents.
+
+use super::*;
+
+impl Engine {
+    /// A decision only, against one read snapshot of the latest committed state.
+    pub async fn authorize(
+        &self,
+        raw: &str,
+        action: &str,
+        resource: &Uid,
+        context: &Attributes,
+        opts: CallOptions,
+    ) -> Result<Decision> {
+        let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
+        self.check_uid(resource).map_err(|e| Error::InvalidArgument(format!("resource: {e}")))?;
+        self.check_value_sizes(context, "context")?;
+        let parsed = token::parse(raw, &self.settings)?;
+        self.run(opts, || async {
+            let mut txn = self.store.read().await?;
+            let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+            let policies = self.policies_at(&mut *txn, state).await?;
+            let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
+            let ctx = build_context(&policies, &action, context, &token, None, &policy::SERVER_CONTEXT)?;
+            let decision = policies
+                .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
+                .map_err(Error::Internal);
+            Ok((txn, decision))
+        })
+        .await
+    }
+
+    /// An authorized read of one entity; denied and missing are the same answer.
+    pub async fn get_entity(&self, raw: &str, uid: &Uid, action: &str, opts: CallOptions) -> Result<EntityRecord> {
+        let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
+        self.check_uid(uid).map_err(|e| Error::InvalidArgument(format!("uid: {e}")))?;
+        let parsed = token::parse(raw, &self.settings)?;
+        self.run(opts, || async {
+            let mut txn = self.store.read().await?;
+            let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+            let policies = self.policies_at(&mut *txn, state).await?;
+            let denied = || Error::Denied(format!("reading {uid} is not permitted, or it does not exist"));
+            let Some(entity) = txn.entity(uid).await? else { return Err(denied()) };
+            let mut wanted = vec![token.principal.clone()];
+            wanted.extend(entity.parents.iter().cloned());
+            let loaded = txn.entities_with_ancestors(&wanted).await?;
+            let mut all: Vec<&EntityRecord> = loaded.iter().collect();
+            all.push(&entity);
+            let ctx = build_context(&policies, &action, &Map::new(), &token, None, &policy::SERVER_CONTEXT)?;
+            let decision = policies.evaluate(&token.principal, &action, uid, ctx, &all).map_err(Error::Internal)?;
+            let answer = if decision.allowed { Ok(entity) } else { Err(denied()) };
+            Ok((txn, answer))
+        })
+        .await
+    }
+
+    /// A page of the audit log (Lockstep::Action::"ReadAudit").
+    pub async fn list_audit(
+        &self,
+        caller: Caller<'_>,
+        after_seq: u64,
+        limit: u32,
+        opts: CallOptions,
+    ) -> Result<Vec<AuditEvent>> {
+        let limit = match limit {
+            0 => self.settings.default_audit_page,
+            n => n.min(self.settings.max_audit_page),
+        };
+        self.run(opts, || async {
+            let mut txn = self.store.read().await?;
+            self.admit(&mut *txn, caller, "ReadAudit", &service_uid()).await?;
+            let events = txn.audit_events(after_seq, limit).await?;
+            Ok((txn, Ok(events)))
+        })
+        .await
+    }
+}

@@ -1,0 +1,697 @@
+//! The use cases. Each one opens ONE transaction, reads every piece of authorization
+//! state it relies on through it (key, token and subject revocation, policies,
+//! entities), decides, writes, audits and commits — or commits nothing.
+//!
+//! # Layout
+//!
+//! One file per use case, each an `impl Engine` block that reads top to bottom; this file
+//! holds the engine's state and the steps they share: `run` (attempts, deadlines, the
+//! commit), `authenticate`, `policies_at` (the policy cache), `admit`/`require`, the
+//! request checks and the helpers that build Cedar contexts.
+//!
+//! - `commit`: AuthorizeAndCommit.
+//! - `decide`: Authorize, GetEntity, ListAuditEvents.
+//! - `edge`: the Envoy ext_authz decision.
+//! - `revoke`: RevokeToken, RevokeSubject.
+//! - `policies`: PutPolicies, history, rollback, GetPolicies, template links.
+//! - `keys`: AddKey, RevokeKey, ListKeys, rotation, JWKS sync.
+//! - `import`: `lockstep entities import`.
+//! - `housekeeping`: purging expired rows.
+
+mod commit;
+mod decide;
+mod edge;
+mod housekeeping;
+mod import;
+mod keys;
+mod policies;
+mod revoke;
+
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::jwks::{self, JwksSource};
+use crate::model::{
+    Attributes, AuditEvent, AuditKind, Change, CommitRequest, CommitResult, Decision, EntityRecord, KeyRecord,
+    Mutation, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid, now_micros,
+};
+use crate::policy::{self, CompiledPolicies, WriteKind};
+use crate::store::{Store, StoreError, Txn};
+use crate::token::{self, VerifiedToken};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
+
+/// The resource of Lockstep's own actions.
+pub fn service_uid() -> Uid {
+    Uid::new("Lockstep::Service", "lockstep")
+}
+
+/// `Lockstep::Action::"<name>"`.
+fn lockstep_action(name: &str) -> String {
+    format!("Lockstep::Action::\"{name}\"")
+}
+
+/// Who makes a call: the bearer of a token (every RPC), or the operator working on the
+/// database directly through the CLI (bootstrap and recovery: no token, no policy check,
+/// still validated and audited).
+#[derive(Clone, Copy)]
+pub enum Caller<'a> {
+    Bearer(&'a str),
+    Operator,
+}
+
+/// Per-call limits that come from the transport.
+#[derive(Clone, Copy, Default)]
+pub struct CallOptions {
+    /// Nothing is committed after this instant; the call answers DEADLINE_EXCEEDED.
+    pub deadline: Option<Instant>,
+}
+
+/// How many times a use case is attempted when the database reports a transient
+/// conflict (serialization failure or deadlock).
+const MAX_ATTEMPTS: u32 = 8;
+
+/// What one attempt of a use case yields: the transaction to commit, and the answer to
+/// give once it has committed (a denial commits its audit event and still answers
+/// PERMISSION_DENIED).
+type Prepared<T> = (Box<dyn Txn>, Result<T>);
+
+/// An audit event of `kind` by the bearer of `token` (None: the operator's CLI).
+fn event(kind: AuditKind, token: Option<&VerifiedToken>, detail: String) -> NewAuditEvent {
+    NewAuditEvent {
+        kind,
+        principal: token.map(|t| t.principal.clone()),
+        token_id: token.map(|t| t.token_id.clone()).unwrap_or_default(),
+        mutations: Vec::new(),
+        entities: Vec::new(),
+        detail,
+    }
+}
+
+/// The result of evaluating and applying one mutation: a denial is a value.
+enum Step {
+    Applied {
+        entity: EntityRecord,
+        decision: Decision,
+    },
+    /// `reason` is audited; `explain`, when set, is also told to the caller (it depends on
+    /// nothing but the request and the policy set, so it reveals no entity's existence).
+    Denied {
+        decision: Decision,
+        reason: String,
+        explain: Option<String>,
+    },
+}
+
+pub struct Engine {
+    store: Arc<dyn Store>,
+    settings: Settings,
+    /// The last compiled policy set, keyed by its version. Only a version number read
+    /// inside the deciding transaction selects it, so a new set is used by every
+    /// transaction that starts after the new set committed.
+    cache: Mutex<CachedPolicies>,
+    /// JWKS sources followed by this server (fetched at start, periodically, and on an
+    /// unknown `kid`, at most once per `JWKS_ON_DEMAND_INTERVAL`).
+    jwks: Vec<JwksSource>,
+    /// When an unknown `kid` last triggered a JWKS fetch.
+    jwks_on_demand: tokio::sync::Mutex<Option<Instant>>,
+    /// The Envoy ext_authz route map (empty: every edge check is denied).
+    edge_routes: Arc<crate::edge::RouteMap>,
+    /// Set at start and when a call finds the active policy set unusable (it does not
+    /// compile): the health watcher then asks `policy_problem`, NOT_SERVING until mended.
+    policy_broken: std::sync::atomic::AtomicBool,
+    /// Tokens already verified under a key's exact material (times and revocation are
+    /// still checked on every call).
+    verified: token::VerifyCache,
+}
+
+/// The policy set the current attempt of a call compiled or used (with the digest of what
+/// it was compiled from), and whether the attempt's transaction committed (see `Engine::run`).
+#[derive(Default)]
+struct CompiledInCall {
+    set: Option<(Arc<CompiledPolicies>, [u8; 32])>,
+    committed: bool,
+}
+
+/// The policy cache's one entry. A set compiled inside a transaction may be one that
+/// transaction alone sees (SQLite group commit: a PutPolicies earlier in the same group);
+/// if that group's COMMIT fails, another set can later commit under the same version
+/// number. So an entry is *confirmed* only once a call that used it has committed; an
+/// unconfirmed one is used only after its digest is checked against what the transaction
+/// reads, and gives way to any other set.
+struct CachedPolicies {
+    set: Arc<CompiledPolicies>,
+    /// SHA-256 of the policy text, the schema and the template links it was compiled from.
+    digest: [u8; 32],
+    confirmed: bool,
+}
+
+/// What a compiled set was made from (see `CachedPolicies`).
+fn policy_digest(record: &PolicyRecord, links: &[TemplateLink]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [record.policies.as_bytes(), record.schema.as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.update(serde_json::to_vec(links).unwrap_or_default());
+    h.finalize().into()
+}
+
+tokio::task_local! {
+    static COMPILED_IN_CALL: Arc<Mutex<CompiledInCall>>;
+}
+
+fn with_compiled_in_call(f: impl FnOnce(&mut CompiledInCall)) {
+    let _ = COMPILED_IN_CALL.try_with(|slot| {
+        if let Ok(mut c) = slot.lock() {
+            f(&mut c);
+        }
+    });
+}
+
+/// Each attempt of a call starts with nothing compiled.
+fn forget_compiled_in_call() {
+    with_compiled_in_call(|c| *c = CompiledInCall::default());
+}
+
+/// How many verified tokens are remembered.
+const VERIFY_CACHE_ENTRIES: usize = 65_536;
+
+/// Unknown `kid`s trigger at most one JWKS fetch per this interval, so they cannot be
+/// used to hammer the identity provider.
+const JWKS_ON_DEMAND_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What a JWKS sync changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct JwksSync {
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub retired: Vec<String>,
+    /// Kids present in the JWKS but not taken: revoked here (revocation wins), or added
+    /// from another source.
+    pub kept_out: Vec<String>,
+}
+
+impl Engine {
+    pub fn new(store: Arc<dyn Store>, settings: Settings) -> Self {
+        Self {
+            store,
+            settings,
+            cache: Mutex::new(CachedPolicies {
+                set: Arc::new(CompiledPolicies::empty()),
+                digest: [0; 32],
+                confirmed: false,
+            }),
+            jwks: Vec::new(),
+            jwks_on_demand: tokio::sync::Mutex::new(None),
+            edge_routes: Arc::default(),
+            verified: token::VerifyCache::new(VERIFY_CACHE_ENTRIES),
+            // Unknown until checked: the watcher's first look compiles the active set.
+            policy_broken: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Uses this route map for Envoy ext_authz checks.
+    pub fn with_edge_routes(mut self, routes: crate::edge::RouteMap) -> Self {
+        self.edge_routes = Arc::new(routes);
+        self
+    }
+
+    pub fn edge_routes(&self) -> Arc<crate::edge::RouteMap> {
+        self.edge_routes.clone()
+    }
+
+    /// Follows these JWKS sources.
+    pub fn with_jwks(mut self, sources: Vec<JwksSource>) -> Self {
+        self.jwks = sources;
+        self
+    }
+
+    pub fn jwks_sources(&self) -> &[JwksSource] {
+        &self.jwks
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Runs one attempt of a use case after another until it yields a transaction to
+    /// commit, then commits it and gives the use case's answer. Attempts that hit a
+    /// transient conflict (serialization failure, deadlock) are retried a bounded number
+    /// of times. Nothing is committed after the caller's deadline: an attempt still
+    /// running then is dropped (its transaction rolls back) and the commit itself is
+    /// only started before the deadline. Once started, the commit runs in a task of its
+    /// own and its outcome is the answer: dropping this future (a client gone, a
+    /// transport timer) cannot cut a COMMIT in half or turn it into a failure answer.
+    pub(super) async fn run<T, F, Fut>(&self, opts: CallOptions, attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Prepared<T>>>,
+    {
+        // The policy set a call used is confirmed in the cache once its transaction has
+        // committed (see `CachedPolicies`).
+        let compiled = Arc::new(Mutex::new(CompiledInCall::default()));
+        let answer = COMPILED_IN_CALL.scope(compiled.clone(), self.run_attempts(opts, attempt)).await;
+        if let Some((set, digest)) =
+            compiled.lock().ok().and_then(|mut c| if c.committed { c.set.take() } else { None })
+        {
+            self.remember(set, digest, true);
+        }
+        answer
+    }
+
+    pub(super) async fn run_attempts<T, F, Fut>(&self, opts: CallOptions, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Prepared<T>>>,
+    {
+        let mut tries = 0u32;
+        let mut refreshed = false;
+        loop {
+            tries += 1;
+            forget_compiled_in_call();
+            let prepared = match opts.deadline {
+                Some(d) => tokio::time::timeout_at(d, attempt()).await.unwrap_or(Err(Error::DeadlineExceeded)),
+                None => attempt().await,
+            };
+            let outcome = match prepared {
+                Ok((txn, answer)) => {
+                    if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(Error::DeadlineExceeded);
+                    }
+                    let deadline = opts.deadline;
+                    match tokio::spawn(async move { txn.commit_before(deadline).await }).await {
+                        Ok(committed) => committed.map(|()| {
+                            with_compiled_in_call(|c| c.committed = true);
+                            answer
+                        }),
+                        Err(e) => Err(StoreError::Unknown(format!("the commit's task failed: {e}"))),
+                    }
+                }
+                Err(Error::Retry(m)) => Err(StoreError::Retry(m)),
+                Err(Error::UnknownKey(m)) => {
+                    if !refreshed && self.refresh_jwks_on_demand().await {
+                        refreshed = true;
+                        continue;
+                    }
+                    return Err(Error::UnknownKey(m));
+                }
+                Err(e) => return Err(e),
+            };
+            match outcome {
+                Ok(answer) => return answer,
+                Err(StoreError::Retry(m)) if tries < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt = tries, reason = %m, "transient conflict; retrying");
+                    let jitter = u64::from(rand::random::<u8>() % 8);
+                    tokio::time::sleep(std::time::Duration::from_millis(u64::from(tries) * 2 + jitter)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Authenticates a bearer inside `txn`: the key (not revoked, not retired), the
+    /// signature and claims, the subject's and the token's revocation. Also returns the
+    /// policy state, read in the same statement as the revocations.
+    pub(super) async fn authenticate(
+        &self,
+        txn: &mut dyn Txn,
+        parsed: &token::ParsedToken,
+        now: i64,
+    ) -> Result<(Arc<VerifiedToken>, PolicyState)> {
+        let now_secs = now / 1_000_000;
+        let key = txn
+            .key(&parsed.kid)
+            .await?
+            .ok_or_else(|| Error::UnknownKey("token names an unknown key (`kid`)".into()))?;
+        if key.revoked {
+            return Err(Error::Unauthenticated(format!("the token's signing key `{}` has been revoked", key.kid)));
+        }
+        if key.retired {
+            return Err(Error::Unauthenticated(format!(
+                "the token's key `{}` is no longer published by its JWKS",
+                key.kid
+            )));
+        }
+        let token = token::verify(parsed, &key, now_secs, &self.settings, &self.verified)?;
+        // One read after the key: on PostgreSQL it first share-locks the subject, which a
+        // logout or RevokeSubject locks exclusively, so the revocations are read after any
+        // such revocation that got there first has committed.
+        let state = txn.revocations_and_policy(&token.principal, &token.token_id).await?;
+        if let Some(at) = state.subject_revoked_at {
+            // A token without `iat` cannot prove it was issued after the revocation.
+            if token.iat.is_none_or(|iat| iat <= at) {
+                return Err(Error::Unauthenticated(format!(
+                    "every token of {} issued at or before {at} (unix seconds) has been revoked",
+                    token.principal
+                )));
+            }
+        }
+        if state.token_revoked {
+            return Err(Error::Unauthenticated("token has been revoked".into()));
+        }
+        Ok((token, state.policy))
+    }
+
+    /// Why the active policy set cannot be used (it does not compile, or its links do not
+    /// fit), if so: the health watcher reports it. None when it compiles or the database
+    /// cannot be asked (the watcher checks the database itself).
+    ///
+    /// Asks the database only while a call has met such a problem (`policy_broken`), so a
+    /// healthy server's watcher costs nothing; once the set compiles again the flag clears.
+    pub async fn policy_problem(&self) -> Option<String> {
+        if !self.policy_broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let checked = self
+            .run(CallOptions::default(), || async {
+                let mut txn = self.store.read().await?;
+                let compiled = self.policies_in(&mut *txn).await.map(|_| ());
+                Ok((txn, compiled))
+            })
+            .await;
+        match checked {
+            Err(Error::Internal(m)) => Some(m),
+            Ok(()) => {
+                self.policy_broken.store(false, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The active policy set with its template links, selected by the policy version and
+    /// links generation read in `txn`; compiled once per (version, generation).
+    pub(super) async fn policies_in(&self, txn: &mut dyn Txn) -> Result<Arc<CompiledPolicies>> {
+        let state = txn.policy_state().await?;
+        self.policies_at(txn, state).await
+    }
+
+    /// The policy set selected by `state` (read in `txn`), compiled once per state.
+    pub(super) async fn policies_at(&self, txn: &mut dyn Txn, state: PolicyState) -> Result<Arc<CompiledPolicies>> {
+        let Some(version) = state.version else {
+            return Ok(Arc::new(CompiledPolicies::empty()));
+        };
+        let hit = {
+            let cached = self.cache.lock().map_err(|_| Error::Internal("policy cache poisoned".into()))?;
+            (cached.set.version == version && cached.set.links == state.links)
+                .then(|| (cached.set.clone(), cached.digest, cached.confirmed))
+        };
+        if let Some((set, _, true)) = hit {
+            return Ok(set);
+        }
+        let record = txn
+            .policies(version)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("policy version {version} vanished")))?;
+        let links = txn.policy_links().await?;
+        let digest = policy_digest(&record, &links);
+        if let Some((set, d, false)) = hit
+            && d == digest
+        {
+            with_compiled_in_call(|c| c.set = Some((set.clone(), digest)));
+            return Ok(set);
+        }
+        let broken = |m: String| {
+            self.policy_broken.store(true, std::sync::atomic::Ordering::Relaxed);
+            Error::Internal(m)
+        };
+        let base = policy::compile(version, &record.policies, &record.schema)
+            .map_err(|e| broken(format!("stored policy version {version} does not compile: {e}")))?;
+        let compiled = Arc::new(
+            base.with_links(&links, state.links)
+                .map_err(|e| broken(format!("stored template links do not fit version {version}: {e}")))?,
+        );
+        // Cached unconfirmed now (later members of the same group reuse it after checking
+        // its digest), confirmed by `run` once this call's transaction has committed.
+        self.remember(compiled.clone(), digest, false);
+        with_compiled_in_call(|c| c.set = Some((compiled.clone(), digest)));
+        Ok(compiled)
+    }
+
+    /// Puts a set in the cache: an unconfirmed entry gives way to any set; a confirmed one
+    /// to a newer (version, links), or to its own confirmation.
+    pub(super) fn remember(&self, set: Arc<CompiledPolicies>, digest: [u8; 32], confirmed: bool) {
+        if let Ok(mut cached) = self.cache.lock() {
+            let key = (set.version, set.links);
+            let cached_key = (cached.set.version, cached.set.links);
+            let same = key == cached_key && cached.digest == digest;
+            if !cached.confirmed || key > cached_key || same {
+                let confirmed = confirmed || (same && cached.confirmed);
+                *cached = CachedPolicies { set, digest, confirmed };
+            }
+        }
+    }
+
+    /// Authenticates a bearer and requires `Lockstep::Action::"<action>"` on `resource`;
+    /// the operator passes. Returns the bearer's token.
+    pub(super) async fn admit(
+        &self,
+        txn: &mut dyn Txn,
+        caller: Caller<'_>,
+        action: &str,
+        resource: &Uid,
+    ) -> Result<Option<Arc<VerifiedToken>>> {
+        let Caller::Bearer(raw) = caller else { return Ok(None) };
+        let parsed = token::parse(raw, &self.settings)?;
+        let (token, state) = self.authenticate(txn, &parsed, now_micros()).await?;
+        let policies = self.policies_at(txn, state).await?;
+        self.require(txn, &policies, &token, action, resource).await?;
+        Ok(Some(token))
+    }
+
+    /// Evaluates `Lockstep::Action::"<action>"` on `resource`; a denial becomes PERMISSION_DENIED.
+    pub(super) async fn require(
+        &self,
+        txn: &mut dyn Txn,
+        policies: &CompiledPolicies,
+        token: &VerifiedToken,
+        action: &str,
+        resource: &Uid,
+    ) -> Result<()> {
+        let action_uid = policy::action_uid(&lockstep_action(action)).map_err(Error::Internal)?;
+        let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
+        let ctx = build_context(policies, &action_uid, &Map::new(), token, None, &policy::SERVER_CONTEXT)?;
+        let decision = policies
+            .evaluate(&token.principal, &action_uid, resource, ctx, &loaded.iter().collect::<Vec<_>>())
+            .map_err(Error::Internal)?;
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(Error::Denied(format!(
+                "{} may not perform Lockstep::Action::\"{action}\" on {resource}",
+                token.principal
+            )))
+        }
+    }
+
+    pub(super) fn check_uid(&self, uid: &Uid) -> std::result::Result<(), String> {
+        if uid.ty.is_empty() || uid.id.is_empty() {
+            return Err("entity type and id must not be empty".into());
+        }
+        if uid.ty.contains('\0') || uid.id.contains('\0') {
+            return Err("entity type and id must not contain NUL".into());
+        }
+        if uid.ty.len() > 256 || uid.id.len() > self.settings.max_id_bytes {
+            return Err(format!(
+                "entity type longer than 256 bytes or id longer than {} bytes",
+                self.settings.max_id_bytes
+            ));
+        }
+        if uid.ty == "Action" || uid.ty.ends_with("::Action") {
+            return Err(format!("{uid} is an action: action entities come from the schema, not from entity data"));
+        }
+        policy::entity_uid(uid).map(|_| ())
+    }
+
+    pub(super) fn check_value_sizes(&self, m: &Attributes, what: &str) -> Result<()> {
+        let len = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
+        if len > self.settings.max_attributes_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "{what} is {len} bytes as JSON; at most {}",
+                self.settings.max_attributes_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_attributes(&self, e: &EntityRecord) -> Result<()> {
+        self.check_value_sizes(&e.attributes, "the entity's attributes")?;
+        self.check_value_sizes(&e.tags, "the entity's tags")?;
+        if e.parents.len() > 1000 {
+            return Err(Error::InvalidArgument("an entity may have at most 1000 parents".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Text the databases cannot all store (PostgreSQL refuses NUL) is refused up front, the
+/// same on every backend.
+fn refuse_nul(what: &str, values: &[&str]) -> Result<()> {
+    if values.iter().any(|v| v.contains('\0')) {
+        return Err(Error::InvalidArgument(format!("{what} must not contain NUL")));
+    }
+    Ok(())
+}
+
+/// Attribute values as an RPC would carry them (see `grpc::convert`): nested at most
+/// `max_depth` deep, no `null`, numbers integers within ±2^53. Without recursion.
+fn check_values(attributes: &Attributes, max_depth: usize) -> std::result::Result<(), String> {
+    const MAX_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
+    let mut stack: Vec<(&str, &Value, usize)> = attributes.iter().map(|(k, v)| (k.as_str(), v, 1)).collect();
+    while let Some((name, v, depth)) = stack.pop() {
+        if depth > max_depth {
+            return Err(format!("attribute `{}` nests deeper than {max_depth} levels", short(name)));
+        }
+        match v {
+            Value::Null => return Err(format!("attribute `{}` is null; Cedar has no null", short(name))),
+            Value::Number(n) if n.as_i64().is_none_or(|n| n.abs() > MAX_SAFE_INTEGER) => {
+                return Err(format!("attribute `{}` is {n}: numbers must be integers within ±2^53", short(name)));
+            }
+            Value::Array(a) => stack.extend(a.iter().map(|x| (name, x, depth + 1))),
+            Value::Object(o) => stack.extend(o.values().map(|x| (name, x, depth + 1))),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Refuses parents that would make `uid` its own ancestor: `ancestors` are the parents'
+/// stored entities and all their ancestors (an entity that lists `uid` as a parent, even
+/// before `uid` exists, closes the cycle too).
+fn refuse_cycle(uid: &Uid, parents: &[Uid], ancestors: &[&EntityRecord]) -> Result<()> {
+    if parents.contains(uid) || ancestors.iter().any(|a| a.uid == *uid || a.parents.contains(uid)) {
+        return Err(Error::InvalidArgument(format!(
+            "these parents would make {uid} its own ancestor (a parent cycle); nothing was committed"
+        )));
+    }
+    Ok(())
+}
+
+/// Caller text quoted in messages and audit details, cut to a short prefix (the full
+/// request is in the event's mutations already; a detail never repeats it at length).
+fn short(s: &str) -> String {
+    cut(s, 128)
+}
+
+/// `s` cut to at most `max` characters (marked with `…` when cut).
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_owned(),
+        Some((i, _)) => format!("{}…", &s[..i]),
+    }
+}
+
+/// `(CLI)` marks what the operator did on the database directly.
+fn operator_note(caller: Caller<'_>, detail: String) -> String {
+    match caller {
+        Caller::Operator => format!("{detail} (cli)"),
+        Caller::Bearer(_) => detail,
+    }
+}
+
+fn describe_link(l: &TemplateLink) -> String {
+    let p = l.principal.as_ref().map(|u| format!(" principal {u}")).unwrap_or_default();
+    let r = l.resource.as_ref().map(|u| format!(" resource {u}")).unwrap_or_default();
+    format!("{p}{r}")
+}
+
+fn dedup(v: Vec<Uid>) -> Vec<Uid> {
+    let mut out: Vec<Uid> = Vec::with_capacity(v.len());
+    for u in v {
+        if !out.contains(&u) {
+            out.push(u);
+        }
+    }
+    out
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else
+/// replaces.
+pub fn apply_merge_patch(target: &mut Attributes, patch: &Attributes) {
+    for (k, v) in patch {
+        match v {
+            Value::Null => {
+                target.remove(k);
+            }
+            Value::Object(p) => {
+                let entry = target.entry(k.clone()).or_insert_with(|| Value::Object(Map::new()));
+                if !entry.is_object() {
+                    *entry = Value::Object(Map::new());
+                }
+                if let Value::Object(t) = entry {
+                    apply_merge_patch(t, p);
+                }
+            }
+            other => {
+                target.insert(k.clone(), other.clone());
+            }
+        }
+    }
+}
+
+/// The server-set `change` record.
+fn change_context(kind: &str, changed: Vec<String>, proposed: &Attributes, added: &[Uid], removed: &[Uid]) -> Value {
+    json!({
+        "kind": kind,
+        "changed_attributes": changed,
+        "proposed": proposed,
+        "added_parents": added.iter().map(Uid::to_entity_ref_json).collect::<Vec<_>>(),
+        "removed_parents": removed.iter().map(Uid::to_entity_ref_json).collect::<Vec<_>>(),
+    })
+}
+
+/// The caller's context plus the server-set `token` (and `change`): the server's values
+/// replace any the caller sent under those names. With a schema it is read through the
+/// action's context type (`server`: the keys Lockstep sets, see `CompiledPolicies::context`).
+fn build_context(
+    policies: &CompiledPolicies,
+    action: &cedar_policy::EntityUid,
+    caller: &Attributes,
+    token: &VerifiedToken,
+    change: Option<Value>,
+    server: &[&str],
+) -> Result<cedar_policy::Context> {
+    let mut ctx = caller.clone();
+    ctx.insert(
+        "token".into(),
+        json!({
+            "sub": token.sub,
+            "iss": token.iss,
+            "aud": token.aud,
+            "jti": token.token_id,
+            "iat": token.iat.unwrap_or(0),
+            "exp": token.exp,
+            "scopes": token.scopes,
+            "claims": token.claims,
+        }),
+    );
+    match change {
+        Some(c) => {
+            ctx.insert("change".into(), c);
+        }
+        None => {
+            ctx.remove("change");
+        }
+    }
+    policies.context(action, ctx, server).map_err(Error::InvalidArgument)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc7386() {
+        let mut t: Attributes = serde_json::from_value(json!({"a": "b", "c": {"d": "e", "f": "g"}})).unwrap();
+        let p: Attributes = serde_json::from_value(json!({"a": "z", "c": {"f": null}, "n": [1]})).unwrap();
+        apply_merge_patch(&mut t, &p);
+        assert_eq!(Value::Object(t), json!({"a": "z", "c": {"d": "e"}, "n": [1]}));
+    }
+}
