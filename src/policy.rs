@@ -23,7 +23,7 @@ pub struct CompiledPolicies {
     action_entities: Vec<cedar_policy::Entity>,
     /// The actions the schema declares as write actions, with the kinds of change each
     /// may carry (see `WriteKind`). Empty without a schema: then nothing may write.
-    write_actions: HashMap<String, Vec<WriteKind>>,
+    write_actions: HashMap<EntityUid, Vec<WriteKind>>,
     /// The schema's types, read once, for building entities and contexts through it.
     types: Option<Arc<SchemaTypes>>,
 }
@@ -272,7 +272,7 @@ fn compile_bounded(version: u64, policies: &str, schema: &str) -> Result<Compile
     if !errors.is_empty() {
         return Err(CompileErrors(errors));
     }
-    let mut write_actions: HashMap<String, Vec<WriteKind>> = HashMap::new();
+    let mut write_actions: HashMap<EntityUid, Vec<WriteKind>> = HashMap::new();
     let (schema, action_entities, types) = if schema.trim().is_empty() {
         (None, Vec::new(), None)
     } else {
@@ -293,7 +293,7 @@ fn compile_bounded(version: u64, policies: &str, schema: &str) -> Result<Compile
         for kind in WriteKind::ALL {
             let group = kind.group();
             for a in actions.iter().filter(|a| a.uid() != group && actions.is_ancestor_of(&group, &a.uid())) {
-                write_actions.entry(a.uid().to_string()).or_default().push(kind);
+                write_actions.entry(a.uid()).or_default().push(kind);
             }
         }
         let types = SchemaTypes::read(schema);
@@ -772,7 +772,7 @@ impl CompiledPolicies {
 
     /// Whether `action` is declared to carry a change of `kind` (see `WriteKind`).
     pub fn may_write(&self, action: &EntityUid, kind: WriteKind) -> bool {
-        self.write_actions.get(&action.to_string()).is_some_and(|k| k.contains(&kind))
+        self.write_actions.get(action).is_some_and(|k| k.contains(&kind))
     }
 
     /// This set with template links added (generation `links`); the message says which

@@ -20,6 +20,7 @@ impl Engine {
             }
             e.parents.iter().try_for_each(|p| self.check_uid(p)).map_err(at)?;
             check_values(&e.attributes, self.settings.max_value_depth).map_err(at)?;
+            check_values(&e.tags, self.settings.max_value_depth).map_err(at)?;
             self.check_attributes(e)?;
         }
         let entities = &entities;

@@ -30,9 +30,7 @@ impl Engine {
 
     /// Revokes a key: once this returns, no token signed with it is accepted.
     pub async fn revoke_key(&self, caller: Caller<'_>, kid: &str, opts: CallOptions) -> Result<u64> {
-        if kid.is_empty() || kid.len() > 256 {
-            return Err(Error::InvalidArgument("kid must be 1 to 256 bytes".into()));
-        }
+        bounded_id("kid", kid)?;
         self.run(opts, || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();

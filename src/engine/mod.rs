@@ -588,6 +588,14 @@ fn cut(s: &str, max: usize) -> String {
     }
 }
 
+/// An identifier a caller names (kid, link id): 1 to 256 bytes.
+fn bounded_id(what: &str, v: &str) -> Result<()> {
+    if v.is_empty() || v.len() > 256 {
+        return Err(Error::InvalidArgument(format!("{what} must be 1 to 256 bytes")));
+    }
+    Ok(())
+}
+
 /// `(CLI)` marks what the operator did on the database directly.
 fn operator_note(caller: Caller<'_>, detail: String) -> String {
     match caller {

@@ -89,9 +89,8 @@ impl Engine {
     /// that commits after this returns decides with the link.
     pub async fn link_template(&self, caller: Caller<'_>, link: TemplateLink, opts: CallOptions) -> Result<u64> {
         refuse_nul("link_id and template_id", &[&link.link_id, &link.template_id])?;
-        if link.link_id.is_empty() || link.link_id.len() > 256 || link.template_id.len() > 256 {
-            return Err(Error::InvalidArgument("link_id and template_id must be 1 to 256 bytes".into()));
-        }
+        bounded_id("link_id", &link.link_id)?;
+        bounded_id("template_id", &link.template_id)?;
         for u in link.principal.iter().chain(link.resource.iter()) {
             self.check_uid(u).map_err(Error::InvalidArgument)?;
         }
@@ -124,9 +123,7 @@ impl Engine {
 
     /// Removes a template link (Lockstep::Action::"LinkTemplate" on its resource).
     pub async fn unlink_template(&self, caller: Caller<'_>, link_id: &str, opts: CallOptions) -> Result<u64> {
-        if link_id.is_empty() || link_id.len() > 256 {
-            return Err(Error::InvalidArgument("link_id must be 1 to 256 bytes".into()));
-        }
+        bounded_id("link_id", link_id)?;
         self.run(opts, || async {
             let mut txn = self.store.write().await?;
             let now = now_micros();
