@@ -143,6 +143,12 @@ pub async fn run_with(
         reporter.set_service_status(s, ServingStatus::Serving).await;
     }
 
+    // The active policy set is checked once before serving (so that check's transaction
+    // never runs among the first calls); later only while a call has found it broken.
+    if let Some(why) = tokio::time::timeout(Duration::from_secs(2), engine.policy_problem()).await.unwrap_or(None) {
+        tracing::warn!(reason = %why, "the active policy set cannot be used; calls will fail until it is mended");
+    }
+
     // Health follows the database: NOT_SERVING while it does not answer.
     let watcher = {
         let engine = engine.clone();

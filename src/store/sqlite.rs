@@ -295,13 +295,17 @@ impl SqliteStore {
             .await
             .map_err(|e| anyhow::anyhow!("migrating `{url}` failed: {e}"))?;
         sqlx::Connection::close(migrations).await?;
-        let conn = connect(&path, false, Duration::ZERO)
+        // Opened with the busy timeout (another connection closing — the last one of a
+        // process checkpoints the WAL as it goes — may hold the file for a moment), then
+        // set to zero: the writer waits for the lock itself (`BEGIN IMMEDIATE` retried).
+        let conn = connect(&path, false, opts.busy_timeout)
             .and_then(|c| {
                 // Checkpoints are run by `checkpointer`, not by the commit that fills the WAL.
                 c.pragma_update(None, "wal_autocheckpoint", 0)?;
+                c.busy_timeout(Duration::ZERO)?;
                 Ok(c)
             })
-            .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}`: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}` for writing: {e}"))?;
         let background = connect(&path, false, READER_BUSY_TIMEOUT)
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}` for checkpoints: {e}"))?;
         let readers = Readers {

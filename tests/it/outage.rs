@@ -335,7 +335,10 @@ struct CommitCutter {
 const COMMIT_MSG: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
 
 impl CommitCutter {
-    async fn start(upstream: std::net::SocketAddr, outage: Duration) -> Self {
+    /// Cuts at the first COMMIT, after arming, of a connection that has carried `marker`
+    /// (the call under test's patch): the server's own transactions (housekeeping at start,
+    /// checks) pass untouched whenever they run.
+    async fn start(upstream: std::net::SocketAddr, outage: Duration, marker: &str) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -344,6 +347,7 @@ impl CommitCutter {
         let cuts: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let (a, r, n) = (armed.clone(), refuse_until.clone(), cuts.clone());
+        let marker: Arc<Vec<u8>> = Arc::new(marker.as_bytes().to_vec());
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else { return };
@@ -357,12 +361,14 @@ impl CommitCutter {
                     let _ = tokio::io::copy(&mut ui, &mut co).await;
                 });
                 let s2c_handle = s2c.abort_handle();
-                let (a, r, n, all) = (a.clone(), r.clone(), n.clone(), conns.clone());
+                let (a, r, n, all, marker) = (a.clone(), r.clone(), n.clone(), conns.clone(), marker.clone());
                 let c2s = tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
+                    let mut marked = false;
                     while let Ok(len @ 1..) = ci.read(&mut buf).await {
                         let chunk = &buf[..len];
-                        let cut = if chunk.windows(COMMIT_MSG.len()).any(|w| w == COMMIT_MSG) {
+                        marked |= chunk.windows(marker.len()).any(|w| w == marker.as_slice());
+                        let cut = if marked && chunk.windows(COMMIT_MSG.len()).any(|w| w == COMMIT_MSG) {
                             a.lock().unwrap().take()
                         } else {
                             None
@@ -422,7 +428,7 @@ async fn cut_during_commit(cut: Cut, setup: &[&str], marker: &str) -> Option<Cut
     for sql in setup {
         sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut direct).await.unwrap();
     }
-    let proxy = CommitCutter::start("127.0.0.1:5432".parse().unwrap(), Duration::from_millis(400)).await;
+    let proxy = CommitCutter::start("127.0.0.1:5432".parse().unwrap(), Duration::from_millis(400), marker).await;
     let name = db.url.rsplit('/').next().unwrap().to_owned();
     // Plaintext, so that the proxy can see the COMMIT message.
     let url = format!("postgres://postgres@{}/{name}?sslmode=disable", proxy.addr);
