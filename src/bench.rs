@@ -36,6 +36,32 @@ action UpdateItem in [Lockstep::Action::"UpdateEntity"] appliesTo { principal: U
 namespace Lockstep { action UpdateEntity; }
 "#;
 
+/// `--mapped`: the same users and items in tables of their own, as an application keeps
+/// them (`BENCH_TABLES_*`), mapped onto the same entity types.
+pub const BENCH_MAPPING: &str = r#"
+[types.User]
+table = "bench_users"
+id = "id"
+
+[types.Item]
+table = "bench_items"
+id = "id"
+version = "version"
+attributes.owner = { column = "owner_id", type = "entity", entity_type = "User" }
+attributes.hot = { column = "hot", type = "boolean" }
+attributes.n = { column = "n", type = "integer" }
+"#;
+
+pub const BENCH_TABLES_SQLITE: &str = "
+CREATE TABLE IF NOT EXISTS bench_users (id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS bench_items (id TEXT PRIMARY KEY, owner_id TEXT NOT NULL, hot INTEGER NOT NULL,
+  n INTEGER NOT NULL, version INTEGER NOT NULL DEFAULT 1);";
+
+pub const BENCH_TABLES_POSTGRES: &str = "
+CREATE TABLE IF NOT EXISTS bench_users (id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS bench_items (id TEXT PRIMARY KEY, owner_id TEXT NOT NULL, hot BOOLEAN NOT NULL,
+  n BIGINT NOT NULL, version BIGINT NOT NULL DEFAULT 1);";
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchPlan {

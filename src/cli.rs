@@ -20,6 +20,10 @@ pub struct Cli {
     /// Database URL: sqlite:///abs/path.db, sqlite://relative.db or postgres://user@host:port/db.
     #[arg(long, global = true, env = "LOCKSTEP_DATABASE_URL", default_value = "sqlite://lockstep.db")]
     pub database: String,
+    /// Mapping of Cedar entity types onto the application's own tables (TOML; see
+    /// docs/mapping.md). Types it does not name stay in Lockstep's own store.
+    #[arg(long, global = true, env = "LOCKSTEP_MAPPING")]
+    pub mapping: Option<PathBuf>,
     #[command(flatten)]
     pub db: DbArgs,
     #[command(subcommand)]
@@ -72,6 +76,9 @@ pub enum Command {
     /// Entities (bootstrap).
     #[command(subcommand)]
     Entities(EntitiesCommand),
+    /// The mapping of entity types onto the application's tables (--mapping).
+    #[command(subcommand)]
+    Mapping(MappingCommand),
     /// Load generator: seeds an empty database, serves it in process (or drives --addr),
     /// prints throughput, p50/p99/p99.9 and errors by status code.
     Bench(BenchArgs),
@@ -98,6 +105,10 @@ pub struct BenchArgs {
     /// Distinct subjects (each owns one item).
     #[arg(long, default_value_t = 1000)]
     pub subjects: usize,
+    /// Keep the users and items in tables of their own (`bench_users`, `bench_items`),
+    /// mapped onto the entity types, instead of Lockstep's store (docs/mapping.md).
+    #[arg(long)]
+    pub mapped: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -294,6 +305,17 @@ pub enum TokenCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum MappingCommand {
+    /// Checks the mapping against the database's tables and the active Cedar schema (and,
+    /// on PostgreSQL, that its triggers are installed); exits non-zero on any problem.
+    Check,
+    /// Installs what the mapping needs in the application's tables (idempotent): on
+    /// PostgreSQL the triggers that order direct writes with Lockstep's decisions, on
+    /// both the triggers that bump version columns on direct updates.
+    Install,
+}
+
+#[derive(Subcommand, Debug)]
 pub enum EntitiesCommand {
     /// Creates or replaces entities from a Cedar entities JSON file.
     Import {
@@ -320,8 +342,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
-fn store_options(db: &DbArgs) -> StoreOptions {
+fn store_options(db: &DbArgs, mapping: Arc<crate::mapping::Mapping>) -> StoreOptions {
     StoreOptions {
+        mapping,
         acquire_timeout: Duration::from_millis(db.acquire_timeout_ms),
         busy_timeout: Duration::from_millis(db.busy_timeout_ms),
         group_commit: db.sqlite_group_commit,
@@ -343,8 +366,20 @@ fn settings(args: Option<&ServeArgs>) -> Settings {
 }
 
 async fn engine(cli: &Cli, args: Option<&ServeArgs>) -> anyhow::Result<Arc<Engine>> {
+    let mapping = match &cli.mapping {
+        Some(f) => Arc::new(crate::mapping::Mapping::load(f)?),
+        None => Arc::default(),
+    };
+    engine_mapped(cli, args, mapping).await
+}
+
+async fn engine_mapped(
+    cli: &Cli,
+    args: Option<&ServeArgs>,
+    mapping: Arc<crate::mapping::Mapping>,
+) -> anyhow::Result<Arc<Engine>> {
     server::check_crypto_provider()?;
-    let store = store::open(&cli.database, &store_options(&cli.db)).await?;
+    let store = store::open(&cli.database, &store_options(&cli.db, mapping)).await?;
     let mut sources = Vec::new();
     if let Some(a) = args
         && let Some(url) = &a.jwks_url
@@ -368,6 +403,19 @@ async fn engine(cli: &Cli, args: Option<&ServeArgs>) -> anyhow::Result<Arc<Engin
     Ok(Arc::new(engine))
 }
 
+/// Refuses to go on while the mapping has problems (each on its own line).
+async fn require_mapping(engine: &Engine) -> anyhow::Result<()> {
+    let problems = engine.mapping_problems().await?;
+    if !problems.is_empty() {
+        bail!(
+            "the mapping (--mapping) cannot be served as it is:\n  {}\n(`lockstep mapping check` lists these; \
+             `lockstep mapping install` installs missing triggers)",
+            problems.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
 const OP: CallOptions = CallOptions { deadline: None };
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -376,10 +424,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let tls = tls_options(args)?;
             check_plaintext(args, tls.is_some())?;
             let engine = engine(&cli, Some(args)).await?;
+            require_mapping(&engine).await?;
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             server::run_with(engine, listener, server::shutdown_signal(), tls).await
+        }
+        Command::Mapping(m) => {
+            if cli.mapping.is_none() {
+                bail!("give the mapping file: --mapping FILE (or LOCKSTEP_MAPPING)");
+            }
+            let engine = engine(&cli, None).await?;
+            if let MappingCommand::Install = m {
+                for done in engine.store().install_mapping().await? {
+                    println!("installed {done}");
+                }
+            }
+            let problems = engine.mapping_problems().await?;
+            if problems.is_empty() {
+                let n = engine.store().mapping().types().count();
+                println!("mapping OK: {n} entity types in the application's tables");
+                Ok(())
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+                bail!("the mapping has {} problem(s)", problems.len())
+            }
         }
         Command::Demo(args) => {
             let tls = tls_options(args)?;
@@ -589,7 +660,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 bail!("--calls takes commit, authorize, get, health; --hot is a share from 0 to 1");
             }
-            let engine = engine(&cli, None).await?;
+            let engine = if b.mapped {
+                use crate::bench::{BENCH_MAPPING, BENCH_TABLES_POSTGRES, BENCH_TABLES_SQLITE};
+                crate::store::run_app_sql(&cli.database, BENCH_TABLES_SQLITE, BENCH_TABLES_POSTGRES).await?;
+                let mapping = crate::mapping::Mapping::parse(BENCH_MAPPING).map_err(anyhow::Error::msg)?;
+                let engine = engine_mapped(&cli, None, Arc::new(mapping)).await?;
+                engine.store().install_mapping().await?;
+                engine
+            } else {
+                engine(&cli, None).await?
+            };
             let plan = crate::bench::BenchPlan {
                 callers: b.callers.clone(),
                 seconds: b.seconds.max(1),
@@ -602,6 +682,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Entities(EntitiesCommand::Import { file }) => {
             let engine = engine(&cli, None).await?;
+            require_mapping(&engine).await?;
             let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
             let entities = parse_entities(&text)?;
             let n = entities.len();

@@ -23,6 +23,8 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// PostgreSQL: `statement_timeout` of every connection (includes lock waits).
     pub statement_timeout: Duration,
+    /// Entity types kept in the application's own tables (empty: all in Lockstep's).
+    pub mapping: std::sync::Arc<crate::mapping::Mapping>,
 }
 
 impl Default for StoreOptions {
@@ -35,6 +37,7 @@ impl Default for StoreOptions {
             wal_autocheckpoint: 1000,
             max_connections: 16,
             statement_timeout: Duration::from_secs(5),
+            mapping: std::sync::Arc::default(),
         }
     }
 }

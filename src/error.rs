@@ -56,7 +56,10 @@ impl From<crate::store::StoreError> for Error {
         use crate::store::StoreError as S;
         match e {
             S::Unavailable(m) => Error::Unavailable(format!("database unavailable: {m}")),
-            S::Conflict(m) => Error::Internal(format!("unexpected conflict: {m}")),
+            // A uniqueness constraint (e.g. a UNIQUE column of a mapped table).
+            S::Conflict(m) => {
+                Error::AlreadyExists(format!("the database refused a duplicate: {m}; nothing was committed"))
+            }
             S::Retry(m) => Error::Retry(m),
             S::Invalid(m) => Error::InvalidArgument(format!("the database refused a value: {m}")),
             S::Unknown(m) => Error::OutcomeUnknown(m),

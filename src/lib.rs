@@ -13,9 +13,11 @@
 //! - [`policy`]: Cedar compilation and evaluation (no I/O).
 //! - [`policytest`]: policy test files run without a server (`lockstep policies test`).
 //! - [`edge`]: the Envoy ext_authz route map (HTTP request -> Cedar request).
+//! - [`mapping`]: entity types kept in the application's own tables (the mapping file).
 //! - [`entity_json`]: Cedar entities JSON files (import, policy tests), parsed strictly.
 //! - [`engine`]: the use cases, each one transaction that reads, decides, writes, audits.
-//! - [`store`]: the `Store`/`Txn` traits and their SQLite implementation.
+//! - [`store`]: the `Store`/`Txn` traits and their SQLite and PostgreSQL implementations
+//!   (`store::mapped`: rows of the application's tables <-> entities).
 //! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
 //! - [`server`]: serving with health, reflection, housekeeping and graceful shutdown.
 //! - [`fuzz`]: entry points of the fuzz targets and the bounded fuzz smoke run.
@@ -32,6 +34,7 @@ pub mod error;
 pub mod fuzz;
 pub mod grpc;
 pub mod jwks;
+pub mod mapping;
 pub mod model;
 pub mod policy;
 pub mod policytest;

@@ -483,6 +483,101 @@ enum Ty {
     Unknown,
 }
 
+/// What in a Cedar schema (text) disagrees with a mapping of entity types onto tables:
+/// mapped types the schema does not declare, mapped attributes it does not declare or
+/// types differently, attributes it requires that nothing maps, parents it does not
+/// allow. Each message names the type, the attribute and the column. No schema: nothing.
+pub fn mapping_problems(schema: &str, mapping: &crate::mapping::Mapping) -> Vec<String> {
+    use crate::mapping::ColumnType as C;
+    if schema.trim().is_empty() || mapping.is_empty() {
+        return Vec::new();
+    }
+    let Ok((Value::Object(namespaces), _)) = cedar_policy::schema_str_to_json_with_resolved_types(schema) else {
+        return vec!["the schema cannot be read to check the mapping against it".into()];
+    };
+    let types = SchemaTypes::read(schema);
+    let q = |ns: &str, n: &str| if ns.is_empty() { n.to_string() } else { format!("{ns}::{n}") };
+    let mut member_of: HashMap<String, Vec<String>> = HashMap::new();
+    for (ns, frag) in &namespaces {
+        if let Some(Value::Object(es)) = frag.get("entityTypes") {
+            for (n, e) in es {
+                let parents = e.get("memberOfTypes").and_then(Value::as_array).cloned().unwrap_or_default();
+                let parents = parents
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(|p| if p.contains("::") || ns.is_empty() { p.to_string() } else { q(ns, p) })
+                    .collect();
+                member_of.insert(q(ns, n), parents);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for tm in mapping.types() {
+        let et = &tm.entity_type;
+        let Some((Ty::Record(attrs, _), _)) = types.entities.get(et) else {
+            out.push(format!("entity type {et} is mapped (table {}) but the schema does not declare it", tm.table));
+            continue;
+        };
+        for (a, m) in &tm.attributes {
+            let col = format!("{}.{}", tm.table, m.column);
+            let Some((ty, _)) = attrs.get(a) else {
+                out.push(format!(
+                    "entity type {et}: attribute `{a}` is mapped (column {col}) but the schema does not declare it"
+                ));
+                continue;
+            };
+            let fits = match (m.ty, ty) {
+                (_, Ty::Unknown) | (C::Json, _) => true,
+                (C::Text | C::TimestampText, Ty::Str) | (C::Integer, Ty::Long) | (C::Boolean, Ty::Bool) => true,
+                (C::Datetime, Ty::Ext(x)) => x == "datetime",
+                (C::TextSet, Ty::Set(e)) => **e == Ty::Str,
+                (C::IntegerSet, Ty::Set(e)) => **e == Ty::Long,
+                (C::Entity, Ty::Entity(t)) => Some(t.as_str()) == m.entity_type.as_deref(),
+                _ => false,
+            };
+            if !fits {
+                out.push(format!(
+                    "entity type {et}: attribute `{a}` (column {col}, mapped as {}{}) is typed {} in the schema",
+                    m.ty.name(),
+                    m.entity_type.as_deref().map(|t| format!(" {t}")).unwrap_or_default(),
+                    ty_name(ty)
+                ));
+            }
+        }
+        for (a, (_, required)) in attrs {
+            if *required && !tm.attributes.iter().any(|(n, _)| n == a) {
+                out.push(format!(
+                    "entity type {et}: the schema requires attribute `{a}`, which the mapping does not map to a column of {}",
+                    tm.table
+                ));
+            }
+        }
+        let allowed = member_of.get(et).cloned().unwrap_or_default();
+        for (p, _) in &tm.parents {
+            if !allowed.contains(p) {
+                out.push(format!(
+                    "entity type {et}: parents of type {p} are mapped but the schema does not allow {et} in {p}"
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A schema type as the messages above name it.
+fn ty_name(t: &Ty) -> String {
+    match t {
+        Ty::Bool => "Bool".into(),
+        Ty::Long => "Long".into(),
+        Ty::Str => "String".into(),
+        Ty::Set(e) => format!("Set<{}>", ty_name(e)),
+        Ty::Record(..) => "a record".into(),
+        Ty::Entity(n) => format!("entity {n}"),
+        Ty::Ext(n) => n.clone(),
+        Ty::Unknown => "unknown".into(),
+    }
+}
+
 /// The schema's types, read once per compile: each entity type's attributes and tags, and
 /// each action's context (keyed by the action uid in Cedar syntax).
 #[derive(Debug, Default)]

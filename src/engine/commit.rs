@@ -136,6 +136,15 @@ impl Engine {
             );
             return Ok(Step::Denied { decision: nothing(), reason: why.clone(), explain: Some(why) });
         }
+        if m.if_version.is_some_and(|v| v != 0)
+            && self.store.mapping().get(&m.resource.ty).is_some_and(|t| t.version_column.is_none())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "if_version: entity type {} lives in the application's table without a version column (see the \
+                 mapping); nothing was committed",
+                short(&m.resource.ty)
+            )));
+        }
         let current = txn.entity(&m.resource).await?;
         let missing = || Step::Denied { decision: nothing(), reason: "entity does not exist".into(), explain: None };
 

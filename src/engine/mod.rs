@@ -359,6 +359,21 @@ impl Engine {
         Ok((token, state.policy))
     }
 
+    /// What keeps the store's mapping of entity types onto the application's tables from
+    /// being served: the store's findings (tables, columns, triggers) and the active
+    /// schema's disagreements with it. Empty: all is well (or nothing is mapped).
+    pub async fn mapping_problems(&self) -> Result<Vec<String>> {
+        let mapping = self.store.mapping();
+        if mapping.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut problems = self.store.mapping_problems().await?;
+        if let Some(active) = self.get_policies(Caller::Operator, CallOptions::default()).await? {
+            problems.extend(policy::mapping_problems(&active.schema, &mapping));
+        }
+        Ok(problems)
+    }
+
     /// Why the active policy set cannot be used (it does not compile, or its links do not
     /// fit), if so: the health watcher reports it. None when it compiles or the database
     /// cannot be asked (the watcher checks the database itself).

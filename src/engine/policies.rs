@@ -51,6 +51,13 @@ impl Engine {
             .await
             .map_err(|e| Error::Internal(format!("the policy compiler failed: {e}")))?
             .map_err(|e| Error::InvalidArgument(format!("policies are invalid; the active set is unchanged:\n{e}")))?;
+        let clash = policy::mapping_problems(schema, &self.store.mapping());
+        if !clash.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "the schema disagrees with the mapping of entity types onto tables; the active set is unchanged:\n{}",
+                clash.join("\n")
+            )));
+        }
         let compiled = &compiled;
         self.run(opts, || async {
             let mut txn = self.store.write().await?;

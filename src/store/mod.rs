@@ -3,6 +3,7 @@
 //! Everything that decides a call is read through a `Txn`, and a write call's decision
 //! and its writes share one `Txn`. SQL lives only below this module.
 
+pub(crate) mod mapped;
 pub mod postgres;
 pub mod sqlite;
 
@@ -52,6 +53,21 @@ pub trait Store: Send + Sync + 'static {
     async fn read(&self) -> StoreResult<Box<dyn Txn>>;
     /// Checks that the database answers (for health reporting).
     async fn ping(&self) -> StoreResult<()>;
+    /// Entity types kept in the application's tables (empty: none).
+    fn mapping(&self) -> Arc<crate::mapping::Mapping> {
+        Arc::default()
+    }
+    /// What keeps the mapping (`StoreOptions::mapping`) from being served safely: tables or
+    /// columns missing or of a type that cannot convert, and (PostgreSQL) the triggers of
+    /// `install_mapping` missing. Empty: all is well.
+    async fn mapping_problems(&self) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+    /// Installs what the mapping needs in the application's tables (idempotent): the
+    /// triggers that order direct writes with Lockstep's decisions. Returns what it did.
+    async fn install_mapping(&self) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// Group commit counters, where the store groups commits (SQLite).
     fn group_commit_stats(&self) -> Option<GroupCommitStats> {
         None
@@ -95,6 +111,15 @@ pub struct GroupCommitStats {
 ///   and all ancestors shared, level by level, before reading them, and its resource's
 ///   exclusive before reading it (every entity writer does). The audit `seq` is drawn by
 ///   the last statement, after all locks. Details in `postgres.rs`.
+///
+/// **Entities in the application's tables** (`StoreOptions::mapping`, docs/mapping.md)
+/// take part in the same protocol, and so do the application's own direct writes to
+/// them: on PostgreSQL the triggers of `Store::install_mapping` take, for every row a
+/// direct INSERT, UPDATE or DELETE touches, the same entity lock exclusive (a mapped
+/// table's row: its entity; a join table's row: the child, whose parents it holds), and
+/// `entity` locks a mapped resource's row (`FOR NO KEY UPDATE`) before its entity lock, in
+/// the order a direct UPDATE takes them. On SQLite the file's single write lock orders a
+/// direct writer with every write transaction.
 ///
 /// The calls below that read authorization state (`key`, `revocations_and_policy`,
 /// `policy_state`, `entity`, `entities_with_ancestors`) take these
@@ -356,6 +381,22 @@ pub(crate) fn to_u64(v: i64) -> u64 {
 
 pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Runs an application's own statements (several, plain SQL) on a database: for
+/// `lockstep bench --mapped`, which plays an application that keeps its tables beside
+/// Lockstep's. Not a path of any call.
+pub async fn run_app_sql(url: &str, sqlite: &str, postgres: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    if url.starts_with("sqlite:") {
+        let opts = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)?.create_if_missing(true);
+        let mut c = sqlx::SqliteConnection::connect_with(&opts).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sqlite.to_owned())).execute(&mut c).await?;
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(postgres.to_owned())).execute(&mut c).await?;
+    }
+    Ok(())
 }
 
 /// Opens the store named by a database URL (`sqlite://…` or `postgres://…`).

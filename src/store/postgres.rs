@@ -1,4 +1,6 @@
-//! The PostgreSQL store: several stateless Lockstep instances on one database.
+//! The PostgreSQL store: several stateless Lockstep instances on one database. Its own
+//! tables live in the schema `lockstep`; entity types the mapping names live in the
+//! application's tables (docs/mapping.md), read and written by the `mapped_*` methods.
 //!
 //! # Locking protocol
 //!
@@ -16,6 +18,9 @@
 //! | plain read of `policies` (ACCESS SHARE) | PutPolicies: `LOCK TABLE policies IN ACCESS EXCLUSIVE MODE` |
 //! | principal and ancestors: their entity advisory locks, shared, level by level | any change of those entities (membership is the child's `parents`) |
 //! | the resource: its entity advisory lock, exclusive (create: also the unique index) | transfers and any other change of the resource |
+//!
+//! | a mapped resource (the application's table): its row `FOR NO KEY UPDATE`, then its entity lock | a direct UPDATE or DELETE of the row (row lock, then its trigger's entity lock) |
+//! | a mapped principal or ancestor: its entity lock, shared | a direct write of its row or its join-table rows: the trigger `lockstep.guard()` takes the entity lock (the child's, for a join table) exclusive |
 //!
 //! Entity and subject locks are transaction-scoped advisory locks keyed by a 64-bit hash
 //! of the uid (`hashtextextended`): a collision only serializes two unrelated writers.
@@ -57,21 +62,25 @@
 //! 3. Only when the database cannot be asked in time is the answer `Unknown` (UNKNOWN),
 //!    naming the xid and the audit seq to look for.
 
+use super::mapped::{self, ColumnValue};
 use super::{
     AuditRow, CallStateRow, EntityRow, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, call_state,
     json_err, policy_state_of, to_i64, to_u64,
 };
 use crate::config::StoreOptions;
+use crate::mapping::{ColumnType, IdType, Mapping, ParentSource, TypeMap};
 use crate::model::{
     AuditEvent, CallState, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid,
 };
 use async_trait::async_trait;
+use serde_json::{Map, Value};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -82,7 +91,29 @@ pub const SETTLE_WINDOW: Duration = Duration::from_secs(5);
 
 pub struct PgStore {
     pool: PgPool,
+    /// Entity types kept in the application's tables (see `mapped_*` below).
+    mapping: Arc<Mapping>,
 }
+
+/// The schema of Lockstep's own tables, beside the application's in the same database so
+/// that one transaction spans both. Every Lockstep connection has it first on its
+/// `search_path` (then `public`); the mapped tables are always named with their schema.
+pub const SCHEMA: &str = "lockstep";
+
+/// Lockstep's tables (and function) of the releases that kept them in `public`: moved into
+/// `SCHEMA` once, before the migrations run.
+const LEGACY_TABLES: &[&str] = &[
+    "_sqlx_migrations",
+    "keys",
+    "revoked_tokens",
+    "subjects",
+    "policies",
+    "entities",
+    "idempotency",
+    "audit",
+    "policy_links",
+    "policy_links_meta",
+];
 
 impl PgStore {
     /// Connects (lazily: the pool opens connections on demand, so a server starts and
@@ -92,18 +123,30 @@ impl PgStore {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?
             .application_name("lockstep")
-            .options([("statement_timeout", timeout_ms.as_str()), ("idle_in_transaction_session_timeout", "60000")]);
+            .options([
+                ("statement_timeout", timeout_ms.as_str()),
+                ("idle_in_transaction_session_timeout", "60000"),
+                // Lockstep's schema first (its own statements name tables unqualified),
+                // then public: the application's triggers that fire on Lockstep's writes
+                // to mapped tables find their unqualified tables there.
+                ("search_path", "lockstep, public"),
+                // Timestamps of mapped columns are read and written as UTC.
+                ("TimeZone", "UTC"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(2))
             .min_connections(0)
             .acquire_timeout(opts.acquire_timeout)
             .test_before_acquire(false)
             .connect_lazy_with(connect);
+        prepare_schema(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach or migrate the PostgreSQL database: {e}"))?;
         sqlx::migrate!("migrations/postgres")
             .run(&pool)
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach or migrate the PostgreSQL database: {e}"))?;
-        Ok(Self { pool })
+        Ok(Self { pool, mapping: opts.mapping.clone() })
     }
 
     /// Settles the outcome of transaction `xid` (text of `pg_current_xact_id()`), last run
@@ -119,20 +162,268 @@ impl PgStore {
 impl Store for PgStore {
     async fn write(&self) -> StoreResult<Box<dyn Txn>> {
         let tx = self.pool.begin().await.map_err(map_err)?;
-        Ok(Box::new(PgTxn { tx, write: true, pool: self.pool.clone(), pending: None }))
+        Ok(Box::new(self.txn(tx, true)))
     }
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_err)?;
-        Ok(Box::new(PgTxn { tx, write: false, pool: self.pool.clone(), pending: None }))
+        Ok(Box::new(self.txn(tx, false)))
     }
 
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT max(version) FROM policies").execute(&self.pool).await.map_err(map_err)?;
         Ok(())
     }
+
+    fn mapping(&self) -> Arc<Mapping> {
+        self.mapping.clone()
+    }
+
+    async fn mapping_problems(&self) -> StoreResult<Vec<String>> {
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        let mut problems = Vec::new();
+        for tm in self.mapping.types() {
+            check_type_catalog(&mut conn, &self.mapping, tm, &mut problems).await?;
+        }
+        if !problems.is_empty() {
+            return Ok(problems);
+        }
+        for (table, ty, col, vcol) in self.mapping.guarded_tables() {
+            let name = guard_name(&ty, &col, vcol.as_deref());
+            let installed: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2
+                                AND tgenabled <> 'D' AND NOT tgisinternal)",
+            )
+            .bind(mapped::qt(&table, Some("public")))
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(map_err)?;
+            if !installed {
+                problems.push(format!(
+                    "{} (entity type {ty}): trigger {name} is not installed, so direct writes to it would not be \
+                     ordered with Lockstep's decisions; run `lockstep mapping install`",
+                    qualified(&table)
+                ));
+            }
+        }
+        Ok(problems)
+    }
+
+    async fn install_mapping(&self) -> StoreResult<Vec<String>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut done = Vec::new();
+        for (table, ty, col, vcol) in self.mapping.guarded_tables() {
+            let name = guard_name(&ty, &col, vcol.as_deref());
+            let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
+            let sql = format!(
+                "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW \
+                 EXECUTE FUNCTION {SCHEMA}.guard({}, {}, {})",
+                mapped::q(&name),
+                mapped::qt(&table, Some("public")),
+                lit(&ty),
+                lit(&col),
+                lit(vcol.as_deref().unwrap_or(""))
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.map_err(map_err)?;
+            done.push(format!("{}: trigger {name} (entity type {ty}, column {col})", qualified(&table)));
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(done)
+    }
 }
 
+impl PgStore {
+    fn txn(&self, tx: Transaction<'static, Postgres>, write: bool) -> PgTxn {
+        PgTxn { tx, write, pool: self.pool.clone(), pending: None, mapping: self.mapping.clone(), read: HashMap::new() }
+    }
+}
+
+/// A table as messages name it (`public.items`).
+fn qualified(t: &crate::mapping::TableName) -> String {
+    format!("{}.{}", t.schema.as_deref().unwrap_or("public"), t.name)
+}
+
+/// The trigger that guards `column` (the id of `entity_type`) of a table; the name holds a
+/// digest of its arguments, so a changed mapping installs a new trigger.
+fn guard_name(entity_type: &str, column: &str, version: Option<&str>) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("{entity_type}\u{1f}{column}\u{1f}{}", version.unwrap_or("")));
+    format!("lockstep_guard_{}", hex::encode(&d[..6]))
+}
+
+/// PostgreSQL's cast for an id type.
+fn id_cast(t: IdType) -> &'static str {
+    match t {
+        IdType::Text => "text",
+        IdType::Integer => "bigint",
+        IdType::Uuid => "uuid",
+    }
+}
+
+/// Whether a column of catalog type (`data_type`, `udt_name`) can hold a value mapped as `ty`.
+fn column_fits(ty: ColumnType, data_type: &str, udt: &str) -> bool {
+    let text = matches!(data_type, "text" | "character varying" | "character" | "USER-DEFINED");
+    let int = matches!(data_type, "smallint" | "integer" | "bigint");
+    let ts = data_type.starts_with("timestamp");
+    match ty {
+        ColumnType::Text => text,
+        ColumnType::Integer => int,
+        ColumnType::Boolean => data_type == "boolean",
+        ColumnType::Json => matches!(data_type, "json" | "jsonb"),
+        ColumnType::Datetime | ColumnType::TimestampText => ts,
+        ColumnType::TextSet => data_type == "ARRAY" && matches!(udt, "_text" | "_varchar" | "_bpchar"),
+        ColumnType::IntegerSet => data_type == "ARRAY" && matches!(udt, "_int2" | "_int4" | "_int8"),
+        ColumnType::Entity => text || int || data_type == "uuid",
+    }
+}
+
+fn id_fits(t: IdType, data_type: &str) -> bool {
+    match t {
+        IdType::Text => matches!(data_type, "text" | "character varying" | "character" | "USER-DEFINED"),
+        IdType::Integer => matches!(data_type, "smallint" | "integer" | "bigint"),
+        IdType::Uuid => data_type == "uuid",
+    }
+}
+
+/// The columns of a table: name -> (data_type, udt_name); None when there is no such table.
+async fn catalog_columns(
+    conn: &mut PgConnection,
+    t: &crate::mapping::TableName,
+) -> StoreResult<Option<HashMap<String, (String, String)>>> {
+    let schema = t.schema.as_deref().unwrap_or("public");
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text, udt_name::text FROM information_schema.columns
+         WHERE table_schema = $1 AND table_name = $2",
+    )
+    .bind(schema)
+    .bind(&t.name)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(rows.into_iter().map(|(c, d, u)| (c, (d, u))).collect()))
+}
+
+/// Checks one mapped type against the live catalog; problems name type, table and column.
+async fn check_type_catalog(
+    conn: &mut PgConnection,
+    mapping: &Mapping,
+    tm: &TypeMap,
+    problems: &mut Vec<String>,
+) -> StoreResult<()> {
+    let et = &tm.entity_type;
+    let Some(cols) = catalog_columns(conn, &tm.table).await? else {
+        problems.push(format!("entity type {et}: table {} does not exist", qualified(&tm.table)));
+        return Ok(());
+    };
+    let table = qualified(&tm.table);
+    let need = |col: &str, what: &str, fits: &dyn Fn(&str, &str) -> bool, want: &str| match cols.get(col) {
+        None => Some(format!("entity type {et}: {what}: column {table}.{col} does not exist")),
+        Some((d, u)) if !fits(d, u) => {
+            Some(format!("entity type {et}: {what}: column {table}.{col} is {d}, which cannot hold {want}"))
+        }
+        Some(_) => None,
+    };
+    problems.extend(need(&tm.id_column, "id", &|d, _| id_fits(tm.id_type, d), &format!("{} ids", tm.id_type.name())));
+    if let Some(v) = &tm.version_column {
+        problems.extend(need(v, "version", &|d, u| column_fits(ColumnType::Integer, d, u), "an integer version"));
+    }
+    for (a, m) in &tm.attributes {
+        let ty = m.ty;
+        let target_id = m.entity_type.as_deref().and_then(|t| mapping.get(t)).map(|t| t.id_type);
+        problems.extend(need(
+            &m.column,
+            &format!("attribute `{a}`"),
+            &|d, u| match target_id {
+                Some(idt) if ty == ColumnType::Entity => id_fits(idt, d),
+                _ => column_fits(ty, d, u),
+            },
+            &format!("a {} value", ty.name()),
+        ));
+    }
+    let parent_id = |p: &str| mapping.get(p).map_or(IdType::Text, |t| t.id_type);
+    for (pty, source) in &tm.parents {
+        match source {
+            ParentSource::Column(c) => {
+                let idt = parent_id(pty);
+                problems.extend(need(
+                    c,
+                    &format!("parent {pty}"),
+                    &|d, _| id_fits(idt, d),
+                    &format!("{} ids", idt.name()),
+                ));
+            }
+            ParentSource::Join { table: jt, child, parent } => {
+                let Some(jcols) = catalog_columns(conn, jt).await? else {
+                    problems
+                        .push(format!("entity type {et}: parent {pty}: join table {} does not exist", qualified(jt)));
+                    continue;
+                };
+                for (c, idt) in [(child, tm.id_type), (parent, parent_id(pty))] {
+                    match jcols.get(c) {
+                        None => problems.push(format!(
+                            "entity type {et}: parent {pty}: column {}.{c} does not exist",
+                            qualified(jt)
+                        )),
+                        Some((d, _)) if !id_fits(idt, d) => problems.push(format!(
+                            "entity type {et}: parent {pty}: column {}.{c} is {d}, which cannot hold {} ids",
+                            qualified(jt),
+                            idt.name()
+                        )),
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `SELECT id, row` of a mapped type for ids `$1` (text[]): the row as `mapped::record_from_row`
+/// reads it (jsonb_build_object takes at most 50 pairs, hence the chunks).
+fn mapped_select(tm: &TypeMap) -> String {
+    let q = mapped::q;
+    let t = mapped::qt(&tm.table, Some("public"));
+    let id = q(&tm.id_column);
+    let mut pairs = Vec::new();
+    for (i, (_, m)) in tm.attributes.iter().enumerate() {
+        let c = q(&m.column);
+        let expr = match m.ty {
+            ColumnType::Datetime | ColumnType::TimestampText => {
+                format!("to_char(t.{c}::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+            }
+            ColumnType::Entity => format!("t.{c}::text"),
+            _ => format!("t.{c}"),
+        };
+        pairs.push(format!("'{}', {expr}", mapped::attr_key(i)));
+    }
+    for (i, (_, source)) in tm.parents.iter().enumerate() {
+        let expr = match source {
+            ParentSource::Column(c) => format!("t.{}::text", q(c)),
+            ParentSource::Join { table, child, parent } => format!(
+                "(SELECT coalesce(jsonb_agg(j.{p}::text ORDER BY j.{p}::text), '[]'::jsonb) FROM {jt} j WHERE j.{c} = t.{id})",
+                p = q(parent),
+                c = q(child),
+                jt = mapped::qt(table, Some("public"))
+            ),
+        };
+        pairs.push(format!("'{}', {expr}", mapped::parent_key(i)));
+    }
+    if let Some(v) = &tm.version_column {
+        pairs.push(format!("'{}', t.{}", mapped::VERSION_KEY, q(v)));
+    }
+    let obj = if pairs.is_empty() {
+        "'{}'::jsonb".to_owned()
+    } else {
+        pairs.chunks(40).map(|c| format!("jsonb_build_object({})", c.join(", "))).collect::<Vec<_>>().join(" || ")
+    };
+    format!("SELECT t.{id}::text, ({obj})::text FROM {t} t WHERE t.{id} = ANY($1::text[]::{}[])", id_cast(tm.id_type))
+}
+
+/// One transaction of the PostgreSQL store.
 struct PgTxn {
     tx: Transaction<'static, Postgres>,
     /// Write transactions take the locks of the protocol; read-only ones take none.
@@ -141,6 +432,10 @@ struct PgTxn {
     pool: PgPool,
     /// Who this transaction is, for settling its COMMIT: set by the audit insert.
     pending: Option<Pending>,
+    mapping: Arc<Mapping>,
+    /// Mapped entities as this transaction last read them (`entity`): an update writes
+    /// only the columns it changes, and the join-table edges it adds or removes.
+    read: HashMap<Uid, EntityRecord>,
 }
 
 /// A transaction about to commit, as the database knows it.
@@ -170,7 +465,9 @@ fn map_err(e: sqlx::Error) -> StoreError {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             match code.as_str() {
                 "40001" | "40P01" => StoreError::Retry(db.message().to_owned()),
-                "23505" => StoreError::Conflict(db.message().to_owned()),
+                "23505" => StoreError::Conflict(constraint_message(db.as_ref())),
+                "23502" | "23503" | "23514" | "23P01" => StoreError::Invalid(constraint_message(db.as_ref())),
+                c if c.starts_with("22") => StoreError::Invalid(constraint_message(db.as_ref())),
                 "22021" | "22P05" | "22001" => StoreError::Invalid(db.message().to_owned()),
                 "57014" | "55P03" => StoreError::Unavailable("the database did not answer in time".into()),
                 c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
@@ -181,6 +478,15 @@ fn map_err(e: sqlx::Error) -> StoreError {
         }
         _ => StoreError::Internal(e.to_string()),
     }
+}
+
+/// A constraint or conversion error as the caller reads it: PostgreSQL's message (which
+/// names the column or constraint) and its detail.
+fn constraint_message(db: &(dyn sqlx::error::DatabaseError + 'static)) -> String {
+    let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+    let detail = pg.and_then(|p| p.detail()).map(|d| format!(" ({d})")).unwrap_or_default();
+    let column = pg.and_then(|p| p.column()).map(|c| format!(" [column {c}]")).unwrap_or_default();
+    format!("{}{detail}{column}", db.message())
 }
 
 /// Advisory-lock key of a subject (its tokens' revocation state).
@@ -194,6 +500,177 @@ fn entity_lock_key(u: &Uid) -> String {
 }
 
 impl PgTxn {
+    /// A mapped entity (see `mapped_select`). In a write transaction its row is locked
+    /// first (FOR NO KEY UPDATE: a direct UPDATE of the row takes the row lock before its
+    /// trigger takes the entity lock, so taking them in the same order cannot deadlock
+    /// with it), then its entity lock, then it is read: a new statement, so a snapshot
+    /// taken after both waits.
+    async fn mapped_entity(&mut self, tm: &TypeMap, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
+        if tm.id_type.canonical(&uid.id).is_none() {
+            return Ok(None); // no row of this table can have such an id
+        }
+        if self.write {
+            let sql = format!(
+                "WITH r AS (SELECT 1 FROM {} WHERE {} = $1::{} FOR NO KEY UPDATE)
+                 SELECT pg_advisory_xact_lock(hashtextextended($2, 0)) FROM (SELECT count(*) FROM r) AS x",
+                mapped::qt(&tm.table, Some("public")),
+                mapped::q(&tm.id_column),
+                id_cast(tm.id_type)
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&uid.id)
+                .bind(entity_lock_key(uid))
+                .execute(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+        }
+        let found = self.mapped_rows(tm, vec![uid.id.clone()]).await?.pop();
+        match &found {
+            Some(e) => {
+                self.read.insert(uid.clone(), e.clone());
+            }
+            None => {
+                self.read.remove(uid);
+            }
+        }
+        Ok(found)
+    }
+
+    /// The rows of `ids` (those that exist) of a mapped type.
+    async fn mapped_rows(&mut self, tm: &TypeMap, ids: Vec<String>) -> StoreResult<Vec<EntityRecord>> {
+        let ids: Vec<String> = ids.into_iter().filter(|id| tm.id_type.canonical(id).is_some()).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(mapped_select(tm)))
+            .bind(ids)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        rows.into_iter()
+            .map(|(id, row)| {
+                let row: Map<String, Value> = serde_json::from_str(&row).map_err(json_err)?;
+                mapped::record_from_row(tm, id, row)
+            })
+            .collect()
+    }
+
+    /// Runs `sql` with one JSON argument (`jsonb_populate_record(set)` converts each value
+    /// to its column's type, and a value it cannot convert is INVALID_ARGUMENT).
+    async fn with_json(&mut self, sql: String, arg: Value, id: Option<&str>) -> StoreResult<u64> {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(arg.to_string());
+        if let Some(id) = id {
+            q = q.bind(id.to_owned());
+        }
+        Ok(q.execute(&mut *self.tx).await.map_err(map_err)?.rows_affected())
+    }
+
+    async fn mapped_insert(&mut self, tm: &TypeMap, e: &EntityRecord) -> StoreResult<()> {
+        let values = mapped::columns_of(&self.mapping, tm, e)?;
+        let present: Vec<&ColumnValue> = values.iter().filter(|v| !v.value.is_null()).collect();
+        let t = mapped::qt(&tm.table, Some("public"));
+        let cols = present.iter().map(|v| mapped::q(&v.column)).collect::<Vec<_>>().join(", ");
+        let obj: Map<String, Value> = present.iter().map(|v| (v.column.clone(), v.value.clone())).collect();
+        let sql = format!("INSERT INTO {t} ({cols}) SELECT {cols} FROM jsonb_populate_record(NULL::{t}, $1::jsonb)");
+        self.with_json(sql, Value::Object(obj), None).await?;
+        let edges = mapped::join_edges(&self.mapping, tm, &e.parents)?;
+        self.add_edges(tm, &e.uid.id, &edges).await?;
+        self.read.insert(e.uid.clone(), e.clone());
+        Ok(())
+    }
+
+    async fn mapped_update(&mut self, tm: &TypeMap, e: &EntityRecord) -> StoreResult<()> {
+        let before = match self.read.get(&e.uid).cloned() {
+            Some(b) => b,
+            None => self
+                .mapped_rows(tm, vec![e.uid.id.clone()])
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::Internal(format!("update of missing entity {}", e.uid)))?,
+        };
+        let changed = mapped::changed_columns(&self.mapping, tm, &before, e)?;
+        let changed: Vec<&ColumnValue> = changed.iter().collect();
+        if !changed.is_empty() {
+            let t = mapped::qt(&tm.table, Some("public"));
+            let sets = changed.iter().map(|v| format!("{c} = r.{c}", c = mapped::q(&v.column))).collect::<Vec<_>>();
+            let obj: Map<String, Value> = changed.iter().map(|v| (v.column.clone(), v.value.clone())).collect();
+            let sql = format!(
+                "UPDATE {t} AS t SET {} FROM jsonb_populate_record(NULL::{t}, $1::jsonb) AS r WHERE t.{} = $2::{}",
+                sets.join(", "),
+                mapped::q(&tm.id_column),
+                id_cast(tm.id_type)
+            );
+            if self.with_json(sql, Value::Object(obj), Some(&e.uid.id)).await? != 1 {
+                return Err(StoreError::Internal(format!("update of missing entity {}", e.uid)));
+            }
+        }
+        let (added, removed) = mapped::edge_changes(&self.mapping, tm, &before.parents, &e.parents)?;
+        self.remove_edges(tm, &e.uid.id, &removed).await?;
+        self.add_edges(tm, &e.uid.id, &added).await?;
+        self.read.insert(e.uid.clone(), e.clone());
+        Ok(())
+    }
+
+    async fn mapped_delete(&mut self, tm: &TypeMap, uid: &Uid) -> StoreResult<()> {
+        let id_cast = id_cast(tm.id_type);
+        for (_, source) in &tm.parents {
+            if let ParentSource::Join { table, child, .. } = source {
+                let sql = format!(
+                    "DELETE FROM {} WHERE {} = $1::{id_cast}",
+                    mapped::qt(table, Some("public")),
+                    mapped::q(child)
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&uid.id).execute(&mut *self.tx).await.map_err(map_err)?;
+            }
+        }
+        let sql = format!(
+            "DELETE FROM {} WHERE {} = $1::{id_cast}",
+            mapped::qt(&tm.table, Some("public")),
+            mapped::q(&tm.id_column)
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&uid.id).execute(&mut *self.tx).await.map_err(map_err)?;
+        self.read.remove(uid);
+        Ok(())
+    }
+
+    /// The join-table rows of `edges` (index into `tm.parents`, parent id) of child `id`.
+    fn edge_rows(tm: &TypeMap, id: &str, edges: &[(usize, String)]) -> Vec<(String, String, String, Value)> {
+        edges
+            .iter()
+            .filter_map(|(i, pid)| match &tm.parents[*i].1 {
+                ParentSource::Join { table, child, parent } => Some((
+                    mapped::qt(table, Some("public")),
+                    mapped::q(child),
+                    mapped::q(parent),
+                    Value::Object(Map::from_iter([
+                        (child.clone(), Value::String(id.to_owned())),
+                        (parent.clone(), Value::String(pid.clone())),
+                    ])),
+                )),
+                ParentSource::Column(_) => None,
+            })
+            .collect()
+    }
+
+    async fn add_edges(&mut self, tm: &TypeMap, id: &str, edges: &[(usize, String)]) -> StoreResult<()> {
+        for (t, c, p, row) in Self::edge_rows(tm, id, edges) {
+            let sql =
+                format!("INSERT INTO {t} ({c}, {p}) SELECT {c}, {p} FROM jsonb_populate_record(NULL::{t}, $1::jsonb)");
+            self.with_json(sql, row, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove_edges(&mut self, tm: &TypeMap, id: &str, edges: &[(usize, String)]) -> StoreResult<()> {
+        for (t, c, p, row) in Self::edge_rows(tm, id, edges) {
+            let sql = format!(
+                "DELETE FROM {t} AS j USING jsonb_populate_record(NULL::{t}, $1::jsonb) AS r WHERE j.{c} = r.{c} AND j.{p} = r.{p}"
+            );
+            self.with_json(sql, row, None).await?;
+        }
+        Ok(())
+    }
+
     /// A link changed: the next transaction recompiles the policy set with the links.
     async fn bump_links_generation(&mut self) -> StoreResult<()> {
         sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
@@ -460,6 +937,9 @@ impl Txn for PgTxn {
     }
 
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
+        if let Some(tm) = self.mapping.get(&uid.ty).cloned() {
+            return self.mapped_entity(&tm, uid).await;
+        }
         if self.write {
             // INVARIANT: the engine reads an entity this way before it inserts, updates
             // or deletes it, so every writer of an entity holds its exclusive lock.
@@ -479,7 +959,7 @@ impl Txn for PgTxn {
         if uids.is_empty() {
             return Ok(Vec::new());
         }
-        if !self.write {
+        if !self.write && self.mapping.is_empty() {
             let start = serde_json::to_string(uids).map_err(json_err)?;
             let rows = sqlx::query_as::<_, EntityRow>(
                 "WITH RECURSIVE anc(etype, eid) AS (
@@ -498,26 +978,44 @@ impl Txn for PgTxn {
             .map_err(map_err)?;
             return rows.into_iter().map(EntityRecord::try_from).collect();
         }
-        // Level by level, share-locking each level before reading it: a locked entity
-        // cannot change until this transaction ends, so the closure is exact.
+        // Level by level, share-locking each level before reading it (write transactions):
+        // a locked entity cannot change until this transaction ends (in the application's
+        // tables neither: their triggers take the same lock), so the closure is exact.
         let mut seen: HashSet<Uid> = uids.iter().cloned().collect();
         let mut frontier: Vec<Uid> = seen.iter().cloned().collect();
         let mut out = Vec::new();
         while !frontier.is_empty() {
-            self.lock_shared(&frontier.iter().map(entity_lock_key).collect::<Vec<_>>()).await?;
-            let (types, ids) = split(&frontier);
-            let rows = sqlx::query_as::<_, EntityRow>(
-                "SELECT etype, eid, attributes, parents, version, tags FROM entities
-                 WHERE (etype, eid) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
-            )
-            .bind(types)
-            .bind(ids)
-            .fetch_all(&mut *self.tx)
-            .await
-            .map_err(map_err)?;
+            if self.write {
+                self.lock_shared(&frontier.iter().map(entity_lock_key).collect::<Vec<_>>()).await?;
+            }
+            let (own, in_tables): (Vec<Uid>, Vec<Uid>) =
+                frontier.into_iter().partition(|u| self.mapping.get(&u.ty).is_none());
+            let mut level = Vec::new();
+            if !own.is_empty() {
+                let (types, ids) = split(&own);
+                let rows = sqlx::query_as::<_, EntityRow>(
+                    "SELECT etype, eid, attributes, parents, version, tags FROM entities
+                     WHERE (etype, eid) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+                )
+                .bind(types)
+                .bind(ids)
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+                for r in rows {
+                    level.push(EntityRecord::try_from(r)?);
+                }
+            }
+            let mut by_type: HashMap<String, Vec<String>> = HashMap::new();
+            for u in in_tables {
+                by_type.entry(u.ty).or_default().push(u.id);
+            }
+            for (ty, ids) in by_type {
+                let tm = self.mapping.get(&ty).cloned().expect("partitioned by the mapping above");
+                level.extend(self.mapped_rows(&tm, ids).await?);
+            }
             frontier = Vec::new();
-            for r in rows {
-                let e = EntityRecord::try_from(r)?;
+            for e in level {
                 for p in &e.parents {
                     if seen.insert(p.clone()) {
                         frontier.push(p.clone());
@@ -530,6 +1028,9 @@ impl Txn for PgTxn {
     }
 
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        if let Some(tm) = self.mapping.get(&e.uid.ty).cloned() {
+            return self.mapped_insert(&tm, e).await;
+        }
         sqlx::query(
             "INSERT INTO entities (etype, eid, attributes, parents, version, tags) VALUES ($1, $2, $3, $4, $5, $6)",
         )
@@ -546,6 +1047,9 @@ impl Txn for PgTxn {
     }
 
     async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        if let Some(tm) = self.mapping.get(&e.uid.ty).cloned() {
+            return self.mapped_update(&tm, e).await;
+        }
         let done = sqlx::query(
             "UPDATE entities SET attributes = $3, parents = $4, version = $5, tags = $6 WHERE etype = $1 AND eid = $2",
         )
@@ -565,6 +1069,9 @@ impl Txn for PgTxn {
     }
 
     async fn delete_entity(&mut self, uid: &Uid) -> StoreResult<()> {
+        if let Some(tm) = self.mapping.get(&uid.ty).cloned() {
+            return self.mapped_delete(&tm, uid).await;
+        }
         sqlx::query("DELETE FROM entities WHERE etype = $1 AND eid = $2")
             .bind(&uid.ty)
             .bind(&uid.id)
@@ -691,7 +1198,7 @@ impl Txn for PgTxn {
     /// (see the module doc), so that a committed call is never answered UNAVAILABLE and an
     /// uncommitted one is not answered UNKNOWN when the database is back in time.
     async fn commit_before(self: Box<Self>, deadline: Option<Instant>) -> StoreResult<()> {
-        let PgTxn { mut tx, write, pool, pending } = *self;
+        let PgTxn { mut tx, write, pool, pending, .. } = *self;
         let pending = match pending {
             Some(p) => Some(p),
             // Rare (housekeeping, a repeated idempotent request): one statement.
@@ -717,6 +1224,41 @@ impl Txn for PgTxn {
             other => other,
         }
     }
+}
+
+/// Creates `SCHEMA` and moves the tables of a release that kept them in `public` into it
+/// (recognised by `public.policy_links_meta` beside `public._sqlx_migrations`), in one
+/// transaction under an advisory lock, so that instances starting together do it once.
+async fn prepare_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('lockstep\u{1f}schema', 0))").execute(&mut *tx).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+        .bind(SCHEMA)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !exists {
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {SCHEMA}"))).execute(&mut *tx).await?;
+    }
+    let legacy: bool = sqlx::query_scalar(
+        "SELECT to_regclass('public._sqlx_migrations') IS NOT NULL AND to_regclass('public.policy_links_meta') IS NOT NULL
+                AND to_regclass('lockstep._sqlx_migrations') IS NULL",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if legacy {
+        for t in LEGACY_TABLES {
+            sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE IF EXISTS public.{t} SET SCHEMA {SCHEMA}")))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER FUNCTION public.lockstep_audit_append_only() SET SCHEMA {SCHEMA}"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        tracing::info!("moved Lockstep's tables from schema public into schema {SCHEMA}");
+    }
+    tx.commit().await
 }
 
 /// What became of a transaction, as far as the database can tell.

@@ -22,18 +22,22 @@
 //! revocation that committed is seen by every later member, and one in the same group
 //! is seen by the members after it, which commit (or fail) together with it.
 
+use super::mapped::{self, ColumnValue};
 use super::{
     AuditRow, CallStateRow, EntityRow, GroupCommitStats, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult,
     Txn, call_state, json_err, policy_state_of, to_i64, to_u64,
 };
 use crate::config::StoreOptions;
+use crate::mapping::{ColumnType, IdType, Mapping, ParentSource, TypeMap};
 use crate::model::{
     AuditEvent, CallState, EntityRecord, KeyRecord, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid,
 };
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use serde_json::{Map, Value};
 use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -52,6 +56,8 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     acquire_timeout: Duration,
     stats: Arc<Counters>,
+    /// Entity types kept in the application's tables (same file; see `mapped_*`).
+    mapping: Arc<Mapping>,
 }
 
 /// The writer connection and what is known about its transaction.
@@ -267,6 +273,8 @@ fn connect(path: &Path, read_only: bool, busy: Duration) -> rusqlite::Result<Con
     c.busy_timeout(busy)?;
     // FULL: a commit that returned survives a power cut, not only a crash.
     c.pragma_update(None, "synchronous", "FULL")?;
+    // The application's tables (mapped entity types) may declare foreign keys: enforced.
+    c.pragma_update(None, "foreign_keys", true)?;
     c.set_prepared_statement_cache_capacity(128);
     Ok(c)
 }
@@ -334,7 +342,14 @@ impl SqliteStore {
         let wake = Arc::new(Notify::new());
         tokio::spawn(committer(Arc::downgrade(&writer), wake.clone()));
         tokio::spawn(checkpointer(Arc::downgrade(&writer), background, opts.wal_autocheckpoint, due));
-        Ok(Self { writer, committer: wake, readers: Arc::new(readers), acquire_timeout: opts.acquire_timeout, stats })
+        Ok(Self {
+            writer,
+            committer: wake,
+            readers: Arc::new(readers),
+            acquire_timeout: opts.acquire_timeout,
+            stats,
+            mapping: opts.mapping.clone(),
+        })
     }
 }
 
@@ -355,35 +370,72 @@ fn timed_out() -> StoreError {
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self) -> StoreResult<Box<dyn Txn>> {
-        let guard = tokio::time::timeout(self.acquire_timeout, self.writer.clone().lock_owned())
-            .await
-            .map_err(|_| timed_out())?;
-        // Wrapped first: a member that fails (or is cancelled) while joining is settled
-        // by its drop.
-        let mut member = Member { guard: Some(guard), joined: false, wake: self.committer.clone() };
-        member.writer().join().await?;
-        member.joined = true;
-        Ok(Box::new(SqliteTxn::Write(member)))
+        Ok(Box::new(self.write_txn().await?))
     }
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
-        let permit = tokio::time::timeout(self.acquire_timeout, self.readers.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(|_| StoreError::Unavailable("the store is closing".into()))?;
-        let idle = self.readers.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-        let conn = match idle {
-            Some(c) => c,
-            None => connect(&self.readers.path, true, READER_BUSY_TIMEOUT).map_err(map_err)?,
-        };
-        // Deferred: the snapshot is taken by the first read and kept to the end.
-        exec(&conn, "BEGIN").map_err(map_err)?;
-        Ok(Box::new(SqliteTxn::Read(Reader { conn: Some(conn), readers: self.readers.clone(), _permit: permit })))
+        Ok(Box::new(self.read_txn().await?))
     }
 
     async fn ping(&self) -> StoreResult<()> {
         // Touch the file, not just the connection: a read of a real table.
         self.read().await?.policy_state().await.map(|_| ())
+    }
+
+    fn mapping(&self) -> Arc<Mapping> {
+        self.mapping.clone()
+    }
+
+    async fn mapping_problems(&self) -> StoreResult<Vec<String>> {
+        let mut txn = self.read_txn().await?;
+        let mut problems = Vec::new();
+        let mapping = self.mapping.clone();
+        for tm in mapping.types() {
+            problems.extend(txn.with(|c| check_type_catalog(c, &mapping, tm))?);
+        }
+        if problems.is_empty() {
+            for tm in mapping.types() {
+                let Some(v) = &tm.version_column else { continue };
+                let name = version_trigger_name(tm, v);
+                let found: bool = txn.with(|c| {
+                    c.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?1)",
+                        [&name],
+                        |r| r.get(0),
+                    )
+                })?;
+                if !found {
+                    problems.push(format!(
+                        "entity type {}: table {}: trigger {name} (bumps {v} on direct updates) is not installed; run \
+                         `lockstep mapping install`",
+                        tm.entity_type, tm.table
+                    ));
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    async fn install_mapping(&self) -> StoreResult<Vec<String>> {
+        let mut t = self.write_txn().await?;
+        let mut done = Vec::new();
+        {
+            for tm in self.mapping.types() {
+                let Some(v) = &tm.version_column else { continue };
+                let name = version_trigger_name(tm, v);
+                let table = mapped::qt(&tm.table, None);
+                let (v, id) = (mapped::q(v), mapped::q(&tm.id_column));
+                let sql = format!(
+                    "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {table} FOR EACH ROW WHEN NEW.{v} IS OLD.{v}
+                     BEGIN UPDATE {table} SET {v} = OLD.{v} + 1 WHERE {id} = NEW.{id}; END",
+                    mapped::q(&name)
+                );
+                t.with(|c| c.execute_batch(&sql))?;
+                done.push(format!("{}: trigger {name} (bumps the version on direct updates)", tm.table));
+            }
+        }
+        Box::new(t).commit().await?;
+        Ok(done)
     }
 
     fn group_commit_stats(&self) -> Option<GroupCommitStats> {
@@ -447,18 +499,59 @@ impl Drop for Member {
     }
 }
 
-enum SqliteTxn {
+enum Conn {
     Read(Reader),
     Write(Member),
+}
+
+struct SqliteTxn {
+    conn: Conn,
+    mapping: Arc<Mapping>,
+    /// Mapped entities as this transaction last read them: an update writes only the
+    /// columns it changes, and the join-table edges it adds or removes.
+    read: HashMap<Uid, EntityRecord>,
+}
+
+impl SqliteStore {
+    async fn write_txn(&self) -> StoreResult<SqliteTxn> {
+        let guard = tokio::time::timeout(self.acquire_timeout, self.writer.clone().lock_owned())
+            .await
+            .map_err(|_| timed_out())?;
+        // Wrapped first: a member that fails (or is cancelled) while joining is settled
+        // by its drop.
+        let mut member = Member { guard: Some(guard), joined: false, wake: self.committer.clone() };
+        member.writer().join().await?;
+        member.joined = true;
+        Ok(self.txn(Conn::Write(member)))
+    }
+
+    async fn read_txn(&self) -> StoreResult<SqliteTxn> {
+        let permit = tokio::time::timeout(self.acquire_timeout, self.readers.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|_| StoreError::Unavailable("the store is closing".into()))?;
+        let idle = self.readers.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => connect(&self.readers.path, true, READER_BUSY_TIMEOUT).map_err(map_err)?,
+        };
+        // Deferred: the snapshot is taken by the first read and kept to the end.
+        exec(&conn, "BEGIN").map_err(map_err)?;
+        Ok(self.txn(Conn::Read(Reader { conn: Some(conn), readers: self.readers.clone(), _permit: permit })))
+    }
+
+    fn txn(&self, conn: Conn) -> SqliteTxn {
+        SqliteTxn { conn, mapping: self.mapping.clone(), read: HashMap::new() }
+    }
 }
 
 impl SqliteTxn {
     /// Runs `f` on the transaction's connection (synchronously: no statement of a call
     /// waits on anything but the file).
     fn with<T>(&mut self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> StoreResult<T> {
-        match self {
-            Self::Read(r) => f(r.conn.as_ref().expect("a reader holds its connection until it ends")),
-            Self::Write(m) => f(&lock(&m.writer().conn)),
+        match &mut self.conn {
+            Conn::Read(r) => f(r.conn.as_ref().expect("a reader holds its connection until it ends")),
+            Conn::Write(m) => f(&lock(&m.writer().conn)),
         }
         .map_err(map_err)
     }
@@ -488,6 +581,306 @@ impl SqliteTxn {
     }
 }
 
+/// The trigger that bumps a mapped type's version column on direct updates.
+fn version_trigger_name(tm: &TypeMap, column: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("{}\u{1f}{}\u{1f}{column}", tm.entity_type, tm.table));
+    format!("lockstep_version_{}", hex::encode(&d[..6]))
+}
+
+/// Declared column types of a table (upper case); None when there is no such table.
+fn table_columns(c: &Connection, t: &crate::mapping::TableName) -> rusqlite::Result<Option<HashMap<String, String>>> {
+    let schema = t.schema.as_deref().unwrap_or("main");
+    let mut stmt = c.prepare("SELECT name, upper(type) FROM pragma_table_info(?1, ?2)")?;
+    let cols = stmt
+        .query_map([t.name.as_str(), schema], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<rusqlite::Result<HashMap<_, _>>>()?;
+    Ok(if cols.is_empty() { None } else { Some(cols) })
+}
+
+/// Whether a declared type (SQLite affinity rules) suits a mapped column.
+fn sqlite_fits(ty: Option<ColumnType>, id: Option<IdType>, declared: &str) -> bool {
+    let int = declared.contains("INT");
+    match (ty, id) {
+        (_, Some(IdType::Integer)) | (Some(ColumnType::Integer | ColumnType::IntegerSet), None)
+            if ty != Some(ColumnType::IntegerSet) =>
+        {
+            int
+        }
+        (Some(ColumnType::Boolean), _) => int || declared.contains("BOOL"),
+        _ => true,
+    }
+}
+
+/// Checks one mapped type against the file's tables; problems name type, table and column.
+fn check_type_catalog(c: &Connection, mapping: &Mapping, tm: &TypeMap) -> rusqlite::Result<Vec<String>> {
+    let et = &tm.entity_type;
+    let mut problems = Vec::new();
+    let Some(cols) = table_columns(c, &tm.table)? else {
+        problems.push(format!("entity type {et}: table {} does not exist", tm.table));
+        return Ok(problems);
+    };
+    let mut need = |cols: &HashMap<String, String>, table: &str, col: &str, what: &str, ty, id| match cols.get(col) {
+        None => problems.push(format!("entity type {et}: {what}: column {table}.{col} does not exist")),
+        Some(d) if !sqlite_fits(ty, id, d) => problems
+            .push(format!("entity type {et}: {what}: column {table}.{col} is declared {d}, not an integer type")),
+        Some(_) => {}
+    };
+    let table = tm.table.to_string();
+    need(&cols, &table, &tm.id_column, "id", None, Some(tm.id_type));
+    if let Some(v) = &tm.version_column {
+        need(&cols, &table, v, "version", Some(ColumnType::Integer), None);
+    }
+    for (a, m) in &tm.attributes {
+        let id = m.entity_type.as_deref().and_then(|t| mapping.get(t)).map(|t| t.id_type);
+        let ty = if m.ty == ColumnType::Entity { None } else { Some(m.ty) };
+        need(&cols, &table, &m.column, &format!("attribute `{a}`"), ty, id.or(Some(IdType::Text)));
+    }
+    for (pty, source) in &tm.parents {
+        let pid = mapping.get(pty).map_or(IdType::Text, |t| t.id_type);
+        match source {
+            ParentSource::Column(col) => need(&cols, &table, col, &format!("parent {pty}"), None, Some(pid)),
+            ParentSource::Join { table: jt, child, parent } => match table_columns(c, jt)? {
+                None => need(
+                    &HashMap::new(),
+                    &format!("{jt} (join table missing)"),
+                    child,
+                    &format!("parent {pty}"),
+                    None,
+                    Some(tm.id_type),
+                ),
+                Some(jcols) => {
+                    let jt = jt.to_string();
+                    need(&jcols, &jt, child, &format!("parent {pty}"), None, Some(tm.id_type));
+                    need(&jcols, &jt, parent, &format!("parent {pty}"), None, Some(pid));
+                }
+            },
+        }
+    }
+    Ok(problems)
+}
+
+/// The columns a mapped type's rows are read from, in the order `mapped_row` reads them:
+/// id (as text), the attributes, the parent sources, the version.
+fn mapped_select(tm: &TypeMap) -> String {
+    let q = mapped::q;
+    let mut cols = vec![format!("CAST(t.{} AS TEXT)", q(&tm.id_column))];
+    for (_, m) in &tm.attributes {
+        let c = q(&m.column);
+        cols.push(match m.ty {
+            // Normalized to UTC milliseconds; text SQLite cannot read as a time: an empty blob.
+            ColumnType::Datetime | ColumnType::TimestampText => format!(
+                "CASE WHEN t.{c} IS NULL THEN NULL ELSE coalesce(strftime('%Y-%m-%dT%H:%M:%fZ', t.{c}), X'') END"
+            ),
+            ColumnType::Entity => format!("CAST(t.{c} AS TEXT)"),
+            _ => format!("t.{c}"),
+        });
+    }
+    for (_, source) in &tm.parents {
+        cols.push(match source {
+            ParentSource::Column(c) => format!("CAST(t.{} AS TEXT)", q(c)),
+            ParentSource::Join { table, child, parent } => format!(
+                "(SELECT json_group_array(CAST(j.{p} AS TEXT)) FROM (SELECT {p} FROM {jt} WHERE {c} = t.{id} ORDER BY 1) AS j)",
+                p = q(parent),
+                c = q(child),
+                id = q(&tm.id_column),
+                jt = mapped::qt(table, None)
+            ),
+        });
+    }
+    if let Some(v) = &tm.version_column {
+        cols.push(format!("t.{}", q(v)));
+    }
+    format!("SELECT {} FROM {} AS t", cols.join(", "), mapped::qt(&tm.table, None))
+}
+
+/// A cell as JSON (a blob, which no mapped column holds, becomes `{}`: unreadable).
+fn cell(v: rusqlite::types::Value) -> Value {
+    use rusqlite::types::Value as V;
+    match v {
+        V::Null => Value::Null,
+        V::Integer(n) => Value::from(n),
+        V::Real(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
+        V::Text(s) => Value::String(s),
+        V::Blob(_) => Value::Object(Map::new()),
+    }
+}
+
+/// One row of `mapped_select` as `mapped::record_from_row` reads it.
+fn mapped_row(tm: &TypeMap, r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Map<String, Value>)> {
+    let id: String = r.get(0)?;
+    let mut row = Map::new();
+    let mut i = 1;
+    for a in 0..tm.attributes.len() {
+        row.insert(mapped::attr_key(a), cell(r.get(i)?));
+        i += 1;
+    }
+    for p in 0..tm.parents.len() {
+        row.insert(mapped::parent_key(p), cell(r.get(i)?));
+        i += 1;
+    }
+    if tm.version_column.is_some() {
+        row.insert(mapped::VERSION_KEY.into(), cell(r.get(i)?));
+    }
+    Ok((id, row))
+}
+
+/// A column value as SQLite stores it: JSON kinds as JSON text, booleans as 0/1, ids of
+/// integer-typed entities as integers, datetimes with a `+hh:mm` offset SQLite reads.
+fn sql_value(v: &ColumnValue) -> rusqlite::types::Value {
+    use rusqlite::types::Value as V;
+    match (&v.value, v.ty) {
+        (Value::Null, _) => V::Null,
+        (x, ColumnType::Json | ColumnType::TextSet | ColumnType::IntegerSet) => V::Text(x.to_string()),
+        (Value::Bool(b), _) => V::Integer(i64::from(*b)),
+        (Value::Number(n), _) => n.as_i64().map_or_else(|| V::Real(n.as_f64().unwrap_or(0.0)), V::Integer),
+        (Value::String(s), _) if v.integer_id => s.parse::<i64>().map_or_else(|_| V::Text(s.clone()), V::Integer),
+        (Value::String(s), ColumnType::Datetime) => V::Text(colon_offset(s)),
+        (Value::String(s), _) => V::Text(s.clone()),
+        (x, _) => V::Text(x.to_string()),
+    }
+}
+
+/// `…+0100` (Cedar's offset form) as `…+01:00` (SQLite's).
+fn colon_offset(s: &str) -> String {
+    let b = s.as_bytes();
+    let n = b.len();
+    if n > 5 && (b[n - 5] == b'+' || b[n - 5] == b'-') && b[n - 4..].iter().all(u8::is_ascii_digit) && s.contains('T') {
+        format!("{}:{}", &s[..n - 2], &s[n - 2..])
+    } else {
+        s.to_owned()
+    }
+}
+
+impl SqliteTxn {
+    fn mapped_rows(&mut self, tm: &TypeMap, ids: &[String]) -> StoreResult<Vec<EntityRecord>> {
+        let ids: Vec<rusqlite::types::Value> = ids
+            .iter()
+            .filter(|id| tm.id_type.canonical(id).is_some())
+            .map(|id| match tm.id_type {
+                IdType::Integer => rusqlite::types::Value::Integer(id.parse().unwrap_or_default()),
+                _ => rusqlite::types::Value::Text(id.clone()),
+            })
+            .collect();
+        let mut out = Vec::new();
+        for chunk in ids.chunks(64) {
+            let marks = (1..=chunk.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+            let sql = format!("{} WHERE t.{} IN ({marks})", mapped_select(tm), mapped::q(&tm.id_column));
+            let rows = self.with(|c| {
+                c.prepare_cached(&sql)?
+                    .query_map(rusqlite::params_from_iter(chunk), |r| mapped_row(tm, r))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })?;
+            for (id, row) in rows {
+                out.push(mapped::record_from_row(tm, id, row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn mapped_entity(&mut self, tm: &TypeMap, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
+        let found = self.mapped_rows(tm, std::slice::from_ref(&uid.id))?.pop();
+        match &found {
+            Some(e) => self.read.insert(uid.clone(), e.clone()),
+            None => self.read.remove(uid),
+        };
+        Ok(found)
+    }
+
+    fn exec_values(&mut self, sql: &str, values: Vec<rusqlite::types::Value>) -> StoreResult<usize> {
+        self.with(|c| c.prepare_cached(sql)?.execute(rusqlite::params_from_iter(values)))
+    }
+
+    fn id_value(tm: &TypeMap, id: &str) -> rusqlite::types::Value {
+        match tm.id_type {
+            IdType::Integer => id.parse().map_or_else(|_| id.to_owned().into(), rusqlite::types::Value::Integer),
+            _ => rusqlite::types::Value::Text(id.to_owned()),
+        }
+    }
+
+    fn mapped_insert(&mut self, tm: &TypeMap, e: &EntityRecord) -> StoreResult<()> {
+        let values = mapped::columns_of(&self.mapping, tm, e)?;
+        let present: Vec<&ColumnValue> = values.iter().filter(|v| !v.value.is_null()).collect();
+        let cols = present.iter().map(|v| mapped::q(&v.column)).collect::<Vec<_>>().join(", ");
+        let marks = (1..=present.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+        let sql = format!("INSERT INTO {} ({cols}) VALUES ({marks})", mapped::qt(&tm.table, None));
+        self.exec_values(&sql, present.iter().map(|v| sql_value(v)).collect())?;
+        let edges = mapped::join_edges(&self.mapping, tm, &e.parents)?;
+        self.edges(tm, &e.uid.id, &edges, true)?;
+        self.read.insert(e.uid.clone(), e.clone());
+        Ok(())
+    }
+
+    fn mapped_update(&mut self, tm: &TypeMap, e: &EntityRecord) -> StoreResult<()> {
+        let before = match self.read.get(&e.uid).cloned() {
+            Some(b) => b,
+            None => self
+                .mapped_rows(tm, std::slice::from_ref(&e.uid.id))?
+                .pop()
+                .ok_or_else(|| StoreError::Internal(format!("update of missing entity {}", e.uid)))?,
+        };
+        let changed = mapped::changed_columns(&self.mapping, tm, &before, e)?;
+        let changed: Vec<&ColumnValue> = changed.iter().collect();
+        if !changed.is_empty() {
+            let sets = changed
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("{} = ?{}", mapped::q(&v.column), i + 2))
+                .collect::<Vec<_>>();
+            let sql = format!(
+                "UPDATE {} SET {} WHERE {} = ?1",
+                mapped::qt(&tm.table, None),
+                sets.join(", "),
+                mapped::q(&tm.id_column)
+            );
+            let mut values = vec![Self::id_value(tm, &e.uid.id)];
+            values.extend(changed.iter().map(|v| sql_value(v)));
+            if self.exec_values(&sql, values)? != 1 {
+                return Err(StoreError::Internal(format!("update of missing entity {}", e.uid)));
+            }
+        }
+        let (added, removed) = mapped::edge_changes(&self.mapping, tm, &before.parents, &e.parents)?;
+        self.edges(tm, &e.uid.id, &removed, false)?;
+        self.edges(tm, &e.uid.id, &added, true)?;
+        self.read.insert(e.uid.clone(), e.clone());
+        Ok(())
+    }
+
+    fn mapped_delete(&mut self, tm: &TypeMap, uid: &Uid) -> StoreResult<()> {
+        for (_, source) in tm.parents.clone() {
+            if let ParentSource::Join { table, child, .. } = source {
+                let sql = format!("DELETE FROM {} WHERE {} = ?1", mapped::qt(&table, None), mapped::q(&child));
+                self.exec_values(&sql, vec![Self::id_value(tm, &uid.id)])?;
+            }
+        }
+        let sql = format!("DELETE FROM {} WHERE {} = ?1", mapped::qt(&tm.table, None), mapped::q(&tm.id_column));
+        self.exec_values(&sql, vec![Self::id_value(tm, &uid.id)])?;
+        self.read.remove(uid);
+        Ok(())
+    }
+
+    /// Inserts (`add`) or deletes the join-table rows of `edges` of child `id`.
+    fn edges(&mut self, tm: &TypeMap, id: &str, edges: &[(usize, String)], add: bool) -> StoreResult<()> {
+        for (i, pid) in edges {
+            let (pty, source) = &tm.parents[*i];
+            let ParentSource::Join { table, child, parent } = source else { continue };
+            let t = mapped::qt(table, None);
+            let (c, p) = (mapped::q(child), mapped::q(parent));
+            let sql = if add {
+                format!("INSERT INTO {t} ({c}, {p}) VALUES (?1, ?2)")
+            } else {
+                format!("DELETE FROM {t} WHERE {c} = ?1 AND {p} = ?2")
+            };
+            let parent_value = match self.mapping.get(pty) {
+                Some(pt) => Self::id_value(pt, pid),
+                None => rusqlite::types::Value::Text(pid.clone()),
+            };
+            self.exec_values(&sql, vec![Self::id_value(tm, id), parent_value])?;
+        }
+        Ok(())
+    }
+}
+
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
 }
@@ -501,6 +894,11 @@ fn map_err(e: rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(f, msg) => match f.code {
             ErrorCode::ConstraintViolation if [UNIQUE, PRIMARY_KEY].contains(&f.extended_code) => {
                 StoreError::Conflict(msg.clone().unwrap_or_else(|| e.to_string()))
+            }
+            // NOT NULL, CHECK, FOREIGN KEY, a trigger's RAISE (the application's tables):
+            // SQLite's message names the column or constraint.
+            ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch => {
+                StoreError::Invalid(msg.clone().unwrap_or_else(|| e.to_string()))
             }
             ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Unavailable(
                 "another writer held the database past the busy timeout; nothing was committed, retry".into(),
@@ -759,6 +1157,9 @@ impl Txn for SqliteTxn {
     }
 
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
+        if let Some(tm) = self.mapping.get(&uid.ty).cloned() {
+            return self.mapped_entity(&tm, uid);
+        }
         let sql = concat!(select_entities!(), " WHERE etype = ?1 AND eid = ?2");
         Ok(self.entity_rows(sql, &[&uid.ty, &uid.id])?.pop())
     }
@@ -772,7 +1173,20 @@ impl Txn for SqliteTxn {
         let mut out = Vec::new();
         while !level.is_empty() {
             let mut next = Vec::new();
-            for chunk in level.chunks(16) {
+            let (own, in_tables): (Vec<Uid>, Vec<Uid>) =
+                level.into_iter().partition(|u| self.mapping.get(&u.ty).is_none());
+            let mut by_type: HashMap<String, Vec<String>> = HashMap::new();
+            for u in in_tables {
+                by_type.entry(u.ty).or_default().push(u.id);
+            }
+            for (ty, ids) in by_type {
+                let tm = self.mapping.get(&ty).cloned().expect("partitioned by the mapping above");
+                for e in self.mapped_rows(&tm, &ids)? {
+                    next.extend(e.parents.iter().filter(|p| seen.insert((*p).clone())).cloned());
+                    out.push(e);
+                }
+            }
+            for chunk in own.chunks(16) {
                 let values = (0..chunk.len()).map(|i| format!("(?{}, ?{})", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>();
                 let sql = format!("{} WHERE (etype, eid) IN (VALUES {})", select_entities!(), values.join(", "));
                 let args: Vec<&str> = chunk.iter().flat_map(|u| [u.ty.as_str(), u.id.as_str()]).collect();
@@ -787,6 +1201,9 @@ impl Txn for SqliteTxn {
     }
 
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        if let Some(tm) = self.mapping.get(&e.uid.ty).cloned() {
+            return self.mapped_insert(&tm, e);
+        }
         let attributes = serde_json::to_string(&e.attributes).map_err(json_err)?;
         let parents = serde_json::to_string(&e.parents).map_err(json_err)?;
         let tags = serde_json::to_string(&e.tags).map_err(json_err)?;
@@ -800,6 +1217,9 @@ impl Txn for SqliteTxn {
     }
 
     async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        if let Some(tm) = self.mapping.get(&e.uid.ty).cloned() {
+            return self.mapped_update(&tm, e);
+        }
         let attributes = serde_json::to_string(&e.attributes).map_err(json_err)?;
         let parents = serde_json::to_string(&e.parents).map_err(json_err)?;
         let tags = serde_json::to_string(&e.tags).map_err(json_err)?;
@@ -816,6 +1236,9 @@ impl Txn for SqliteTxn {
     }
 
     async fn delete_entity(&mut self, uid: &Uid) -> StoreResult<()> {
+        if let Some(tm) = self.mapping.get(&uid.ty).cloned() {
+            return self.mapped_delete(&tm, uid);
+        }
         self.with(|c| {
             c.prepare_cached("DELETE FROM entities WHERE etype = ?1 AND eid = ?2")?.execute(params![uid.ty, uid.id])
         })?;
@@ -921,13 +1344,13 @@ impl Txn for SqliteTxn {
     }
 
     async fn commit(self: Box<Self>) -> StoreResult<()> {
-        let mut member = match *self {
+        let mut member = match self.conn {
             // A read-only snapshot has nothing to make durable.
-            Self::Read(r) => {
+            Conn::Read(r) => {
                 drop(r);
                 return Ok(());
             }
-            Self::Write(m) => m,
+            Conn::Write(m) => m,
         };
         let w = member.writer();
         w.exec("RELEASE SAVEPOINT lockstep_member").map_err(map_err)?;

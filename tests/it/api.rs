@@ -424,7 +424,7 @@ async fn admin_policies_and_keys(b: Backend) {
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
 }
 
-crate::on_both_backends!(
+crate::on_all_backends!(
     mutations_apply_in_order_and_all_or_nothing,
     denied_missing_aborted_already_exists,
     property_rules_see_the_change,
@@ -516,7 +516,7 @@ async fn denials_explained_when_configured(b: Backend) {
     assert_eq!(m.get_details_error_info().unwrap().metadata.get("determining_policies").map(String::as_str), Some(""));
 }
 
-crate::on_both_backends!(denials_explained_when_configured);
+crate::on_all_backends!(denials_explained_when_configured);
 
 /// A token seen before is not verified again (the verification cache), but its times
 /// are checked on every call: it stops working when it expires; a token with the same
@@ -645,7 +645,7 @@ async fn template_links_share_one_resource(b: Backend) {
     .unwrap();
 }
 
-crate::on_both_backends!(template_links_share_one_resource);
+crate::on_all_backends!(template_links_share_one_resource);
 
 /// Messages name the real problem: an unknown algorithm in AddKey (before anything about
 /// its key material), an `exp` of the wrong kind, a `sub` over the limit; a message over

@@ -91,6 +91,114 @@ pub const ENTITIES: &str = r#"[
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// SQLite with Group, User and Item in the application's tables (`APP_SQLITE`,
+    /// `MAPPING`) instead of Lockstep's own store.
+    SqliteMapped,
+    /// PostgreSQL likewise (`APP_POSTGRES`), with the triggers of `mapping install`.
+    PostgresMapped,
+}
+
+impl Backend {
+    pub fn is_postgres(self) -> bool {
+        matches!(self, Backend::Postgres | Backend::PostgresMapped)
+    }
+    pub fn is_mapped(self) -> bool {
+        matches!(self, Backend::SqliteMapped | Backend::PostgresMapped)
+    }
+}
+
+/// The harness's entity types in application tables: every attribute of `SCHEMA`'s Item
+/// in a column of its own, parents in join tables (no foreign keys, so tests may name
+/// users and groups that do not exist, as they may in Lockstep's own store).
+pub const MAPPING: &str = r#"
+[types.Group]
+table = "groups"
+id = "id"
+version = "version"
+parents = [{ type = "Group", join_table = "group_parents", child_column = "child_id", parent_column = "parent_id" }]
+
+[types.User]
+table = "users"
+id = "id"
+version = "version"
+parents = [{ type = "Group", join_table = "memberships", child_column = "user_id", parent_column = "group_id" }]
+
+[types.Item]
+table = "items"
+id = "id"
+version = "version"
+parents = [{ type = "Group", join_table = "item_groups", child_column = "item_id", parent_column = "group_id" }]
+
+[types.Item.attributes]
+owner = { column = "owner_id", type = "entity", entity_type = "User" }
+shared = { column = "shared", type = "boolean" }
+n = { column = "n", type = "integer" }
+m = { column = "m", type = "integer" }
+title = { column = "title" }
+status = { column = "status" }
+probe = { column = "probe", type = "integer" }
+x = { column = "x", type = "integer" }
+w = { column = "w", type = "integer" }
+a = { column = "a", type = "integer" }
+pad = { column = "pad" }
+call = { column = "call" }
+tags = { column = "tags", type = "text_set" }
+meta = { column = "meta", type = "json" }
+"#;
+
+pub const APP_SQLITE: &str = r#"
+CREATE TABLE groups (id TEXT PRIMARY KEY, version INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE group_parents (child_id TEXT NOT NULL, parent_id TEXT NOT NULL, PRIMARY KEY (child_id, parent_id));
+CREATE TABLE users (id TEXT PRIMARY KEY, version INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE memberships (user_id TEXT NOT NULL, group_id TEXT NOT NULL, PRIMARY KEY (user_id, group_id));
+CREATE TABLE items (
+  id TEXT PRIMARY KEY, owner_id TEXT, shared INTEGER, n INTEGER, m INTEGER, title TEXT, status TEXT,
+  probe INTEGER, x INTEGER, w INTEGER, a INTEGER, pad TEXT, "call" TEXT, tags TEXT, meta TEXT,
+  version INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE item_groups (item_id TEXT NOT NULL, group_id TEXT NOT NULL, PRIMARY KEY (item_id, group_id));
+"#;
+
+pub const APP_POSTGRES: &str = r#"
+CREATE TABLE groups (id TEXT PRIMARY KEY, version BIGINT NOT NULL DEFAULT 1);
+CREATE TABLE group_parents (child_id TEXT NOT NULL, parent_id TEXT NOT NULL, PRIMARY KEY (child_id, parent_id));
+CREATE TABLE users (id TEXT PRIMARY KEY, version BIGINT NOT NULL DEFAULT 1);
+CREATE TABLE memberships (user_id TEXT NOT NULL, group_id TEXT NOT NULL, PRIMARY KEY (user_id, group_id));
+CREATE TABLE items (
+  id TEXT PRIMARY KEY, owner_id TEXT, shared BOOLEAN, n BIGINT, m BIGINT, title TEXT, status TEXT,
+  probe BIGINT, x BIGINT, w BIGINT, a BIGINT, pad TEXT, "call" TEXT, tags TEXT[], meta JSONB,
+  version BIGINT NOT NULL DEFAULT 1
+);
+CREATE TABLE item_groups (item_id TEXT NOT NULL, group_id TEXT NOT NULL, PRIMARY KEY (item_id, group_id));
+"#;
+
+/// The mapping of each mapped test database, by URL (servers and operators opened on the
+/// URL find it here).
+static MAPPINGS: std::sync::Mutex<Vec<(String, Arc<lockstep::mapping::Mapping>)>> = std::sync::Mutex::new(Vec::new());
+
+/// The mapping registered for a database URL (empty when it has none).
+pub fn mapping_for(url: &str) -> Arc<lockstep::mapping::Mapping> {
+    MAPPINGS.lock().unwrap().iter().find(|(u, _)| u == url).map(|(_, m)| m.clone()).unwrap_or_default()
+}
+
+/// Store options with the URL's mapping.
+pub fn opts_for(url: &str, mut opts: StoreOptions) -> StoreOptions {
+    if opts.mapping.is_empty() {
+        opts.mapping = mapping_for(url);
+    }
+    opts
+}
+
+/// Runs `sql` (several statements) on a database directly, as the application would.
+pub async fn app_sql(url: &str, sql: &str) {
+    use sqlx::Connection;
+    if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut c).await.unwrap();
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut c).await.unwrap();
+    }
 }
 
 /// The machine's PostgreSQL (trust auth); override with LOCKSTEP_TEST_PG.
@@ -111,12 +219,12 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new(backend: Backend) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
-        match backend {
-            Backend::Sqlite => {
+        let db = match backend {
+            Backend::Sqlite | Backend::SqliteMapped => {
                 let url = format!("sqlite://{}", dir.path().join("lockstep.db").display());
-                Some(Self { url, backend, dir, pg_name: None })
+                Self { url, backend, dir, pg_name: None }
             }
-            Backend::Postgres => {
+            Backend::Postgres | Backend::PostgresMapped => {
                 use sqlx::Connection;
                 let admin = pg_admin_url();
                 let mut conn = match sqlx::PgConnection::connect(&admin).await {
@@ -132,9 +240,22 @@ impl TestDb {
                 let name = format!("lockstep_t_{}", lockstep::token::uuid_like());
                 sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
                 let base = admin.rsplit_once('/').unwrap().0;
-                Some(Self { url: format!("{base}/{name}"), backend, dir, pg_name: Some(name) })
+                Self { url: format!("{base}/{name}"), backend, dir, pg_name: Some(name) }
             }
+        };
+        if backend.is_mapped() {
+            // The application's tables exist before Lockstep first opens the database.
+            let create = if backend.is_postgres() { APP_POSTGRES } else { APP_SQLITE };
+            if !backend.is_postgres() {
+                let c = rusqlite::Connection::open(db.dir.path().join("lockstep.db")).unwrap();
+                c.execute_batch(create).unwrap();
+            } else {
+                app_sql(&db.url, create).await;
+            }
+            let mapping = Arc::new(lockstep::mapping::Mapping::parse(MAPPING).unwrap());
+            MAPPINGS.lock().unwrap().push((db.url.clone(), mapping));
         }
+        Some(db)
     }
 }
 
@@ -232,7 +353,7 @@ pub async fn serve_with_settings(
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
-            let store = lockstep::store::open(&u, &opts).await.unwrap();
+            let store = lockstep::store::open(&u, &opts_for(&u, opts)).await.unwrap();
             let engine = Arc::new(Engine::new(store.clone(), settings).with_jwks(jwks));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send((listener.local_addr().unwrap(), store)).unwrap();
@@ -245,6 +366,33 @@ pub async fn serve_with_settings(
     });
     let (addr, store) = addr_rx.recv().unwrap();
     TestServer { addr, store, url: url.to_owned(), stop: Some(stop_tx), thread: Some(thread), db }
+}
+
+/// Generates `NAME::sqlite`, `NAME::postgres`, `NAME::sqlite_mapped` and
+/// `NAME::postgres_mapped` tests: the same test with entities in Lockstep's own store and
+/// in the application's tables (`MAPPING`).
+#[macro_export]
+macro_rules! on_all_backends {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name($crate::common::Backend::Postgres).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite_mapped() {
+                super::$name($crate::common::Backend::SqliteMapped).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres_mapped() {
+                super::$name($crate::common::Backend::PostgresMapped).await
+            }
+        })*
+    };
 }
 
 /// Generates `NAME::sqlite` and `NAME::postgres` tests that call `async fn NAME(Backend)`.
@@ -267,7 +415,7 @@ macro_rules! on_both_backends {
 /// The operator's engine on `url` with the harness key `k1` added (for tests that put
 /// policies of their own, e.g. the examples').
 pub async fn operator_with_k1(url: &str) -> Engine {
-    let store = lockstep::store::open(url, &StoreOptions::default()).await.unwrap();
+    let store = lockstep::store::open(url, &opts_for(url, StoreOptions::default())).await.unwrap();
     let engine = Engine::new(store, Settings::default());
     let key =
         KeyRecord { kid: "k1".into(), algorithm: "HS256".into(), secret: SECRET_K1.to_vec(), ..KeyRecord::default() };
@@ -281,7 +429,8 @@ pub async fn bootstrap_db(url: &str) {
 }
 
 async fn bootstrap(url: &str) {
-    let store = lockstep::store::open(url, &StoreOptions::default()).await.unwrap();
+    let store = lockstep::store::open(url, &opts_for(url, StoreOptions::default())).await.unwrap();
+    store.install_mapping().await.unwrap();
     let engine = Engine::new(store, Settings::default());
     let op = CallOptions::default();
     for (kid, secret, iss, aud) in [
@@ -303,6 +452,8 @@ async fn bootstrap(url: &str) {
     }
     engine.put_policies(Caller::Operator, POLICIES, SCHEMA, false, op).await.unwrap();
     engine.import_entities(lockstep::cli::parse_entities(ENTITIES).unwrap()).await.unwrap();
+    let problems = engine.mapping_problems().await.unwrap();
+    assert!(problems.is_empty(), "the harness's mapping has problems: {problems:?}");
 }
 
 /// Signs `claims` with HS256 under `kid` (header `kid` set), secret chosen by kid.

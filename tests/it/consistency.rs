@@ -114,7 +114,7 @@ async fn idempotency_key_applies_once_under_concurrency(b: Backend) {
     eprintln!("idempotency: concurrent_duplicates=16 applied=1 (version 1 -> 2)");
 }
 
-crate::on_both_backends!(if_version_loses_no_update, idempotency_key_applies_once_under_concurrency);
+crate::on_all_backends!(if_version_loses_no_update, idempotency_key_applies_once_under_concurrency);
 
 /// Short deadlines under load never make a committed write look failed: 16 clients send
 /// if_version increments with 10–20 ms deadlines and unique idempotency keys, over a bare
@@ -225,4 +225,4 @@ async fn short_deadlines_never_fail_a_committed_write(b: Backend) {
     assert_eq!(sum as usize, committed.len(), "counters and audit log disagree");
 }
 
-crate::on_both_backends!(short_deadlines_never_fail_a_committed_write);
+crate::on_all_backends!(short_deadlines_never_fail_a_committed_write);

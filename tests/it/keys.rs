@@ -419,7 +419,10 @@ async fn revocations_are_purged_after_expiry(b: Backend) {
         } else {
             use sqlx::Connection;
             let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
-            sqlx::query_scalar("SELECT token_id FROM revoked_tokens ORDER BY token_id").fetch_all(&mut c).await.unwrap()
+            sqlx::query_scalar("SELECT token_id FROM lockstep.revoked_tokens ORDER BY token_id")
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
         }
     };
     let left: Vec<String> = revoked(s.url.clone()).await;

@@ -12,6 +12,7 @@ mod edges;
 mod ext_authz;
 mod group_commit;
 mod keys;
+mod mapped;
 mod outage;
 mod property_rules;
 mod races;

@@ -18,12 +18,19 @@ use tonic::Code;
 /// succeed again once the lock is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locked_database_fails_closed_and_recovers() {
-    let s = start_with(
-        Backend::Sqlite,
-        StoreOptions { busy_timeout: Duration::from_millis(300), ..StoreOptions::default() },
-    )
-    .await
-    .unwrap();
+    locked_database(Backend::Sqlite).await
+}
+
+/// The same with the entities in the application's tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_database_fails_closed_and_recovers_mapped() {
+    locked_database(Backend::SqliteMapped).await
+}
+
+async fn locked_database(b: Backend) {
+    let s = start_with(b, StoreOptions { busy_timeout: Duration::from_millis(300), ..StoreOptions::default() })
+        .await
+        .unwrap();
     let tok = token("k1", "alice");
     let mut c = client(s.addr).await;
     let m = || commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "n": 1 }), None)]);
@@ -138,14 +145,25 @@ async fn wait_health(
 /// nothing answered UNAVAILABLE was committed; service comes back by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_outage_fails_closed_and_recovers() {
+    postgres_outage(Backend::Postgres).await
+}
+
+/// The same with the entities in the application's tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_outage_fails_closed_and_recovers_mapped() {
+    postgres_outage(Backend::PostgresMapped).await
+}
+
+async fn postgres_outage(b: Backend) {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let Some(db) = TestDb::new(Backend::Postgres).await else { return };
+    let Some(db) = TestDb::new(b).await else { return };
     let db = Arc::new(db);
     bootstrap_db(&db.url).await;
     let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let name = db.url.rsplit('/').next().unwrap().to_owned();
     let url = format!("postgres://postgres@{}/{name}", proxy.addr);
     let opts = StoreOptions {
+        mapping: mapping_for(&db.url),
         acquire_timeout: Duration::from_millis(1000),
         statement_timeout: Duration::from_millis(2000),
         ..StoreOptions::default()
@@ -280,14 +298,24 @@ async fn postgres_outage_fails_closed_and_recovers() {
 /// transaction is rolled back, the entity is unchanged, and no audit event was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_deadline_mid_transaction_rolls_back() {
+    postgres_deadline_mid_transaction(Backend::Postgres).await
+}
+
+/// The same with the entities in the application's tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_deadline_mid_transaction_rolls_back_mapped() {
+    postgres_deadline_mid_transaction(Backend::PostgresMapped).await
+}
+
+async fn postgres_deadline_mid_transaction(b: Backend) {
     use sqlx::Connection;
-    let Some(s) = start(Backend::Postgres).await else { return };
+    let Some(s) = start(b).await else { return };
     let tok = token("k1", "alice");
     let mut c = client(s.addr).await;
     let before = audit(s.addr).await.len();
     let mut blocker = sqlx::PgConnection::connect(&s.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
-    sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE lockstep.policies IN ACCESS EXCLUSIVE MODE").execute(&mut blocker).await.unwrap();
 
     let mut req = authed(&tok, commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "n": 99 }), None)]));
     req.set_timeout(Duration::from_millis(400));
@@ -454,12 +482,12 @@ async fn cut_during_commit(cut: Cut, setup: &[&str], marker: &str) -> Option<Cut
     // Long enough for anything still running on the old backend to have finished.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let like = format!("%{marker}%");
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit WHERE mutations LIKE $1")
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM lockstep.audit WHERE mutations LIKE $1")
         .bind(&like)
         .fetch_one(&mut direct)
         .await
         .unwrap();
-    let version: i64 = sqlx::query_scalar("SELECT version FROM entities WHERE etype = 'Item' AND eid = 'doc'")
+    let version: i64 = sqlx::query_scalar("SELECT version FROM lockstep.entities WHERE etype = 'Item' AND eid = 'doc'")
         .fetch_one(&mut direct)
         .await
         .unwrap();
@@ -513,7 +541,7 @@ async fn postgres_commit_still_running_when_the_database_is_back() {
     let setup = [
         "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$",
-        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON audit DEFERRABLE INITIALLY DEFERRED
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON lockstep.audit DEFERRABLE INITIALLY DEFERRED
          FOR EACH ROW WHEN (NEW.mutations LIKE '%slow_commit%') EXECUTE FUNCTION slow_commit()",
     ];
     let Some(o) = cut_during_commit(Cut::AfterCommitSent, &setup, "slow_commit").await else { return };

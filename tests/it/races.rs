@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-const WRITERS: usize = 16;
+pub(crate) const WRITERS: usize = 16;
 const MAX_CALLS_PER_WRITER: usize = 400;
 
-struct Outcome {
+pub(crate) struct Outcome {
     writer: usize,
     start: Instant,
     end: Instant,
@@ -35,7 +35,7 @@ pub struct Report {
 
 /// Runs `WRITERS` parallel writers (each request from `make(writer, i)`), waits until
 /// commits are flowing, runs `revoke`, lets every writer make a few more calls, stops.
-async fn race<F, R>(addr: SocketAddr, make: F, revoke: R) -> Report
+pub(crate) async fn race<F, R>(addr: SocketAddr, make: F, revoke: R) -> Report
 where
     F: Fn(usize, usize) -> (String, pb::AuthorizeAndCommitRequest) + Send + Sync + 'static,
     R: std::future::Future<Output = u64>,
@@ -100,7 +100,7 @@ where
 
 impl Report {
     /// Asserts the guarantee and that the race was real; prints the figures.
-    fn check(&self, name: &str, refused: &[Code]) -> (usize, usize) {
+    pub(crate) fn check(&self, name: &str, refused: &[Code]) -> (usize, usize) {
         let allowed = self.outcomes.iter().filter(|o| o.result.is_ok()).count();
         let denied = self.outcomes.iter().filter(|o| o.result.as_ref().is_err_and(|c| refused.contains(c))).count();
         let other: Vec<_> =
@@ -143,7 +143,7 @@ impl Report {
 
 /// The audit log agrees: no COMMIT by `principal` was serialized after `revoke_seq`,
 /// and the entity's version grew by exactly the number of allowed writes.
-async fn check_audit_and_version(
+pub(crate) async fn check_audit_and_version(
     addr: SocketAddr,
     name: &str,
     principal: &str,
@@ -174,7 +174,7 @@ async fn check_audit_and_version(
     }
 }
 
-fn write(tok: &str, ty: &str, id: &str, w: usize, i: usize) -> (String, pb::AuthorizeAndCommitRequest) {
+pub(crate) fn write(tok: &str, ty: &str, id: &str, w: usize, i: usize) -> (String, pb::AuthorizeAndCommitRequest) {
     (tok.to_owned(), commit_req(vec![update("UpdateItem", ty, id, json!({ "n": (w * 10_000 + i) as i64 }), None)]))
 }
 
@@ -284,7 +284,7 @@ async fn policy_change_races_writes(b: Backend) {
     check_audit_and_version(s.addr, "put-policies", "alice", &report, ("Item", "doc"), 1, 0).await;
 }
 
-crate::on_both_backends!(
+crate::on_all_backends!(
     logout_races_writes,
     revoke_subject_races_writes,
     revoke_key_races_writes,

@@ -39,4 +39,4 @@ async fn ancestors_few_and_many(b: Backend) {
     assert_eq!(lone, [users[3].to_string(), g(3).to_string()].into_iter().collect());
 }
 
-crate::on_both_backends!(ancestors_few_and_many);
+crate::on_all_backends!(ancestors_few_and_many);

@@ -1,0 +1,294 @@
+//! Entity types in the application's own tables (`--mapping`): rows read and written
+//! where the application keeps them, checked against the catalog and the schema, and —
+//! the hard part — direct SQL writes that bypass Lockstep still ordered against its
+//! decisions. (The races, lost-update and idempotency suites also run on the mapped
+//! backends: `…::sqlite_mapped`, `…::postgres_mapped`.)
+
+use crate::common::*;
+use crate::races::{check_audit_and_version, race, write};
+use lockstep::config::{Settings, StoreOptions};
+use lockstep::engine::Engine;
+use lockstep::grpc::pb;
+use serde_json::json;
+use std::sync::Arc;
+use tonic::Code;
+
+/// Generates `NAME::sqlite_mapped` and `NAME::postgres_mapped`.
+macro_rules! on_mapped_backends {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite_mapped() {
+                super::$name($crate::common::Backend::SqliteMapped).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres_mapped() {
+                super::$name($crate::common::Backend::PostgresMapped).await
+            }
+        })*
+    };
+}
+
+/// Runs `sql` in one transaction on a connection of its own (as the application would),
+/// and returns the largest audit seq committed when it commits: every Lockstep commit it
+/// could forbid is either at or below it, or was serialized after it.
+async fn direct_sql(url: &str, sql: &str) -> u64 {
+    if url.starts_with("sqlite:") {
+        let path = url.trim_start_matches("sqlite://").to_owned();
+        let sql = sql.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let c = rusqlite::Connection::open(path).unwrap();
+            c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+            c.execute_batch("BEGIN IMMEDIATE").unwrap();
+            c.execute_batch(&sql).unwrap();
+            let seq: i64 = c.query_row("SELECT coalesce(max(seq), 0) FROM audit", [], |r| r.get(0)).unwrap();
+            c.execute_batch("COMMIT").unwrap();
+            seq as u64
+        })
+        .await
+        .unwrap()
+    } else {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        let mut tx = c.begin().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut *tx).await.unwrap();
+        let seq: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM lockstep.audit").fetch_one(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+        seq as u64
+    }
+}
+
+/// One value read by plain SQL.
+async fn scalar(url: &str, sql: &str) -> Option<String> {
+    use sqlx::Connection;
+    if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&mut c).await.unwrap()
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&mut c).await.unwrap()
+    }
+}
+
+/// Ownership transfer by a plain `UPDATE items SET owner_id = …` from another connection:
+/// no write by the old owner lands after it committed.
+async fn direct_update_transfers_ownership(b: Backend) {
+    let Some(s) = start(b).await else { return };
+    let tok = token("k1", "alice");
+    let url = s.url.clone();
+    let report = race(s.addr, move |w, i| write(&tok, "Item", "doc", w, i), async {
+        direct_sql(&url, "UPDATE items SET owner_id = 'bob' WHERE id = 'doc'").await
+    })
+    .await;
+    report.check("direct UPDATE transfer", &[Code::PermissionDenied]);
+    // The direct UPDATE counts as a change: the version trigger bumped it.
+    check_audit_and_version(s.addr, "direct UPDATE transfer", "alice", &report, ("Item", "doc"), 1, 1).await;
+}
+
+/// Membership removal by a plain `DELETE FROM memberships …`: bob (a writer) loses the
+/// shared item at once.
+async fn direct_delete_removes_membership(b: Backend) {
+    let Some(s) = start(b).await else { return };
+    let tok = token("k1", "bob");
+    let url = s.url.clone();
+    let report = race(s.addr, move |w, i| write(&tok, "Item", "shared", w, i), async {
+        direct_sql(&url, "DELETE FROM memberships WHERE user_id = 'bob' AND group_id = 'writers'").await
+    })
+    .await;
+    report.check("direct DELETE membership", &[Code::PermissionDenied]);
+    check_audit_and_version(s.addr, "direct DELETE membership", "bob", &report, ("Item", "shared"), 1, 0).await;
+}
+
+/// A ban by a plain `INSERT INTO memberships …` into a group a `forbid` names: an insert
+/// that revokes.
+async fn direct_insert_bans(b: Backend) {
+    let Some(s) = start(b).await else { return };
+    let policies = format!("{POLICIES}\n@id(\"banned\") forbid (principal in Group::\"banned\", action, resource);");
+    admin(s.addr)
+        .await
+        .put_policies(authed(
+            &token("k2", "root"),
+            pb::PutPoliciesRequest { policies, schema: SCHEMA.into(), ..Default::default() },
+        ))
+        .await
+        .unwrap();
+    let tok = token("k1", "alice");
+    let url = s.url.clone();
+    let report = race(s.addr, move |w, i| write(&tok, "Item", "doc", w, i), async {
+        direct_sql(&url, "INSERT INTO memberships (user_id, group_id) VALUES ('alice', 'banned')").await
+    })
+    .await;
+    report.check("direct INSERT ban", &[Code::PermissionDenied]);
+    check_audit_and_version(s.addr, "direct INSERT ban", "alice", &report, ("Item", "doc"), 1, 0).await;
+}
+
+/// The item deleted by a plain `DELETE FROM items …`: no update lands after it (and
+/// none brings it back).
+async fn direct_delete_removes_item(b: Backend) {
+    let Some(s) = start(b).await else { return };
+    let tok = token("k1", "alice");
+    let url = s.url.clone();
+    let report = race(s.addr, move |w, i| write(&tok, "Item", "doc", w, i), async {
+        direct_sql(&url, "DELETE FROM items WHERE id = 'doc'").await
+    })
+    .await;
+    report.check("direct DELETE item", &[Code::PermissionDenied]);
+    check_audit_and_version(s.addr, "direct DELETE item", "alice", &report, ("Item", "doc"), 1, 0).await;
+    assert_eq!(scalar(&s.url, "SELECT id FROM items WHERE id = 'doc' UNION ALL SELECT NULL LIMIT 1").await, None);
+}
+
+/// Commits write exactly the mapped columns of the application's rows, reads see rows
+/// the application wrote, and what cannot be stored is INVALID_ARGUMENT or ALREADY_EXISTS
+/// naming the column, with nothing committed.
+async fn rows_are_the_applications(b: Backend) {
+    let Some(s) = start(b).await else { return };
+    let url = s.url.clone();
+    let alice = token("k1", "alice");
+    let mut c = client(s.addr).await;
+    // A create lands as a row, its values in their columns (set, JSON, boolean, reference).
+    let attrs = json!({"owner": {"__entity": {"type": "User", "id": "alice"}}, "title": "T", "shared": true,
+                       "tags": ["a", "b"], "meta": {"k": 1}, "n": 5});
+    let r = c.authorize_and_commit(authed(&alice, commit_req(vec![create("CreateItem", "Item", "new", attrs)]))).await;
+    let r = r.unwrap().into_inner();
+    assert_eq!(r.entities[0].version, 1);
+    assert_eq!(scalar(&url, "SELECT owner_id FROM items WHERE id = 'new'").await.as_deref(), Some("alice"));
+    assert_eq!(scalar(&url, "SELECT CAST(n AS TEXT) FROM items WHERE id = 'new'").await.as_deref(), Some("5"));
+    let meta = scalar(&url, "SELECT CAST(meta AS TEXT) FROM items WHERE id = 'new'").await.unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&meta).unwrap(), json!({"k": 1}));
+    // An update changes only what it changes, and the version.
+    let up = update("UpdateItem", "Item", "new", json!({"title": "U", "tags": null}), Some(1));
+    let r = c.authorize_and_commit(authed(&alice, commit_req(vec![up]))).await.unwrap().into_inner();
+    assert_eq!(r.entities[0].version, 2);
+    assert_eq!(scalar(&url, "SELECT title FROM items WHERE id = 'new'").await.as_deref(), Some("U"));
+    assert_eq!(scalar(&url, "SELECT CAST(tags AS TEXT) FROM items WHERE id = 'new'").await, None);
+    // A row the application inserted is read as an entity; a direct UPDATE bumps its version.
+    app_sql(&url, "INSERT INTO items (id, owner_id, title) VALUES ('app', 'alice', 'by the app')").await;
+    app_sql(&url, "UPDATE items SET title = 'edited by the app' WHERE id = 'app'").await;
+    let e = read(s.addr, "Item", "app").await.expect("the application's row");
+    assert_eq!(e.version, 2, "the version trigger counts the direct UPDATE");
+    let stale = update("UpdateItem", "Item", "app", json!({"n": 1}), Some(1));
+    let err = c.authorize_and_commit(authed(&alice, commit_req(vec![stale]))).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    // Parents through the join table, both ways.
+    let g = pb::Mutation {
+        action: "UpdateItem".into(),
+        resource: uid("Item", "new"),
+        change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
+            add_parents: vec![uid("Group", "g1").unwrap()],
+            ..Default::default()
+        })),
+        if_version: None,
+    };
+    c.authorize_and_commit(authed(&alice, commit_req(vec![g]))).await.unwrap();
+    assert_eq!(scalar(&url, "SELECT group_id FROM item_groups WHERE item_id = 'new'").await.as_deref(), Some("g1"));
+    // Not storable: an attribute the mapping has no column for; the wrong type.
+    let err = c
+        .authorize_and_commit(authed(
+            &alice,
+            commit_req(vec![update("UpdateItem", "Item", "new", json!({"x": "text"}), None)]),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A CHECK the database enforces: INVALID_ARGUMENT naming it; a UNIQUE: ALREADY_EXISTS.
+    app_sql(&url, "CREATE UNIQUE INDEX items_unique_pad ON items (pad)").await;
+    let check = if b.is_postgres() {
+        "ALTER TABLE items ADD CONSTRAINT status_not_frozen CHECK (status IS NULL OR status <> 'frozen')"
+    } else {
+        "CREATE TRIGGER status_not_frozen BEFORE UPDATE ON items WHEN NEW.status = 'frozen'
+         BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: status_not_frozen'); END"
+    };
+    app_sql(&url, check).await;
+    let before = scalar(&url, "SELECT CAST(version AS TEXT) FROM items WHERE id = 'new'").await;
+    let err = c
+        .authorize_and_commit(authed(
+            &alice,
+            commit_req(vec![
+                update("UpdateItem", "Item", "new", json!({"title": "V"}), None),
+                update("UpdateItem", "Item", "new", json!({"status": "frozen"}), None),
+            ]),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("status_not_frozen"), "{}", err.message());
+    assert_eq!(
+        scalar(&url, "SELECT CAST(version AS TEXT) FROM items WHERE id = 'new'").await,
+        before,
+        "nothing committed"
+    );
+    assert_eq!(scalar(&url, "SELECT title FROM items WHERE id = 'new'").await.as_deref(), Some("U"));
+    app_sql(&url, "UPDATE items SET pad = 'taken' WHERE id = 'app'").await;
+    let err = c
+        .authorize_and_commit(authed(
+            &alice,
+            commit_req(vec![update("UpdateItem", "Item", "new", json!({"pad": "taken"}), None)]),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // A delete removes the row and its join-table rows.
+    let del = pb::Mutation {
+        action: "DeleteItem".into(),
+        resource: uid("Item", "new"),
+        change: Some(pb::mutation::Change::Delete(pb::DeleteEntity {})),
+        if_version: None,
+    };
+    c.authorize_and_commit(authed(&alice, commit_req(vec![del]))).await.unwrap();
+    assert_eq!(scalar(&url, "SELECT id FROM items WHERE id = 'new' UNION ALL SELECT NULL LIMIT 1").await, None);
+    assert_eq!(
+        scalar(&url, "SELECT group_id FROM item_groups WHERE item_id = 'new' UNION ALL SELECT NULL LIMIT 1").await,
+        None
+    );
+}
+
+/// The mapping is checked against the live catalog and the active schema: each problem
+/// names the type, the table and the column.
+async fn mismatches_are_named(b: Backend) {
+    let Some(db) = TestDb::new(b).await else { return };
+    bootstrap_db(&db.url).await;
+    let problems = |text: &str| {
+        let url = db.url.clone();
+        let text = text.to_owned();
+        async move {
+            let mapping = Arc::new(lockstep::mapping::Mapping::parse(&text).unwrap());
+            let opts = StoreOptions { mapping, ..StoreOptions::default() };
+            let store = lockstep::store::open(&url, &opts).await.unwrap();
+            Engine::new(store, Settings::default()).mapping_problems().await.unwrap().join("\n")
+        }
+    };
+    let missing = MAPPING.replace("column = \"title\"", "column = \"headline\"");
+    let p = problems(&missing).await;
+    assert!(p.contains("Item") && p.contains("items") && p.contains("headline") && p.contains("does not exist"), "{p}");
+    let typed =
+        MAPPING.replace("n = { column = \"n\", type = \"integer\" }", "n = { column = \"n\", type = \"text\" }");
+    let p = problems(&typed).await;
+    assert!(p.contains("attribute `n`") && p.contains("Long"), "{p}");
+    let unknown = format!("{MAPPING}\n[types.Folder]\ntable = \"items\"\nid = \"id\"\n");
+    let p = problems(&unknown).await;
+    assert!(p.contains("Folder") && p.contains("does not declare it"), "{p}");
+    if b.is_postgres() {
+        app_sql(&db.url, "DROP TRIGGER IF EXISTS dummy ON items").await;
+        let name: String = {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar("SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'public.items'::regclass AND NOT tgisinternal LIMIT 1")
+                .fetch_one(&mut c)
+                .await
+                .unwrap()
+        };
+        app_sql(&db.url, &format!("DROP TRIGGER {name} ON items")).await;
+        let p = problems(MAPPING).await;
+        assert!(p.contains("items") && p.contains("mapping install"), "{p}");
+    }
+}
+
+on_mapped_backends!(
+    direct_update_transfers_ownership,
+    direct_delete_removes_membership,
+    direct_insert_bans,
+    direct_delete_removes_item,
+    rows_are_the_applications,
+    mismatches_are_named
+);
