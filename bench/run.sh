@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One run: the raw limit (pgbench running exactly the store's statements for one
 # AuthorizeAndCommit; the same transaction on bare SQLite) beside Lockstep on SQLite and
-# PostgreSQL at 1, 16 and 64 callers, and each Lockstep/raw ratio. Figures only.
+# PostgreSQL at 1, 16 and 64 callers, and each Lockstep/raw ratio; then the same with
+# the entities in the application's own tables (--mapped) and the cost ratio. Figures only.
 # Usage: bench/run.sh [SECONDS]   (needs a release build: cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,25 @@ for backend in sqlite postgres; do
   fi
 done
 
+# The same calls with users and items in the application's own tables (--mapped,
+# docs/mapping.md), in the same sitting.
+declare -A mp_rate mp_p99
+for backend in sqlite postgres; do
+  url="sqlite://$work/mapped.db"
+  if [ "$backend" = postgres ]; then
+    psql -q "$admin" -c "DROP DATABASE IF EXISTS ${pgdb}_mapped WITH (FORCE)" -c "CREATE DATABASE ${pgdb}_mapped"
+    url="$base/${pgdb}_mapped"
+  fi
+  echo "== lockstep bench --mapped on $backend (users and items in tables of their own)"
+  "$bin" bench --mapped --database "$url" --callers 1,16,64 --seconds "$secs" --calls commit,authorize --subjects $subjects 2>/dev/null \
+    | tee "$work/$backend-mapped.txt"
+  while read -r call callers rate p50 p99 p999 rest; do
+    [ "$call" = commit ] || continue
+    mp_rate[$backend,$callers]=$rate; mp_p99[$backend,$callers]=$p99
+  done < "$work/$backend-mapped.txt"
+done
+psql -q "$admin" -c "DROP DATABASE IF EXISTS ${pgdb}_mapped WITH (FORCE)"
+
 for c in 1 16 64; do
   PGOPTIONS="-c search_path=lockstep" pgbench -n -M prepared -f bench/pgbench-commit.sql -D subjects=$subjects -c $c -j $(( c < 2 ? c : 2 )) -T "$secs" -l --log-prefix="$work/pgb$c" "$base/$pgdb" > "$work/pgbench$c.txt" 2>&1
   raw_rate[postgres,$c]=$(awk '/^tps/ {printf "%.0f", $3}' "$work/pgbench$c.txt")
@@ -55,6 +75,14 @@ for backend in sqlite postgres; do
     l=${ls_rate[$backend,$c]}; r=${raw_rate[$backend,$c]}
     printf '%-10s %7s %14s %14s %8s %12s %12s\n' $backend $c "$l" "$r" "$(python3 -c "print(f'{$l/$r:.2f}')")" "${ls_p99[$backend,$c]}" "${raw_p99[$backend,$c]}"
     echo "$backend,$c,$l,$r,${ls_p99[$backend,$c]},${raw_p99[$backend,$c]}" >> "$out/results.csv"
+  done
+done
+printf '\nAuthorizeAndCommit on the application'"'"'s tables (--mapped) beside Lockstep'"'"'s own store\n'
+printf '%-10s %7s %12s %12s %16s %12s %12s\n' backend callers own/s mapped/s "own/mapped cost" "p99 own ms" "p99 map ms"
+for backend in sqlite postgres; do
+  for c in 1 16 64; do
+    o=${ls_rate[$backend,$c]}; m=${mp_rate[$backend,$c]}
+    printf '%-10s %7s %12s %12s %16s %12s %12s\n' $backend $c "$o" "$m" "$(python3 -c "print(f'{$o/$m:.2f}x')")" "${ls_p99[$backend,$c]}" "${mp_p99[$backend,$c]}"
   done
 done
 python3 bench/plot.py "$out/results.csv" "$out/bench.svg"

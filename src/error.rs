@@ -57,11 +57,10 @@ impl From<crate::store::StoreError> for Error {
         match e {
             S::Unavailable(m) => Error::Unavailable(format!("database unavailable: {m}")),
             // A uniqueness constraint (e.g. a UNIQUE column of a mapped table).
-            S::Conflict(m) => {
-                Error::AlreadyExists(format!("the database refused a duplicate: {m}; nothing was committed"))
-            }
+            S::Conflict(m) => Error::AlreadyExists(m),
             S::Retry(m) => Error::Retry(m),
-            S::Invalid(m) => Error::InvalidArgument(format!("the database refused a value: {m}")),
+            // The message says what (a value the database or the mapping cannot take).
+            S::Invalid(m) => Error::InvalidArgument(m),
             S::Unknown(m) => Error::OutcomeUnknown(m),
             S::Internal(m) => Error::Internal(m),
         }

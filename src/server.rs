@@ -159,16 +159,26 @@ pub async fn run_with(
                     matches!(tokio::time::timeout(Duration::from_secs(2), engine.store().ping()).await, Ok(Ok(())));
                 // Also NOT_SERVING while the active policy set cannot be compiled (every
                 // decision would fail): health says why, in the log.
-                let problem = if db_ok {
+                let mut problem = if db_ok {
                     tokio::time::timeout(Duration::from_secs(2), engine.policy_problem()).await.unwrap_or(None)
                 } else {
                     Some("database unreachable".to_string())
                 };
+                // The mapping's tables and triggers, again and again: the application may
+                // drop or disable a guard trigger (a migration, a bulk load) while we serve.
+                if db_ok && !engine.store().mapping().is_empty() {
+                    let found = tokio::time::timeout(Duration::from_secs(2), engine.store().mapping_problems()).await;
+                    if let Ok(Ok(found)) = found {
+                        let why = (!found.is_empty()).then(|| found.join("; "));
+                        engine.set_mapping_problem(why.clone());
+                        problem = problem.or(why);
+                    }
+                }
                 let ok = problem.is_none();
                 if ok != last {
                     let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
                     match &problem {
-                        None => tracing::info!("database reachable and policies compile again: SERVING"),
+                        None => tracing::info!("database reachable, policies compile, mapping sound: SERVING"),
                         Some(why) => tracing::warn!(reason = %why, "NOT_SERVING"),
                     }
                     for s in services {

@@ -15,6 +15,7 @@ impl Engine {
         opts: CallOptions,
     ) -> Result<CommitResult> {
         self.check_commit_request(req)?;
+        self.require_sound_mapping()?;
         let parsed = token::parse(raw, &self.settings)?;
         // Only a request with an idempotency key needs its hash (kept to tell a repeat from
         // a different request under the same key).

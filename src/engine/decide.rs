@@ -15,6 +15,7 @@ impl Engine {
         let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
         self.check_uid(resource).map_err(|e| Error::InvalidArgument(format!("resource: {e}")))?;
         self.check_value_sizes(context, "context")?;
+        self.require_sound_mapping()?;
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
             let mut txn = self.store.read().await?;
@@ -34,6 +35,7 @@ impl Engine {
     pub async fn get_entity(&self, raw: &str, uid: &Uid, action: &str, opts: CallOptions) -> Result<EntityRecord> {
         let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
         self.check_uid(uid).map_err(|e| Error::InvalidArgument(format!("uid: {e}")))?;
+        self.require_sound_mapping()?;
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
             let mut txn = self.store.read().await?;

@@ -18,6 +18,7 @@ impl Engine {
         opts: CallOptions,
     ) -> Result<(Decision, Uid)> {
         use crate::edge::excerpt;
+        self.require_sound_mapping()?;
         let parsed = token::parse(raw, &self.settings)?;
         let where_ = format!("{} {}", excerpt(method, 32), excerpt(path, 256));
         let refusal = match target {

@@ -125,6 +125,10 @@ pub struct Engine {
     /// Tokens already verified under a key's exact material (times and revocation are
     /// still checked on every call).
     verified: token::VerifyCache,
+    /// Why the mapping cannot be served safely right now (a guard trigger dropped or
+    /// disabled after start, a mapped column gone), as the server's watcher last found it:
+    /// data-plane calls answer UNAVAILABLE meanwhile rather than decide unguarded.
+    mapping_problem: Mutex<Option<String>>,
 }
 
 /// The policy set the current attempt of a call compiled or used (with the digest of what
@@ -210,6 +214,7 @@ impl Engine {
             verified: token::VerifyCache::new(VERIFY_CACHE_ENTRIES),
             // Unknown until checked: the watcher's first look compiles the active set.
             policy_broken: std::sync::atomic::AtomicBool::new(true),
+            mapping_problem: Mutex::new(None),
         }
     }
 
@@ -372,6 +377,24 @@ impl Engine {
             problems.extend(policy::mapping_problems(&active.schema, &mapping));
         }
         Ok(problems)
+    }
+
+    /// Records what the watcher found about the mapping (None: sound).
+    pub fn set_mapping_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.mapping_problem.lock() {
+            *p = problem;
+        }
+    }
+
+    /// Fails closed while the mapping is known to be unsound (see `mapping_problem`).
+    pub(super) fn require_sound_mapping(&self) -> Result<()> {
+        match self.mapping_problem.lock().ok().and_then(|p| p.clone()) {
+            None => Ok(()),
+            Some(why) => Err(Error::Unavailable(format!(
+                "the mapping of entity types onto the application's tables cannot be served safely ({why}); \
+                 nothing was committed"
+            ))),
+        }
     }
 
     /// Why the active policy set cannot be used (it does not compile, or its links do not

@@ -216,37 +216,48 @@ pub(crate) fn columns_of(mapping: &Mapping, tm: &TypeMap, e: &EntityRecord) -> S
         let bad = |why: &str| unstorable(tm, &what, why);
         let v = e.attributes.get(name).cloned().unwrap_or(Value::Null);
         let mut integer_id = false;
-        let value = match (m.ty, v) {
-            (_, Value::Null) => Value::Null,
-            (ColumnType::Text | ColumnType::TimestampText, v @ Value::String(_)) => v,
-            (ColumnType::Integer, v) if v.as_i64().is_some() => v,
-            (ColumnType::Boolean, v @ Value::Bool(_)) => v,
-            (ColumnType::Json, v) => v,
-            (ColumnType::Datetime, Value::String(s)) => Value::String(s),
-            (ColumnType::Datetime, v) => match v.get("__extn") {
-                Some(x) if x.get("fn").and_then(Value::as_str) == Some("datetime") => {
-                    x.get("arg").filter(|a| a.is_string()).cloned().ok_or_else(|| bad("a datetime without its text"))?
+        let value =
+            match (m.ty, v) {
+                (_, Value::Null) => Value::Null,
+                (ColumnType::Text, v @ Value::String(_)) => v,
+                (ColumnType::TimestampText, Value::String(t)) => Value::String(utc_timestamp(&t).ok_or_else(|| {
+                    bad("expected an ISO-8601 time (YYYY-MM-DD, or …Thh:mm:ss[.sss] with Z or an offset)")
+                })?),
+                (ColumnType::Integer, v) if v.as_i64().is_some() => v,
+                (ColumnType::Boolean, v @ Value::Bool(_)) => v,
+                (ColumnType::Json, v) => v,
+                (ColumnType::Datetime, v) => {
+                    let text = match &v {
+                        Value::String(t) => Some(t.as_str()),
+                        v => v
+                            .get("__extn")
+                            .filter(|x| x.get("fn").and_then(Value::as_str) == Some("datetime"))
+                            .and_then(|x| x.get("arg"))
+                            .and_then(Value::as_str),
+                    };
+                    let utc = text.and_then(utc_timestamp);
+                    Value::String(utc.ok_or_else(|| {
+                        bad("expected a datetime (YYYY-MM-DD, or …Thh:mm:ss[.sss] with Z or an offset)")
+                    })?)
                 }
-                _ => return Err(bad("expected a datetime")),
-            },
-            (ColumnType::TextSet, Value::Array(a)) if a.iter().all(Value::is_string) => Value::Array(a),
-            (ColumnType::IntegerSet, Value::Array(a)) if a.iter().all(|x| x.as_i64().is_some()) => Value::Array(a),
-            (ColumnType::Entity, v) => {
-                let target = m.entity_type.as_deref().unwrap_or_default();
-                let Some(r) = entity_ref(&v) else { return Err(bad("expected an entity reference")) };
-                if r.ty != target {
-                    return Err(bad(&format!("refers to a {}; the column holds {target} ids", r.ty)));
+                (ColumnType::TextSet, Value::Array(a)) if a.iter().all(Value::is_string) => Value::Array(a),
+                (ColumnType::IntegerSet, Value::Array(a)) if a.iter().all(|x| x.as_i64().is_some()) => Value::Array(a),
+                (ColumnType::Entity, v) => {
+                    let target = m.entity_type.as_deref().unwrap_or_default();
+                    let Some(r) = entity_ref(&v) else { return Err(bad("expected an entity reference")) };
+                    if r.ty != target {
+                        return Err(bad(&format!("refers to a {}; the column holds {target} ids", r.ty)));
+                    }
+                    if let Some(t) = mapping.get(target)
+                        && t.id_type.canonical(&r.id).is_none()
+                    {
+                        return Err(bad(&format!("{target} ids are {} (canonical form only)", t.id_type.name())));
+                    }
+                    integer_id = integer_ids(mapping, target);
+                    Value::String(r.id)
                 }
-                if let Some(t) = mapping.get(target)
-                    && t.id_type.canonical(&r.id).is_none()
-                {
-                    return Err(bad(&format!("{target} ids are {} (canonical form only)", t.id_type.name())));
-                }
-                integer_id = integer_ids(mapping, target);
-                Value::String(r.id)
-            }
-            (ty, _) => return Err(bad(&format!("expected a value for a {} column", ty.name()))),
-        };
+                (ty, _) => return Err(bad(&format!("expected a value for a {} column", ty.name()))),
+            };
         out.push(ColumnValue { column: m.column.clone(), ty: m.ty, integer_id, value });
     }
     for p in &e.parents {
@@ -339,6 +350,91 @@ pub(crate) fn edge_changes(
     Ok((join_edges(mapping, tm, &added)?, join_edges(mapping, tm, &removed)?))
 }
 
+/// An ISO-8601 time in the forms Cedar's `datetime` takes (`YYYY-MM-DD`,
+/// `YYYY-MM-DDThh:mm:ss[.s{1,3}]` then `Z`, `±hhmm` or `±hh:mm`), as the one form every
+/// mapped timestamp column holds and is read back as: UTC, `YYYY-MM-DDThh:mm:ss.sssZ`.
+/// None for anything else (`yesterday`, a time without a zone, a 25th hour): a value a
+/// column could hold but not give back as it was sent is refused, not stored.
+pub(crate) fn utc_timestamp(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(r)?;
+        part.iter().all(u8::is_ascii_digit).then(|| part.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') || !(1..=12).contains(&mo) {
+        return None;
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][(mo - 1) as usize];
+    if !(1..=days_in).contains(&d) {
+        return None;
+    }
+    let (mut h, mut mi, mut sec, mut ms, mut offset) = (0, 0, 0, 0i64, 0i64);
+    if b.len() > 10 {
+        if b[10] != b'T' || b.get(13) != Some(&b':') || b.get(16) != Some(&b':') {
+            return None;
+        }
+        (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        if h > 23 || mi > 59 || sec > 59 {
+            return None;
+        }
+        let mut i = 19;
+        if b.get(i) == Some(&b'.') {
+            let start = i + 1;
+            let end = (start..b.len()).find(|j| !b[*j].is_ascii_digit()).unwrap_or(b.len());
+            if end == start || end - start > 3 {
+                return None;
+            }
+            ms = num(start..end)? * [100, 10, 1][end - start - 1];
+            i = end;
+        }
+        offset = match &b[i..] {
+            [b'Z'] => 0,
+            [sign @ (b'+' | b'-'), rest @ ..] => {
+                let digits: Vec<u8> = rest.iter().copied().filter(|c| *c != b':').collect();
+                let colon_ok = rest.len() == 4 || (rest.len() == 5 && rest[2] == b':');
+                if !colon_ok || digits.len() != 4 || !digits.iter().all(u8::is_ascii_digit) {
+                    return None;
+                }
+                let oh = i64::from(digits[0] - b'0') * 10 + i64::from(digits[1] - b'0');
+                let om = i64::from(digits[2] - b'0') * 10 + i64::from(digits[3] - b'0');
+                if oh > 23 || om > 59 {
+                    return None;
+                }
+                (oh * 60 + om) * if *sign == b'+' { 1 } else { -1 }
+            }
+            _ => return None,
+        };
+    }
+    // Days from the civil date (H. Hinnant's algorithm), then back, in UTC.
+    let days = {
+        let y = if mo <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (mo + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+    };
+    let total = days * 86_400_000 + ((h * 60 + mi - offset) * 60 + sec) * 1000 + ms;
+    let (days, rest) = (total.div_euclid(86_400_000), total.rem_euclid(86_400_000));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    if !(0..=9999).contains(&y) {
+        return None;
+    }
+    let (h, rest) = (rest / 3_600_000, rest % 3_600_000);
+    let (mi, rest) = (rest / 60_000, rest % 60_000);
+    Some(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{:02}.{:03}Z", rest / 1000, rest % 1000))
+}
+
 /// Double-quoted SQL identifier (the mapping admits plain identifiers only; quoting keeps
 /// reserved words and case as written).
 pub(crate) fn q(ident: &str) -> String {
@@ -350,5 +446,31 @@ pub(crate) fn qt(t: &crate::mapping::TableName, default_schema: Option<&str>) ->
     match t.schema.as_deref().or(default_schema) {
         Some(s) => format!("{}.{}", q(s), q(&t.name)),
         None => q(&t.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_timestamp;
+
+    #[test]
+    fn timestamps_are_refused_or_made_utc() {
+        assert_eq!(utc_timestamp("2024-02-29").as_deref(), Some("2024-02-29T00:00:00.000Z"));
+        assert_eq!(utc_timestamp("2024-01-01T00:30:00+0100").as_deref(), Some("2023-12-31T23:30:00.000Z"));
+        assert_eq!(utc_timestamp("2024-12-31T23:00:00.5-02:00").as_deref(), Some("2025-01-01T01:00:00.500Z"));
+        assert_eq!(utc_timestamp("2024-06-01T12:00:00.123Z").as_deref(), Some("2024-06-01T12:00:00.123Z"));
+        for bad in [
+            "yesterday",
+            "2023-02-29",
+            "2024-01-01 00:00:00+05",
+            "2024-01-01T00:00:00",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:00:00.1234Z",
+            "2024-13-01",
+            "2024-01-01T00:00:00+5",
+            "",
+        ] {
+            assert_eq!(utc_timestamp(bad), None, "{bad}");
+        }
     }
 }

@@ -465,10 +465,13 @@ fn map_err(e: sqlx::Error) -> StoreError {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             match code.as_str() {
                 "40001" | "40P01" => StoreError::Retry(db.message().to_owned()),
-                "23505" => StoreError::Conflict(constraint_message(db.as_ref())),
+                "23505" => StoreError::Conflict(constraint_message(db.as_ref()).replacen(
+                    "refused the write",
+                    "refused a duplicate",
+                    1,
+                )),
                 "23502" | "23503" | "23514" | "23P01" => StoreError::Invalid(constraint_message(db.as_ref())),
                 c if c.starts_with("22") => StoreError::Invalid(constraint_message(db.as_ref())),
-                "22021" | "22P05" | "22001" => StoreError::Invalid(db.message().to_owned()),
                 "57014" | "55P03" => StoreError::Unavailable("the database did not answer in time".into()),
                 c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
                     StoreError::Unavailable(format!("database unavailable: {}", db.message()))
@@ -486,7 +489,7 @@ fn constraint_message(db: &(dyn sqlx::error::DatabaseError + 'static)) -> String
     let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
     let detail = pg.and_then(|p| p.detail()).map(|d| format!(" ({d})")).unwrap_or_default();
     let column = pg.and_then(|p| p.column()).map(|c| format!(" [column {c}]")).unwrap_or_default();
-    format!("{}{detail}{column}", db.message())
+    format!("the database refused the write: {}{detail}{column}; nothing was committed", db.message())
 }
 
 /// Advisory-lock key of a subject (its tokens' revocation state).
@@ -959,20 +962,15 @@ impl Txn for PgTxn {
         if uids.is_empty() {
             return Ok(Vec::new());
         }
-        if !self.write && self.mapping.is_empty() {
-            let start = serde_json::to_string(uids).map_err(json_err)?;
+        if self.mapping.is_empty() {
+            // One round trip: `read_ancestors` walks the levels by primary key, taking each
+            // level's shared locks first in a write transaction (migration 0006).
+            let keys: Vec<String> = uids.iter().map(|u| format!("{}\u{1f}{}", u.ty, u.id)).collect();
             let rows = sqlx::query_as::<_, EntityRow>(
-                "WITH RECURSIVE anc(etype, eid) AS (
-                     SELECT s ->> 'type', s ->> 'id' FROM jsonb_array_elements($1::jsonb) AS s
-                     UNION
-                     SELECT p ->> 'type', p ->> 'id'
-                     FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid,
-                          jsonb_array_elements(e.parents::jsonb) AS p
-                 )
-                 SELECT e.etype, e.eid, e.attributes, e.parents, e.version, e.tags
-                 FROM anc JOIN entities e ON e.etype = anc.etype AND e.eid = anc.eid",
+                "SELECT etype, eid, attributes, parents, version, tags FROM read_ancestors($1, $2)",
             )
-            .bind(start)
+            .bind(keys)
+            .bind(self.write)
             .fetch_all(&mut *self.tx)
             .await
             .map_err(map_err)?;

@@ -314,6 +314,19 @@ impl SqliteStore {
                 Ok(c)
             })
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}` for writing: {e}"))?;
+        // A deferred constraint of the application's tables is checked at COMMIT: in a group
+        // one member's violation would fail every member. Such a database commits each call
+        // alone (one fsync per call), so a deferred violation fails only its own call.
+        let deferred = deferred_constraints(&conn, &opts.mapping)
+            .map_err(|e| anyhow::anyhow!("cannot read the schema of `{url}`: {e}"))?;
+        if let Some(table) = &deferred
+            && opts.group_commit
+        {
+            tracing::warn!(
+                table = %table,
+                "a mapped table declares a deferred constraint: group commit is off (each call commits alone)"
+            );
+        }
         let background = connect(&path, false, READER_BUSY_TIMEOUT)
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database `{url}` for checkpoints: {e}"))?;
         let readers = Readers {
@@ -333,7 +346,7 @@ impl SqliteStore {
             conn: Arc::new(std::sync::Mutex::new(conn)),
             open: false,
             waiters: Vec::new(),
-            group_commit: opts.group_commit,
+            group_commit: opts.group_commit && deferred.is_none(),
             turnstile: turnstile.into(),
             busy_timeout: opts.busy_timeout,
             stats: stats.clone(),
@@ -581,6 +594,21 @@ impl SqliteTxn {
     }
 }
 
+/// The first mapped or join table whose definition declares a deferred constraint.
+fn deferred_constraints(c: &Connection, mapping: &Mapping) -> rusqlite::Result<Option<String>> {
+    for (table, ..) in mapping.guarded_tables() {
+        let sql: Option<String> = c
+            .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1", [&table.name], |r| r.get(0))
+            .optional()?;
+        if sql.is_some_and(|s| {
+            s.to_ascii_uppercase().split_whitespace().collect::<Vec<_>>().join(" ").contains("INITIALLY DEFERRED")
+        }) {
+            return Ok(Some(table.to_string()));
+        }
+    }
+    Ok(None)
+}
+
 /// The trigger that bumps a mapped type's version column on direct updates.
 fn version_trigger_name(tm: &TypeMap, column: &str) -> String {
     use sha2::Digest;
@@ -726,7 +754,7 @@ fn mapped_row(tm: &TypeMap, r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, 
 }
 
 /// A column value as SQLite stores it: JSON kinds as JSON text, booleans as 0/1, ids of
-/// integer-typed entities as integers, datetimes with a `+hh:mm` offset SQLite reads.
+/// integer-typed entities as integers (times arrive normalized to UTC, see `mapped`).
 fn sql_value(v: &ColumnValue) -> rusqlite::types::Value {
     use rusqlite::types::Value as V;
     match (&v.value, v.ty) {
@@ -735,20 +763,8 @@ fn sql_value(v: &ColumnValue) -> rusqlite::types::Value {
         (Value::Bool(b), _) => V::Integer(i64::from(*b)),
         (Value::Number(n), _) => n.as_i64().map_or_else(|| V::Real(n.as_f64().unwrap_or(0.0)), V::Integer),
         (Value::String(s), _) if v.integer_id => s.parse::<i64>().map_or_else(|_| V::Text(s.clone()), V::Integer),
-        (Value::String(s), ColumnType::Datetime) => V::Text(colon_offset(s)),
         (Value::String(s), _) => V::Text(s.clone()),
         (x, _) => V::Text(x.to_string()),
-    }
-}
-
-/// `…+0100` (Cedar's offset form) as `…+01:00` (SQLite's).
-fn colon_offset(s: &str) -> String {
-    let b = s.as_bytes();
-    let n = b.len();
-    if n > 5 && (b[n - 5] == b'+' || b[n - 5] == b'-') && b[n - 4..].iter().all(u8::is_ascii_digit) && s.contains('T') {
-        format!("{}:{}", &s[..n - 2], &s[n - 2..])
-    } else {
-        s.to_owned()
     }
 }
 
@@ -893,13 +909,17 @@ fn map_err(e: rusqlite::Error) -> StoreError {
     match &e {
         rusqlite::Error::SqliteFailure(f, msg) => match f.code {
             ErrorCode::ConstraintViolation if [UNIQUE, PRIMARY_KEY].contains(&f.extended_code) => {
-                StoreError::Conflict(msg.clone().unwrap_or_else(|| e.to_string()))
+                StoreError::Conflict(format!(
+                    "the database refused a duplicate: {}; nothing was committed",
+                    msg.clone().unwrap_or_else(|| e.to_string())
+                ))
             }
             // NOT NULL, CHECK, FOREIGN KEY, a trigger's RAISE (the application's tables):
             // SQLite's message names the column or constraint.
-            ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch => {
-                StoreError::Invalid(msg.clone().unwrap_or_else(|| e.to_string()))
-            }
+            ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch => StoreError::Invalid(format!(
+                "the database refused the write: {}; nothing was committed",
+                msg.clone().unwrap_or_else(|| e.to_string())
+            )),
             ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Unavailable(
                 "another writer held the database past the busy timeout; nothing was committed, retry".into(),
             ),

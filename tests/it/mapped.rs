@@ -284,6 +284,100 @@ async fn mismatches_are_named(b: Backend) {
     }
 }
 
+/// A guard trigger dropped while the server runs (a migration, a bulk load): the server's
+/// watcher finds it within about a second, data-plane calls answer UNAVAILABLE instead of
+/// deciding unguarded, and serve again once `mapping install` put it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trigger_dropped_while_serving_fails_closed() {
+    let Some(s) = start(Backend::PostgresMapped).await else { return };
+    let alice = token("k1", "alice");
+    let mut c = client(s.addr).await;
+    let m = || commit_req(vec![update("UpdateItem", "Item", "doc", json!({"n": 1}), None)]);
+    c.authorize_and_commit(authed(&alice, m())).await.unwrap();
+    let name: String = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&s.url).await.unwrap();
+        sqlx::query_scalar(
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'public.memberships'::regclass AND NOT tgisinternal",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    };
+    app_sql(&s.url, &format!("ALTER TABLE memberships DISABLE TRIGGER {name}")).await;
+    let t0 = std::time::Instant::now();
+    loop {
+        match c.authorize_and_commit(authed(&alice, m())).await {
+            Err(e) if e.code() == Code::Unavailable => {
+                assert!(e.message().contains("mapping install") || e.message().contains("trigger"), "{}", e.message());
+                break;
+            }
+            other => {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(5), "still served unguarded: {other:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let r = pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "doc"), context: None };
+    assert_eq!(c.authorize(authed(&alice, r)).await.unwrap_err().code(), Code::Unavailable);
+    app_sql(&s.url, &format!("ALTER TABLE memberships ENABLE TRIGGER {name}")).await;
+    let t0 = std::time::Instant::now();
+    while c.authorize_and_commit(authed(&alice, m())).await.is_err() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "did not serve again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A deferred constraint of a mapped table is checked at COMMIT: on SQLite such a
+/// database commits each call alone, so one call's violation fails only that call, not
+/// the calls that would have shared its group commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deferred_violation_fails_only_its_own_call() {
+    let db = Arc::new(TestDb::new(Backend::SqliteMapped).await.unwrap());
+    app_sql(
+        &db.url,
+        "DROP TABLE memberships;
+         CREATE TABLE memberships (user_id TEXT NOT NULL,
+           group_id TEXT NOT NULL REFERENCES groups (id) DEFERRABLE INITIALLY DEFERRED,
+           PRIMARY KEY (user_id, group_id));",
+    )
+    .await;
+    bootstrap_db(&db.url).await;
+    let s = serve(db, StoreOptions::default()).await;
+    let mut calls = Vec::new();
+    for round in 0..5 {
+        for w in 0..6 {
+            let addr = s.addr;
+            calls.push(tokio::spawn(async move {
+                let m = update("UpdateItem", "Item", "doc", json!({"n": round * 10 + w}), None);
+                client(addr)
+                    .await
+                    .authorize_and_commit(authed(&token("k1", "alice"), commit_req(vec![m])))
+                    .await
+                    .map(|_| ())
+            }));
+        }
+        let addr = s.addr;
+        let bad = tokio::spawn(async move {
+            let m = pb::Mutation {
+                action: "UpdateUser".into(),
+                resource: uid("User", "bob"),
+                change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
+                    add_parents: vec![uid("Group", &format!("ghost{round}")).unwrap()],
+                    ..Default::default()
+                })),
+                if_version: None,
+            };
+            client(addr).await.authorize_and_commit(authed(&token("k2", "root"), commit_req(vec![m]))).await
+        });
+        let err = bad.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    for c in calls {
+        c.await.unwrap().expect("an innocent call failed with another call's deferred violation");
+    }
+}
+
 on_mapped_backends!(
     direct_update_transfers_ownership,
     direct_delete_removes_membership,
