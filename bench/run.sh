@@ -38,24 +38,31 @@ for backend in sqlite postgres; do
   fi
 done
 
-# The same calls with users and items in the application's own tables (--mapped,
-# docs/mapping.md), in the same sitting.
-declare -A mp_rate mp_p99
+# The same commits with users and items in the application's own tables (--mapped,
+# docs/mapping.md), in the same sitting: own store and mapped tables alternate, three rounds
+# each (the machine's noise between two 5 s runs is ±15 %), and the means are compared.
+declare -A mp_rate mp_p99 own_sum map_sum
+rounds=${MAPPED_ROUNDS:-3}
 for backend in sqlite postgres; do
-  url="sqlite://$work/mapped.db"
-  if [ "$backend" = postgres ]; then
-    psql -q "$admin" -c "DROP DATABASE IF EXISTS ${pgdb}_mapped WITH (FORCE)" -c "CREATE DATABASE ${pgdb}_mapped"
-    url="$base/${pgdb}_mapped"
-  fi
-  echo "== lockstep bench --mapped on $backend (users and items in tables of their own)"
-  "$bin" bench --mapped --database "$url" --callers 1,16,64 --seconds "$secs" --calls commit,authorize --subjects $subjects 2>/dev/null \
-    | tee "$work/$backend-mapped.txt"
-  while read -r call callers rate p50 p99 p999 rest; do
-    [ "$call" = commit ] || continue
-    mp_rate[$backend,$callers]=$rate; mp_p99[$backend,$callers]=$p99
-  done < "$work/$backend-mapped.txt"
+  for c in 1 16 64; do own_sum[$backend,$c]=0; map_sum[$backend,$c]=0; done
+  for r in $(seq 1 "$rounds"); do
+    for kind in own mapped; do
+      url="sqlite://$work/$kind-$r.db"; flag=""; [ "$kind" = mapped ] && flag=--mapped
+      if [ "$backend" = postgres ]; then
+        psql -q "$admin" -c "DROP DATABASE IF EXISTS ${pgdb}_$kind WITH (FORCE)" -c "CREATE DATABASE ${pgdb}_$kind"
+        url="$base/${pgdb}_$kind"
+      fi
+      "$bin" bench $flag --database "$url" --callers 1,16,64 --seconds "$secs" --calls commit --subjects $subjects 2>/dev/null \
+        > "$work/$backend-$kind-$r.txt"
+      while read -r call callers rate p50 p99 p999 rest; do
+        [ "$call" = commit ] || continue
+        if [ "$kind" = own ]; then own_sum[$backend,$callers]=$(( ${own_sum[$backend,$callers]} + rate ))
+        else map_sum[$backend,$callers]=$(( ${map_sum[$backend,$callers]} + rate )); mp_p99[$backend,$callers]=$p99; fi
+      done < "$work/$backend-$kind-$r.txt"
+    done
+  done
+  [ "$backend" = postgres ] && psql -q "$admin" -c "DROP DATABASE IF EXISTS ${pgdb}_own WITH (FORCE)" -c "DROP DATABASE IF EXISTS ${pgdb}_mapped WITH (FORCE)"
 done
-psql -q "$admin" -c "DROP DATABASE IF EXISTS ${pgdb}_mapped WITH (FORCE)"
 
 for c in 1 16 64; do
   PGOPTIONS="-c search_path=lockstep" pgbench -n -M prepared -f bench/pgbench-commit.sql -D subjects=$subjects -c $c -j $(( c < 2 ? c : 2 )) -T "$secs" -l --log-prefix="$work/pgb$c" "$base/$pgdb" > "$work/pgbench$c.txt" 2>&1
@@ -77,12 +84,12 @@ for backend in sqlite postgres; do
     echo "$backend,$c,$l,$r,${ls_p99[$backend,$c]},${raw_p99[$backend,$c]}" >> "$out/results.csv"
   done
 done
-printf '\nAuthorizeAndCommit on the application'"'"'s tables (--mapped) beside Lockstep'"'"'s own store\n'
-printf '%-10s %7s %12s %12s %16s %12s %12s\n' backend callers own/s mapped/s "own/mapped cost" "p99 own ms" "p99 map ms"
+printf '\nAuthorizeAndCommit on the application'"'"'s tables (--mapped) beside Lockstep'"'"'s own store, mean of %s alternating rounds\n' "$rounds"
+printf '%-10s %7s %12s %12s %16s %12s\n' backend callers own/s mapped/s "mapped cost" "p99 map ms"
 for backend in sqlite postgres; do
   for c in 1 16 64; do
-    o=${ls_rate[$backend,$c]}; m=${mp_rate[$backend,$c]}
-    printf '%-10s %7s %12s %12s %16s %12s %12s\n' $backend $c "$o" "$m" "$(python3 -c "print(f'{$o/$m:.2f}x')")" "${ls_p99[$backend,$c]}" "${mp_p99[$backend,$c]}"
+    o=$(( ${own_sum[$backend,$c]} / rounds )); m=$(( ${map_sum[$backend,$c]} / rounds ))
+    printf '%-10s %7s %12s %12s %16s %12s\n' $backend $c "$o" "$m" "$(python3 -c "print(f'{$o/$m:.2f}x')")" "${mp_p99[$backend,$c]}"
   done
 done
 python3 bench/plot.py "$out/results.csv" "$out/bench.svg"

@@ -13,10 +13,10 @@
 //! | a commit (AuthorizeAndCommit, …) | conflicts with |
 //! |---|---|
 //! | plain read of `keys` (ACCESS SHARE) | RevokeKey: `LOCK TABLE keys IN ACCESS EXCLUSIVE MODE` |
-//! | its subject's advisory lock, shared, taken **before** the revocation reads | RevokeSubject and logout: the same lock, exclusive |
+//! | its subject's advisory lock, shared, taken **before** the revocation reads (in the same statement as its principal entity's, shared) | RevokeSubject and logout: the same lock, exclusive |
 //! | plain read of `revoked_tokens` (after the subject lock) | RevokeToken by jti of a token whose subject is unknown: `LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE` |
 //! | plain read of `policies` (ACCESS SHARE) | PutPolicies: `LOCK TABLE policies IN ACCESS EXCLUSIVE MODE` |
-//! | principal and ancestors: their entity advisory locks, shared, level by level | any change of those entities (membership is the child's `parents`) |
+//! | principal and ancestors: their entity advisory locks, shared, level by level (`read_ancestors`, one round trip: each level locked, then read by a new statement) | any change of those entities (membership is the child's `parents`) |
 //! | the resource: its entity advisory lock, exclusive (create: also the unique index) | transfers and any other change of the resource |
 //!
 //! | a mapped resource (the application's table): its row `FOR NO KEY UPDATE`, then its entity lock | a direct UPDATE or DELETE of the row (row lock, then its trigger's entity lock) |
@@ -132,6 +132,9 @@ impl PgStore {
                 ("search_path", "lockstep, public"),
                 // Timestamps of mapped columns are read and written as UTC.
                 ("TimeZone", "UTC"),
+                // Lockstep's own writes skip the guard triggers (migration 0007): they hold
+                // the entity locks the triggers would take.
+                ("lockstep.writer", "on"),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(2))
@@ -235,7 +238,15 @@ impl Store for PgStore {
 
 impl PgStore {
     fn txn(&self, tx: Transaction<'static, Postgres>, write: bool) -> PgTxn {
-        PgTxn { tx, write, pool: self.pool.clone(), pending: None, mapping: self.mapping.clone(), read: HashMap::new() }
+        PgTxn {
+            tx,
+            write,
+            pool: self.pool.clone(),
+            pending: None,
+            mapping: self.mapping.clone(),
+            read: HashMap::new(),
+            shared_held: HashSet::new(),
+        }
     }
 }
 
@@ -436,6 +447,8 @@ struct PgTxn {
     /// Mapped entities as this transaction last read them (`entity`): an update writes
     /// only the columns it changes, and the join-table edges it adds or removes.
     read: HashMap<Uid, EntityRecord>,
+    /// Advisory lock keys this transaction holds shared (see `lock_shared`).
+    shared_held: HashSet<String>,
 }
 
 /// A transaction about to commit, as the database knows it.
@@ -688,9 +701,14 @@ impl PgTxn {
     /// starved by a stream of shared ones (as it would be by `FOR SHARE` on a hot row),
     /// and nothing is written to the locked rows.
     async fn lock_shared(&mut self, keys: &[String]) -> StoreResult<()> {
-        let mut keys = keys.to_vec();
+        // Locks this transaction holds already are held until it ends: not asked again.
+        let mut keys: Vec<String> = keys.iter().filter(|k| !self.shared_held.contains(*k)).cloned().collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
         keys.sort();
         keys.dedup();
+        self.shared_held.extend(keys.iter().cloned());
         sqlx::query(
             "SELECT count(pg_advisory_xact_lock_shared(hashtextextended(k, 0)))
              FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) AS s",
@@ -818,7 +836,10 @@ impl Txn for PgTxn {
 
     async fn revocations_and_policy(&mut self, subject: &Uid, token_id: &str) -> StoreResult<CallState> {
         if self.write {
-            self.lock_shared(&[subject_lock_key(subject)]).await?;
+            // With the subject's lock, its entity's (the principal, read later with its
+            // ancestors): one statement instead of two. Shared locks only ever wait for
+            // writers of that entity, so taking it before the resource's changes no answer.
+            self.lock_shared(&[subject_lock_key(subject), entity_lock_key(subject)]).await?;
         }
         // A new statement, so (at READ COMMITTED) a new snapshot taken after the lock.
         let row: CallStateRow = sqlx::query_as(
