@@ -5,11 +5,8 @@
 \set n random(0, :subjects - 1)
 BEGIN;
 SELECT * FROM keys WHERE kid = 'bench';
-SELECT count(pg_advisory_xact_lock_shared(hashtextextended(k, 0))) FROM (SELECT k FROM unnest(ARRAY['lockstep' || chr(31) || 'entity' || chr(31) || 'User' || chr(31) || 'u' || :n::text, 'lockstep' || chr(31) || 'subject' || chr(31) || 'User' || chr(31) || 'u' || :n::text]) AS k ORDER BY k) AS s;
-SELECT (SELECT revoked_at_secs FROM subjects WHERE etype = 'User' AND eid = 'u' || :n::text), EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = 'jti-' || :n::text), (SELECT max(version) FROM policies), (SELECT generation FROM policy_links_meta WHERE id = 1);
-SAVEPOINT lockstep_mutations;
-SELECT pg_advisory_xact_lock(hashtextextended('lockstep' || chr(31) || 'entity' || chr(31) || 'Item' || chr(31) || 'i' || :n::text, 0));
-SELECT etype, eid, attributes, parents, version, tags FROM entities WHERE etype = 'Item' AND eid = 'i' || :n::text;
+SELECT * FROM call_state_locked('User', 'u' || :n::text, 'jti-' || :n::text);
+SELECT etype, eid, attributes, parents, version, tags FROM read_entity_locked('Item', 'i' || :n::text);
 SELECT etype, eid, attributes, parents, version, tags FROM read_ancestors(ARRAY['User' || chr(31) || 'u' || :n::text], true);
 UPDATE entities SET attributes = json_build_object('hot', false, 'n', 1, 'owner', json_build_object('__entity', json_build_object('id', 'u' || :n::text, 'type', 'User')))::text, parents = '[]', version = version + 1, tags = '{}' WHERE etype = 'Item' AND eid = 'i' || :n::text;
 INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail) VALUES (0, 1, 'User', 'u' || :n::text, 'jti-' || :n::text, json_build_array(json_build_object('action', 'UpdateItem', 'resource', json_build_object('type', 'Item', 'id', 'i' || :n::text), 'change', json_build_object('kind', 'update', 'merge_patch', json_build_object('n', 1), 'add_parents', json_build_array(), 'remove_parents', json_build_array()), 'if_version', NULL))::text, json_build_array(json_build_object('uid', json_build_object('type', 'Item', 'id', 'i' || :n::text), 'attributes', json_build_object('hot', false, 'n', 1), 'parents', json_build_array(), 'version', 2))::text, '') RETURNING seq, pg_current_xact_id()::text, pg_backend_pid();

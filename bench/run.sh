@@ -2,7 +2,11 @@
 # One run: the raw limit (pgbench running exactly the store's statements for one
 # AuthorizeAndCommit; the same transaction on bare SQLite) beside Lockstep on SQLite and
 # PostgreSQL at 1, 16 and 64 callers, and each Lockstep/raw ratio; then the same with
-# the entities in the application's own tables (--mapped) and the cost ratio. Figures only.
+# the entities in the application's own tables (--mapped) and the cost ratio; and, from the
+# same Lockstep run on PostgreSQL, issue 12's comparison with the job done without Lockstep
+# (bench/floor.sh: pgbench on the 6-statement correctly locked transaction, the one-statement
+# floor and a read-only decision on a schema of their own; the naive FastAPI peer over HTTP).
+# Figures only.
 # Usage: bench/run.sh [SECONDS]   (needs a release build: cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +42,11 @@ for backend in sqlite postgres; do
   fi
 done
 
+# Issue 12: the same job without Lockstep, beside this run's PostgreSQL figures.
+out=${BENCH_OUT:-bench/out}
+mkdir -p "$out"
+BENCH_OUT=$out bench/floor.sh "$secs" "$work/postgres.txt"
+
 # The same commits with users and items in the application's own tables (--mapped,
 # docs/mapping.md), in the same sitting: own store and mapped tables alternate, three rounds
 # each (the machine's noise between two 5 s runs is ±15 %), and the means are compared.
@@ -72,8 +81,6 @@ for c in 1 16 64; do
   raw_rate[sqlite,$c]=$r; raw_p99[sqlite,$c]=$p99
 done
 
-out=${BENCH_OUT:-bench/out}
-mkdir -p "$out"
 echo backend,callers,lockstep_rate,raw_rate,lockstep_p99_ms,raw_p99_ms > "$out/results.csv"
 printf '\nAuthorizeAndCommit, Lockstep beside the raw limit\n'
 printf '%-10s %7s %14s %14s %8s %12s %12s\n' backend callers lockstep/s raw/s ratio "p99 ls ms" "p99 raw ms"
@@ -92,6 +99,7 @@ for backend in sqlite postgres; do
     printf '%-10s %7s %12s %12s %16s %12s\n' $backend $c "$o" "$m" "$(python3 -c "print(f'{$o/$m:.2f}x')")" "${mp_p99[$backend,$c]}"
   done
 done
+echo; cat "$out/floor.txt"
 python3 bench/plot.py "$out/results.csv" "$out/bench.svg"
 echo "plot: $out/bench.svg (data: $out/results.csv)"
 psql -q "$admin" -c "DROP DATABASE IF EXISTS $pgdb WITH (FORCE)"

@@ -38,8 +38,13 @@ impl Engine {
         let (token, policy_state) = self.authenticate(&mut *txn, parsed, now).await?;
 
         // Everything after this point is undone by a denial, except the denial's audit event.
-        txn.savepoint().await?;
+        // One mutation without an idempotency key writes nothing before it is decided, so
+        // its denial has nothing to undo: no savepoint (a round trip on PostgreSQL).
         let key = req.idempotency_key.as_str();
+        let undoable = req.mutations.len() > 1 || !key.is_empty();
+        if undoable {
+            txn.savepoint().await?;
+        }
         if !key.is_empty() {
             // Claiming the key waits for a concurrent holder of the same key to finish.
             if let Some((hash, response)) = txn.claim_idempotency_key(&token.principal, key, request_hash, now).await? {
@@ -68,7 +73,9 @@ impl Engine {
                     entities.push(entity);
                 }
                 Step::Denied { decision, reason, explain } => {
-                    txn.rollback_to_savepoint().await?;
+                    if undoable {
+                        txn.rollback_to_savepoint().await?;
+                    }
                     let what = format!(
                         "mutation {i} ({} `{}` on {})",
                         m.change.kind(),

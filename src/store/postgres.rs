@@ -836,12 +836,21 @@ impl Txn for PgTxn {
 
     async fn revocations_and_policy(&mut self, subject: &Uid, token_id: &str) -> StoreResult<CallState> {
         if self.write {
-            // With the subject's lock, its entity's (the principal, read later with its
-            // ancestors): one statement instead of two. Shared locks only ever wait for
-            // writers of that entity, so taking it before the resource's changes no answer.
-            self.lock_shared(&[subject_lock_key(subject), entity_lock_key(subject)]).await?;
+            // The subject's lock and its entity's (the principal, read later with its
+            // ancestors), shared, then the read: one round trip (`call_state_locked`, whose
+            // read is a new statement, so at READ COMMITTED a snapshot taken after the
+            // locks). Shared locks only wait for writers of that entity, so taking the
+            // principal's before the resource's changes no answer.
+            self.shared_held.extend([subject_lock_key(subject), entity_lock_key(subject)]);
+            let row: CallStateRow = sqlx::query_as("SELECT * FROM call_state_locked($1, $2, $3)")
+                .bind(&subject.ty)
+                .bind(&subject.id)
+                .bind(token_id)
+                .fetch_one(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+            return Ok(call_state(row));
         }
-        // A new statement, so (at READ COMMITTED) a new snapshot taken after the lock.
         let row: CallStateRow = sqlx::query_as(
             "SELECT (SELECT revoked_at_secs FROM subjects WHERE etype = $1 AND eid = $2),
                         EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $3),
@@ -964,12 +973,14 @@ impl Txn for PgTxn {
         if let Some(tm) = self.mapping.get(&uid.ty).cloned() {
             return self.mapped_entity(&tm, uid).await;
         }
-        if self.write {
-            // INVARIANT: the engine reads an entity this way before it inserts, updates
-            // or deletes it, so every writer of an entity holds its exclusive lock.
-            self.lock_exclusive(&entity_lock_key(uid)).await?;
-        }
-        let sql = "SELECT etype, eid, attributes, parents, version, tags FROM entities WHERE etype = $1 AND eid = $2";
+        // INVARIANT: the engine reads an entity this way before it inserts, updates or
+        // deletes it, so every writer of an entity holds its exclusive lock: in a write
+        // transaction `read_entity_locked` takes it, then reads (one round trip).
+        let sql = if self.write {
+            "SELECT etype, eid, attributes, parents, version, tags FROM read_entity_locked($1, $2)"
+        } else {
+            "SELECT etype, eid, attributes, parents, version, tags FROM entities WHERE etype = $1 AND eid = $2"
+        };
         let row = sqlx::query_as::<_, EntityRow>(sql)
             .bind(&uid.ty)
             .bind(&uid.id)
