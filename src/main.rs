@@ -1,6 +1,7 @@
 //! The `lockstep` binary: parse the command line, set up tracing, run.
 
 use clap::Parser;
+use std::io::IsTerminal;
 
 /// mimalloc: glibc's allocator serialized the server's threads on its arena locks
 /// (perf: allocation and its futex waits were about a quarter of a call's CPU).
@@ -15,6 +16,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: never escape codes in a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

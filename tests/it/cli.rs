@@ -349,3 +349,31 @@ fn cli_messages_name_the_real_problem() {
     assert!(err.contains("entities.json is not a policy test file"), "{err}");
     assert!(err.contains("\"cases\"") && err.contains("\"decision\""), "{err}");
 }
+
+/// A log that goes to a file (or a pipe) carries no ANSI colour codes; the lines are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_files_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serve.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--database", &format!("sqlite://{}", dir.path().join("l.db").display())])
+        .env("LOCKSTEP_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("listening") || t0.elapsed() > Duration::from_secs(20) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(text.contains("listening"), "no log line: {text}");
+    assert!(!text.contains('\u{1b}'), "ANSI escape codes in a log file: {text:?}");
+}
