@@ -18,7 +18,6 @@
 //! | plain read of `policies` (ACCESS SHARE) | PutPolicies: `LOCK TABLE policies IN ACCESS EXCLUSIVE MODE` |
 //! | principal and ancestors: their entity advisory locks, shared, level by level (`read_ancestors`, one round trip: each level locked, then read by a new statement) | any change of those entities (membership is the child's `parents`) |
 //! | the resource: its entity advisory lock, exclusive (create: also the unique index) | transfers and any other change of the resource |
-//!
 //! | a mapped resource (the application's table): its row `FOR NO KEY UPDATE`, then its entity lock | a direct UPDATE or DELETE of the row (row lock, then its trigger's entity lock) |
 //! | a mapped principal or ancestor: its entity lock, shared | a direct write of its row or its join-table rows: the trigger `lockstep.guard()` takes the entity lock (the child's, for a join table) exclusive |
 //!
@@ -132,7 +131,7 @@ impl PgStore {
                 ("search_path", "lockstep, public"),
                 // Timestamps of mapped columns are read and written as UTC.
                 ("TimeZone", "UTC"),
-                // Lockstep's own writes skip the guard triggers (migration 0007): they hold
+                // Lockstep's own writes skip the guard triggers (migration 0005): they hold
                 // the entity locks the triggers would take.
                 ("lockstep.writer", "on"),
             ]);
@@ -842,27 +841,22 @@ impl Txn for PgTxn {
             // locks). Shared locks only wait for writers of that entity, so taking the
             // principal's before the resource's changes no answer.
             self.shared_held.extend([subject_lock_key(subject), entity_lock_key(subject)]);
-            let row: CallStateRow = sqlx::query_as("SELECT * FROM call_state_locked($1, $2, $3)")
-                .bind(&subject.ty)
-                .bind(&subject.id)
-                .bind(token_id)
-                .fetch_one(&mut *self.tx)
-                .await
-                .map_err(map_err)?;
-            return Ok(call_state(row));
         }
-        let row: CallStateRow = sqlx::query_as(
+        let sql = if self.write {
+            "SELECT * FROM call_state_locked($1, $2, $3)"
+        } else {
             "SELECT (SELECT revoked_at_secs FROM subjects WHERE etype = $1 AND eid = $2),
-                        EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $3),
-                        (SELECT max(version) FROM policies),
-                        (SELECT generation FROM policy_links_meta WHERE id = 1)",
-        )
-        .bind(&subject.ty)
-        .bind(&subject.id)
-        .bind(token_id)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(map_err)?;
+                    EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $3),
+                    (SELECT max(version) FROM policies),
+                    (SELECT generation FROM policy_links_meta WHERE id = 1)"
+        };
+        let row: CallStateRow = sqlx::query_as(sql)
+            .bind(&subject.ty)
+            .bind(&subject.id)
+            .bind(token_id)
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
         Ok(call_state(row))
     }
 
@@ -970,8 +964,9 @@ impl Txn for PgTxn {
     }
 
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
-        if let Some(tm) = self.mapping.get(&uid.ty).cloned() {
-            return self.mapped_entity(&tm, uid).await;
+        let mapping = self.mapping.clone();
+        if let Some(tm) = mapping.get(&uid.ty) {
+            return self.mapped_entity(tm, uid).await;
         }
         // INVARIANT: the engine reads an entity this way before it inserts, updates or
         // deletes it, so every writer of an entity holds its exclusive lock: in a write
@@ -1041,8 +1036,9 @@ impl Txn for PgTxn {
                 by_type.entry(u.ty).or_default().push(u.id);
             }
             for (ty, ids) in by_type {
-                let tm = self.mapping.get(&ty).cloned().expect("partitioned by the mapping above");
-                level.extend(self.mapped_rows(&tm, ids).await?);
+                let mapping = self.mapping.clone();
+                let tm = mapping.get(&ty).expect("partitioned by the mapping above");
+                level.extend(self.mapped_rows(tm, ids).await?);
             }
             frontier = Vec::new();
             for e in level {
@@ -1058,8 +1054,9 @@ impl Txn for PgTxn {
     }
 
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
-        if let Some(tm) = self.mapping.get(&e.uid.ty).cloned() {
-            return self.mapped_insert(&tm, e).await;
+        let mapping = self.mapping.clone();
+        if let Some(tm) = mapping.get(&e.uid.ty) {
+            return self.mapped_insert(tm, e).await;
         }
         sqlx::query(
             "INSERT INTO entities (etype, eid, attributes, parents, version, tags) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -1077,8 +1074,9 @@ impl Txn for PgTxn {
     }
 
     async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
-        if let Some(tm) = self.mapping.get(&e.uid.ty).cloned() {
-            return self.mapped_update(&tm, e).await;
+        let mapping = self.mapping.clone();
+        if let Some(tm) = mapping.get(&e.uid.ty) {
+            return self.mapped_update(tm, e).await;
         }
         let done = sqlx::query(
             "UPDATE entities SET attributes = $3, parents = $4, version = $5, tags = $6 WHERE etype = $1 AND eid = $2",
@@ -1099,8 +1097,9 @@ impl Txn for PgTxn {
     }
 
     async fn delete_entity(&mut self, uid: &Uid) -> StoreResult<()> {
-        if let Some(tm) = self.mapping.get(&uid.ty).cloned() {
-            return self.mapped_delete(&tm, uid).await;
+        let mapping = self.mapping.clone();
+        if let Some(tm) = mapping.get(&uid.ty) {
+            return self.mapped_delete(tm, uid).await;
         }
         sqlx::query("DELETE FROM entities WHERE etype = $1 AND eid = $2")
             .bind(&uid.ty)

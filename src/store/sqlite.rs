@@ -1177,8 +1177,9 @@ impl Txn for SqliteTxn {
     }
 
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
-        if let Some(tm) = self.mapping.get(&uid.ty).cloned() {
-            return self.mapped_entity(&tm, uid);
+        let mapping = self.mapping.clone();
+        if let Some(tm) = mapping.get(&uid.ty) {
+            return self.mapped_entity(tm, uid);
         }
         let sql = concat!(select_entities!(), " WHERE etype = ?1 AND eid = ?2");
         Ok(self.entity_rows(sql, &[&uid.ty, &uid.id])?.pop())
@@ -1200,8 +1201,9 @@ impl Txn for SqliteTxn {
                 by_type.entry(u.ty).or_default().push(u.id);
             }
             for (ty, ids) in by_type {
-                let tm = self.mapping.get(&ty).cloned().expect("partitioned by the mapping above");
-                for e in self.mapped_rows(&tm, &ids)? {
+                let mapping = self.mapping.clone();
+                let tm = mapping.get(&ty).expect("partitioned by the mapping above");
+                for e in self.mapped_rows(tm, &ids)? {
                     next.extend(e.parents.iter().filter(|p| seen.insert((*p).clone())).cloned());
                     out.push(e);
                 }
@@ -1221,8 +1223,9 @@ impl Txn for SqliteTxn {
     }
 
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
-        if let Some(tm) = self.mapping.get(&e.uid.ty).cloned() {
-            return self.mapped_insert(&tm, e);
+        let mapping = self.mapping.clone();
+        if let Some(tm) = mapping.get(&e.uid.ty) {
+            return self.mapped_insert(tm, e);
         }
         let attributes = serde_json::to_string(&e.attributes).map_err(json_err)?;
         let parents = serde_json::to_string(&e.parents).map_err(json_err)?;
@@ -1237,8 +1240,9 @@ impl Txn for SqliteTxn {
     }
 
     async fn update_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
-        if let Some(tm) = self.mapping.get(&e.uid.ty).cloned() {
-            return self.mapped_update(&tm, e);
+        let mapping = self.mapping.clone();
+        if let Some(tm) = mapping.get(&e.uid.ty) {
+            return self.mapped_update(tm, e);
         }
         let attributes = serde_json::to_string(&e.attributes).map_err(json_err)?;
         let parents = serde_json::to_string(&e.parents).map_err(json_err)?;
@@ -1256,8 +1260,9 @@ impl Txn for SqliteTxn {
     }
 
     async fn delete_entity(&mut self, uid: &Uid) -> StoreResult<()> {
-        if let Some(tm) = self.mapping.get(&uid.ty).cloned() {
-            return self.mapped_delete(&tm, uid);
+        let mapping = self.mapping.clone();
+        if let Some(tm) = mapping.get(&uid.ty) {
+            return self.mapped_delete(tm, uid);
         }
         self.with(|c| {
             c.prepare_cached("DELETE FROM entities WHERE etype = ?1 AND eid = ?2")?.execute(params![uid.ty, uid.id])
