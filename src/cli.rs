@@ -15,14 +15,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "lockstep", version, about = "Authorize and commit state changes in one transaction")]
+#[command(
+    name = "lockstep",
+    version,
+    about = "Authorize and commit state changes in one transaction",
+    after_help = "Examples:
+  lockstep demo                                       # a server with example policies, tokens and grpcurl lines
+  lockstep serve --config /etc/lockstep/lockstep.toml  # options from a file (flags and env win)
+  lockstep config check lockstep.toml                 # the settings serve would run with, secrets hidden
+  lockstep serve --metrics-listen 127.0.0.1:9090 --log-format json
+  lockstep policies validate --policies p.cedar --schema s.cedarschema
+  lockstep policies put --policies p.cedar --schema s.cedarschema
+  lockstep keys add --kid k1 --alg HS256 --secret-file secret.bin --issuer https://idp/
+  lockstep token issue --kid k1 --sub alice --ttl 15m
+Logs: LOCKSTEP_LOG=debug (an env filter); one line per call at INFO (target lockstep::call)."
+)]
 pub struct Cli {
+    /// Configuration file (TOML): keys are serve's long option names, e.g. `listen =
+    /// "0.0.0.0:50051"`. Flags and environment variables take precedence over it.
+    #[arg(long, global = true, env = "LOCKSTEP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log lines as text, or as JSON objects (one per line).
+    #[arg(long, global = true, env = "LOCKSTEP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"],
+          help_heading = "Telemetry")]
+    pub log_format: String,
     /// Database URL: sqlite:///abs/path.db, sqlite://relative.db or postgres://user@host:port/db.
-    #[arg(long, global = true, env = "LOCKSTEP_DATABASE_URL", default_value = "sqlite://lockstep.db")]
+    #[arg(long, global = true, env = "LOCKSTEP_DATABASE_URL", default_value = "sqlite://lockstep.db", help_heading = "Database")]
     pub database: String,
     /// Mapping of Cedar entity types onto the application's own tables (TOML; see
     /// docs/mapping.md). Types it does not name stay in Lockstep's own store.
-    #[arg(long, global = true, env = "LOCKSTEP_MAPPING")]
+    #[arg(long, global = true, env = "LOCKSTEP_MAPPING", help_heading = "Database")]
     pub mapping: Option<PathBuf>,
     #[command(flatten)]
     pub db: DbArgs,
@@ -35,25 +57,25 @@ pub struct Cli {
 pub struct DbArgs {
     /// Milliseconds a call waits for the database (a pooled connection, or on SQLite its
     /// turn at the writer) before it answers UNAVAILABLE.
-    #[arg(long, global = true, env = "LOCKSTEP_ACQUIRE_TIMEOUT_MS", default_value_t = 2_000)]
+    #[arg(long, global = true, env = "LOCKSTEP_ACQUIRE_TIMEOUT_MS", default_value_t = 2_000, help_heading = "Database")]
     pub acquire_timeout_ms: u64,
     /// SQLite: milliseconds to wait on a lock held by another process.
-    #[arg(long, global = true, env = "LOCKSTEP_BUSY_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(long, global = true, env = "LOCKSTEP_BUSY_TIMEOUT_MS", default_value_t = 5_000, help_heading = "Database")]
     pub busy_timeout_ms: u64,
     /// SQLite: group commit — concurrent write calls share one transaction and one fsync
     /// (each in its own savepoint; no call is answered before the group is durable).
-    #[arg(long, global = true, env = "LOCKSTEP_SQLITE_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "LOCKSTEP_SQLITE_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set, help_heading = "Database")]
     pub sqlite_group_commit: bool,
     /// SQLite: WAL pages after which the writer, between two groups, finishes the
     /// checkpoint that a background connection runs every 100 ms, so the WAL starts over.
     #[arg(long, global = true, env = "LOCKSTEP_SQLITE_WAL_AUTOCHECKPOINT", default_value_t = 1000,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Database")]
     pub sqlite_wal_autocheckpoint: u32,
     /// PostgreSQL: connections in this instance's pool.
-    #[arg(long, global = true, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(long, global = true, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 16, help_heading = "Database")]
     pub max_connections: u32,
     /// PostgreSQL: statement timeout in milliseconds (lock waits included).
-    #[arg(long, global = true, env = "LOCKSTEP_STATEMENT_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(long, global = true, env = "LOCKSTEP_STATEMENT_TIMEOUT_MS", default_value_t = 5_000, help_heading = "Database")]
     pub statement_timeout_ms: u64,
 }
 
@@ -79,6 +101,9 @@ pub enum Command {
     /// The mapping of entity types onto the application's tables (--mapping).
     #[command(subcommand)]
     Mapping(MappingCommand),
+    /// The configuration file (--config).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Load generator: seeds an empty database, serves it in process (or drives --addr),
     /// prints throughput, p50/p99/p99.9 and errors by status code.
     Bench(BenchArgs),
@@ -114,56 +139,68 @@ pub struct BenchArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, env = "LOCKSTEP_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "LOCKSTEP_LISTEN", default_value = "127.0.0.1:50051", help_heading = "Listening and TLS")]
     pub listen: SocketAddr,
     /// Clock skew allowed on exp, nbf and iat, in seconds (at most 60).
-    #[arg(long, env = "LOCKSTEP_LEEWAY_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=60))]
+    #[arg(long, env = "LOCKSTEP_LEEWAY_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=60), help_heading = "Tokens")]
     pub leeway_secs: u64,
     /// Longest token lifetime accepted (`exp` this far from now at most), e.g. 24h.
-    #[arg(long, env = "LOCKSTEP_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "LOCKSTEP_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration, help_heading = "Tokens")]
     pub max_token_lifetime: Duration,
     /// TLS certificate chain (PEM) for the listener. Without it the server speaks
     /// plaintext: fine on loopback, never across a network.
-    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key", help_heading = "Listening and TLS")]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
-    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert", help_heading = "Listening and TLS")]
     pub tls_key: Option<PathBuf>,
     /// CA (PEM) that client certificates must chain to: mutual TLS.
-    #[arg(long, env = "LOCKSTEP_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, env = "LOCKSTEP_CLIENT_CA", requires = "tls_cert", help_heading = "Listening and TLS")]
     pub client_ca: Option<PathBuf>,
     /// A TLS connection that has not finished its handshake by then is closed, e.g. 10s.
-    #[arg(long, env = "LOCKSTEP_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "LOCKSTEP_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration, help_heading = "Listening and TLS")]
     pub tls_handshake_timeout: Duration,
     /// Serve plaintext on a non-loopback address (refused without it: plaintext is for
     /// loopback; use --tls-cert/--tls-key, or a TLS-terminating proxy on the same host).
-    #[arg(long, env = "LOCKSTEP_ALLOW_PLAINTEXT")]
+    #[arg(long, env = "LOCKSTEP_ALLOW_PLAINTEXT", help_heading = "Listening and TLS")]
     pub allow_plaintext: bool,
     /// Route map for Envoy ext_authz (envoy.service.auth.v3.Authorization/Check on the
     /// same port): JSON `{"routes": [{"method", "path": "/items/{id}", "action",
     /// "resource": {"type", "id": "{id}"}}]}`. Without it every edge check is denied.
-    #[arg(long, env = "LOCKSTEP_EXT_AUTHZ_ROUTES")]
+    #[arg(long, env = "LOCKSTEP_EXT_AUTHZ_ROUTES", help_heading = "Listening and TLS")]
     pub ext_authz_routes: Option<PathBuf>,
     /// Put the determining policy ids of a denied AuthorizeAndCommit in a
     /// google.rpc.ErrorInfo detail (off by default: policy names help a caller probe).
-    #[arg(long, env = "LOCKSTEP_REVEAL_POLICIES")]
+    #[arg(long, env = "LOCKSTEP_REVEAL_POLICIES", help_heading = "Decisions")]
     pub reveal_policies: bool,
     /// An identity provider's JWKS (e.g. https://idp/.well-known/jwks.json), fetched at
     /// start, every --jwks-refresh, and on an unknown kid (at most every 30 s).
-    #[arg(long, env = "LOCKSTEP_JWKS_URL")]
+    #[arg(long, env = "LOCKSTEP_JWKS_URL", help_heading = "Tokens")]
     pub jwks_url: Option<String>,
     /// Required `iss` of tokens under the JWKS keys.
-    #[arg(long, default_value = "")]
+    #[arg(long, env = "LOCKSTEP_JWKS_ISSUER", default_value = "", help_heading = "Tokens")]
     pub jwks_issuer: String,
     /// Required `aud` of tokens under the JWKS keys.
-    #[arg(long, default_value = "")]
+    #[arg(long, env = "LOCKSTEP_JWKS_AUDIENCE", default_value = "", help_heading = "Tokens")]
     pub jwks_audience: String,
     /// Cedar type of the `sub` of tokens under the JWKS keys.
-    #[arg(long, default_value = "User")]
+    #[arg(long, env = "LOCKSTEP_JWKS_PRINCIPAL_TYPE", default_value = "User", help_heading = "Tokens")]
     pub jwks_principal_type: String,
     /// How often the JWKS is fetched again.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "LOCKSTEP_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration, help_heading = "Tokens")]
     pub jwks_refresh: Duration,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9090, path
+    /// /metrics). Off unless given.
+    #[arg(long, env = "LOCKSTEP_METRICS_LISTEN", help_heading = "Telemetry")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Calls served at once; more wait in the queue (--max-queue).
+    #[arg(long, env = "LOCKSTEP_MAX_IN_FLIGHT", default_value_t = 256, help_heading = "Limits",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+    /// Calls waiting for one of --max-in-flight; beyond it a call is answered
+    /// RESOURCE_EXHAUSTED at once (with a retry hint) and commits nothing.
+    #[arg(long, env = "LOCKSTEP_MAX_QUEUE", default_value_t = 1024, help_heading = "Limits")]
+    pub max_queue: u32,
 }
 
 /// What tokens under a key must say, and whose tokens they are.
@@ -198,6 +235,7 @@ impl TokenRules {
 pub enum KeysCommand {
     /// Adds a verification key.
     Add {
+        /// The key id: tokens name it in their `kid` header (never reused).
         #[arg(long)]
         kid: String,
         /// HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA.
@@ -221,6 +259,7 @@ pub enum KeysCommand {
     /// Imports the signing keys of a JWKS file; a later import retires keys it no longer
     /// lists (revoked keys stay revoked).
     ImportJwks {
+        /// The JWKS file (JSON: `{"keys": [...]}`).
         #[arg(long)]
         file: PathBuf,
         #[command(flatten)]
@@ -228,6 +267,7 @@ pub enum KeysCommand {
     },
     /// Makes a new first-party signing key; the previous one verifies until revoked.
     Rotate {
+        /// The new key's id.
         #[arg(long)]
         kid: String,
         /// HS256, HS384, HS512, EdDSA, ES256 or ES384.
@@ -240,6 +280,7 @@ pub enum KeysCommand {
     List,
     /// Revokes a key: no token signed with it is accepted afterwards.
     Revoke {
+        /// The key to revoke.
         #[arg(long)]
         kid: String,
     },
@@ -249,32 +290,44 @@ pub enum KeysCommand {
 pub enum PoliciesCommand {
     /// Validates and activates a policy set.
     Put {
+        /// The policies (.cedar).
         #[arg(long)]
         policies: PathBuf,
+        /// The Cedar schema (.cedarschema): validated strictly against it.
         #[arg(long)]
         schema: Option<PathBuf>,
     },
     /// Validates a policy set (strictly, against the schema when given) without a
     /// database; prints `FILE:line:column: message` and exits non-zero when invalid.
     Validate {
+        /// The policies (.cedar).
         #[arg(long)]
         policies: PathBuf,
+        /// The Cedar schema (.cedarschema): validate strictly against it.
         #[arg(long)]
         schema: Option<PathBuf>,
+        #[command(flatten)]
+        no_database: NoDatabase,
     },
     /// Runs policy test files (*.json in DIR) against a policy set; prints a table and
     /// exits non-zero on any failure.
     Test {
+        /// The directory of test files (*.json).
         dir: PathBuf,
+        /// The policies (.cedar).
         #[arg(long)]
         policies: PathBuf,
+        /// The Cedar schema (.cedarschema).
         #[arg(long)]
         schema: Option<PathBuf>,
+        #[command(flatten)]
+        no_database: NoDatabase,
     },
     /// Lists every policy version.
     History,
     /// Makes an earlier version active again (as a new version).
     Rollback {
+        /// The version to make active again (see `policies history`).
         #[arg(long)]
         to: u64,
     },
@@ -293,6 +346,7 @@ pub enum TokenCommand {
         /// The key; default: the current signing key (`keys rotate`).
         #[arg(long)]
         kid: Option<String>,
+        /// The subject (`sub`): the principal's id.
         #[arg(long)]
         sub: String,
         /// Lifetime, e.g. 15m, 1h, 90s.
@@ -315,10 +369,47 @@ pub enum MappingCommand {
     Install,
 }
 
+/// The database options, accepted but hidden (and unused) by commands that need no
+/// database: their help lists only what they use. (Shadowing keeps the global options
+/// from being shown there; the command line stays as it was.)
+#[derive(Args, Debug, Clone, Default)]
+pub struct NoDatabase {
+    #[arg(long, hide = true)]
+    database: Option<String>,
+    #[arg(long, hide = true)]
+    mapping: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    acquire_timeout_ms: Option<u64>,
+    #[arg(long, hide = true)]
+    busy_timeout_ms: Option<u64>,
+    #[arg(long, hide = true, action = clap::ArgAction::Set)]
+    sqlite_group_commit: Option<bool>,
+    #[arg(long, hide = true)]
+    sqlite_wal_autocheckpoint: Option<u32>,
+    #[arg(long, hide = true)]
+    max_connections: Option<u32>,
+    #[arg(long, hide = true)]
+    statement_timeout_ms: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Checks a configuration file and prints the settings `lockstep serve --config FILE`
+    /// would run with (the environment applied), each with where it came from; secrets
+    /// redacted. Exits non-zero on an unknown key or a value serve would refuse.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+        #[command(flatten)]
+        no_database: NoDatabase,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 pub enum EntitiesCommand {
     /// Creates or replaces entities from a Cedar entities JSON file.
     Import {
+        /// Cedar entities JSON (a list of `{"uid", "attrs", "parents"}`).
         #[arg(long)]
         file: PathBuf,
     },
@@ -361,6 +452,8 @@ fn settings(args: Option<&ServeArgs>) -> Settings {
         s.leeway_secs = a.leeway_secs;
         s.max_token_lifetime_secs = a.max_token_lifetime.as_secs();
         s.reveal_determining_policies = a.reveal_policies;
+        s.max_in_flight = a.max_in_flight;
+        s.max_queue = a.max_queue;
     }
     s
 }
@@ -423,12 +516,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let tls = tls_options(args)?;
             check_plaintext(args, tls.is_some())?;
+            if let Some(addr) = args.metrics_listen {
+                crate::telemetry::install(addr)?;
+            }
             let engine = engine(&cli, Some(args)).await?;
             require_mapping(&engine).await?;
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             server::run_with(engine, listener, server::shutdown_signal(), tls).await
+        }
+        Command::Config(ConfigCommand::Check { file, .. }) => {
+            for line in crate::config_file::check(file, &[])? {
+                println!("{line}");
+            }
+            println!("# {}: OK", file.display());
+            Ok(())
         }
         Command::Mapping(m) => {
             if cli.mapping.is_none() {
@@ -455,6 +558,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => {
             let tls = tls_options(args)?;
             check_plaintext(args, tls.is_some())?;
+            if let Some(addr) = args.metrics_listen {
+                crate::telemetry::install(addr)?;
+            }
             let engine = engine(&cli, Some(args)).await?;
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
@@ -534,7 +640,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Policies(PoliciesCommand::Validate { policies, schema }) => {
+        Command::Policies(PoliciesCommand::Validate { policies, schema, .. }) => {
             let (text, schema_text) = read_policy_files(policies, schema.as_ref())?;
             match crate::policy::compile(0, &text, &schema_text) {
                 Ok(c) => {
@@ -557,7 +663,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Policies(PoliciesCommand::Test { dir, policies, schema }) => {
+        Command::Policies(PoliciesCommand::Test { dir, policies, schema, .. }) => {
             let (text, schema_text) = read_policy_files(policies, schema.as_ref())?;
             let compiled = crate::policy::compile(0, &text, &schema_text)
                 .map_err(|e| anyhow::anyhow!("{}: policies are invalid:\n{e}", policies.display()))?;

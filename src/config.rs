@@ -66,6 +66,9 @@ pub struct Settings {
     /// Whether a denied AuthorizeAndCommit carries the determining policy ids (in a
     /// google.rpc.ErrorInfo). Off by default: policy names can tell a caller how to probe.
     pub reveal_determining_policies: bool,
+    /// Calls served at once; more wait, up to `max_queue`; beyond: RESOURCE_EXHAUSTED.
+    pub max_in_flight: u32,
+    pub max_queue: u32,
 }
 
 impl Default for Settings {
@@ -84,6 +87,8 @@ impl Default for Settings {
             max_audit_page: 1000,
             idempotency_retention: Duration::from_secs(25 * 3600),
             reveal_determining_policies: false,
+            max_in_flight: 256,
+            max_queue: 1024,
         }
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: typed settings and limits.
+//! - [`config`]: typed settings and limits; [`config_file`]: the TOML file (`--config`).
 //! - [`model`]: domain types (uids, entities, mutations, keys, audit events).
 //! - [`error`]: the use cases' error type; one variant per status the contract names.
 //! - [`token`]: JWT parsing, verification and first-party signing (no I/O).
@@ -20,6 +20,7 @@
 //!   (`store::mapped`: rows of the application's tables <-> entities).
 //! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
 //! - [`server`]: serving with health, reflection, housekeeping and graceful shutdown.
+//! - [`telemetry`]: metrics names and the Prometheus exporter; per-call facts for the log.
 //! - [`fuzz`]: entry points of the fuzz targets and the bounded fuzz smoke run.
 //! - [`bench`]: the load generator behind `lockstep bench`.
 //! - [`cli`]: the `lockstep` command line (serve, demo, keys, policies, token, entities).
@@ -27,6 +28,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod edge;
 pub mod engine;
 pub mod entity_json;
@@ -40,4 +42,5 @@ pub mod policy;
 pub mod policytest;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod token;

@@ -14,6 +14,10 @@ use tonic_health::ServingStatus;
 /// is checked in the handlers so that it answers INVALID_ARGUMENT with a clear message.
 const MAX_DECODED_MESSAGE: usize = 4 * 1024 * 1024;
 
+/// The health service name that is SERVING while the process serves (a liveness probe);
+/// "" and the API's services are readiness.
+pub const LIVENESS: &str = "lockstep.liveness";
+
 /// How long a shutdown waits for in-flight calls and open connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -138,10 +142,14 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     check_crypto_provider()?;
     let (reporter, health) = tonic_health::server::health_reporter();
+    // Readiness: "" and each service follow the watcher below (and turn NOT_SERVING when
+    // shutdown starts). Liveness (`lockstep.liveness`): SERVING while the process serves.
     let services = ["", "lockstep.v1.Lockstep", "lockstep.v1.Admin"];
     for s in services {
         reporter.set_service_status(s, ServingStatus::Serving).await;
     }
+    reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
+    metrics::gauge!(crate::telemetry::HEALTH).set(1.0);
 
     // The active policy set is checked once before serving (so that check's transaction
     // never runs among the first calls); later only while a call has found it broken.
@@ -150,6 +158,7 @@ pub async fn run_with(
     }
 
     // Health follows the database: NOT_SERVING while it does not answer.
+    let reporter_for_shutdown = reporter.clone();
     let watcher = {
         let engine = engine.clone();
         tokio::spawn(async move {
@@ -174,8 +183,20 @@ pub async fn run_with(
                         problem = problem.or(why);
                     }
                 }
+                if let Some((size, idle)) = engine.store().pool_connections() {
+                    metrics::gauge!(crate::telemetry::POOL, "state" => "idle").set(f64::from(idle));
+                    metrics::gauge!(crate::telemetry::POOL, "state" => "in_use").set(f64::from(size.saturating_sub(idle)));
+                }
                 let ok = problem.is_none();
                 if ok != last {
+                    metrics::gauge!(crate::telemetry::HEALTH).set(if ok { 1.0 } else { 0.0 });
+                    for (kind, on) in [
+                        ("database_unreachable", !db_ok),
+                        ("policy_set", db_ok && problem.as_deref().is_some_and(|p| p.contains("polic"))),
+                        ("mapping", db_ok && engine.mapping_problem_now()),
+                    ] {
+                        metrics::gauge!(crate::telemetry::HEALTH_PROBLEM, "reason" => kind).set(if on { 1.0 } else { 0.0 });
+                    }
                     let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
                     match &problem {
                         None => tracing::info!("database reachable, policies compile, mapping sound: SERVING"),
@@ -256,8 +277,13 @@ pub async fn run_with(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "lockstep listening");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopping_reporter = reporter_for_shutdown;
     let signal = async move {
         shutdown.await;
+        // Readiness goes first, so that load balancers stop sending while calls drain.
+        for s in ["", "lockstep.v1.Lockstep", "lockstep.v1.Admin"] {
+            stopping_reporter.set_service_status(s, ServingStatus::NotServing).await;
+        }
         let _ = stopping_tx.send(());
     };
     let mut builder = Server::builder();
@@ -276,7 +302,7 @@ pub async fn run_with(
     let serve = builder
         // Every call runs to its outcome in its own task (tonic's grpc-timeout cannot drop
         // a COMMIT in flight), and decode failures get the README's codes.
-        .layer(crate::grpc::layer::AnswerLayer)
+        .layer(crate::grpc::layer::AnswerLayer::new(engine.settings().max_in_flight, engine.settings().max_queue))
         .add_service(lockstep)
         .add_service(admin)
         .add_service(ext_authz)

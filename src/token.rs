@@ -129,12 +129,36 @@ pub fn decoding_key(key: &KeyRecord) -> std::result::Result<(Algorithm, Decoding
 /// key and token revocation in its transaction on every call. Failures are not cached.
 pub struct VerifyCache {
     entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::sync::Arc<VerifiedToken>>>,
+    /// By a hash of the token's bytes alone: whose it was when it last verified.
+    hints: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::sync::Arc<VerifiedToken>>>,
     capacity: usize,
 }
 
 impl VerifyCache {
     pub fn new(capacity: usize) -> Self {
-        Self { entries: std::sync::Mutex::default(), capacity }
+        Self { entries: std::sync::Mutex::default(), hints: std::sync::Mutex::default(), capacity }
+    }
+
+    /// The principal and token id this token had when it last verified, under whichever
+    /// key: a hint only, that lets a call read the key and take its subject's locks in one
+    /// statement. The token is then verified against the key that statement read (cached
+    /// or not), and a hint that does not match what verification says costs one more
+    /// statement, never a wrong answer.
+    pub fn hint(&self, token: &ParsedToken) -> Option<(Uid, String)> {
+        let id: [u8; 32] = Sha256::digest(token.raw.as_bytes()).into();
+        let v = self.hints.lock().ok()?.get(&id).cloned()?;
+        Some((v.principal.clone(), v.token_id.clone()))
+    }
+
+    fn put_hint(&self, token: &ParsedToken, v: std::sync::Arc<VerifiedToken>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let id: [u8; 32] = Sha256::digest(token.raw.as_bytes()).into();
+        // Filled only beside `entries`, and cleared with it (`put`): never larger.
+        if let Ok(mut m) = self.hints.lock() {
+            m.insert(id, v);
+        }
     }
 
     fn get(&self, id: &[u8; 32]) -> Option<std::sync::Arc<VerifiedToken>> {
@@ -150,6 +174,9 @@ impl VerifyCache {
                 // Bounded: start over rather than track recency (a miss only costs one
                 // verification).
                 m.clear();
+                if let Ok(mut h) = self.hints.lock() {
+                    h.clear();
+                }
             }
             m.insert(id, v);
         }
@@ -212,10 +239,15 @@ pub fn verify(
     }
     let id = verification_id(key, &token.raw);
     let verified = match cache.get(&id) {
-        Some(v) => v,
+        Some(v) => {
+            metrics::counter!(crate::telemetry::TOKEN_CACHE, "result" => "hit").increment(1);
+            v
+        }
         None => {
+            metrics::counter!(crate::telemetry::TOKEN_CACHE, "result" => "miss").increment(1);
             let v = std::sync::Arc::new(verify_signature_and_claims(token, key, settings)?);
             cache.put(id, v.clone());
+            cache.put_hint(token, v.clone());
             v
         }
     };

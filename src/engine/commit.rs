@@ -24,7 +24,26 @@ impl Engine {
         } else {
             Sha256::digest(serde_json::to_vec(req).map_err(|e| Error::Internal(e.to_string()))?).to_vec()
         };
-        self.run(opts, || self.authorize_and_commit_once(&parsed, req, &hash)).await
+        telemetry::note(|f| {
+            let m = &req.mutations[0];
+            f.action = Some(m.action.clone());
+            f.resource = Some(if req.mutations.len() > 1 {
+                format!("{} (+{} more)", m.resource, req.mutations.len() - 1)
+            } else {
+                m.resource.to_string()
+            });
+        });
+        let result = self.run(opts, || self.authorize_and_commit_once(&parsed, req, &hash)).await;
+        match &result {
+            Ok(r) => {
+                note_decision(true, "commit");
+                metrics::counter!(telemetry::COMMITS).increment(1);
+                telemetry::note(|f| f.audit_seq = Some(r.audit_seq));
+            }
+            Err(Error::Denied(_) | Error::DeniedExplained { .. }) => note_decision(false, "commit"),
+            Err(_) => {}
+        }
+        result
     }
 
     async fn authorize_and_commit_once(
@@ -35,6 +54,15 @@ impl Engine {
     ) -> Result<Prepared<CommitResult>> {
         let mut txn = self.store.write().await?;
         let now = now_micros();
+        // A lone mutation of a token verified before: the store may read what it is decided
+        // on in the same round trip as the key and the call state (after their locks).
+        if let [m] = req.mutations.as_slice()
+            && req.idempotency_key.is_empty()
+            && let Some((principal, _)) = self.verified.hint(parsed)
+        {
+            let (also, with_parents) = write_context_of(&principal, m);
+            txn.prefetch_for_write(&m.resource, &also, with_parents);
+        }
         let (token, policy_state) = self.authenticate(&mut *txn, parsed, now).await?;
 
         // Everything after this point is undone by a denial, except the denial's audit event.
@@ -153,7 +181,11 @@ impl Engine {
                 short(&m.resource.ty)
             )));
         }
-        let current = txn.entity(&m.resource).await?;
+        // The resource (its lock exclusive, then its row), then the principal and the
+        // parents the decision reads, with their ancestors (locks shared): one round trip
+        // where the store can. A create is decided with its proposed parents.
+        let (also, with_parents) = write_context_of(&token.principal, m);
+        let (current, loaded) = txn.entity_for_write(&m.resource, &also, with_parents).await?;
         let missing = || Step::Denied { decision: nothing(), reason: "entity does not exist".into(), explain: None };
 
         // The Cedar resource (proposed for create, current otherwise), the entity as it
@@ -207,9 +239,6 @@ impl Engine {
             policies.check_entity(&after).map_err(Error::InvalidArgument)?;
         }
 
-        let mut wanted = vec![token.principal.clone()];
-        wanted.extend(resource.parents.iter().cloned());
-        let loaded = txn.entities_with_ancestors(&wanted).await?;
         if matches!(m.change, Change::Create { .. }) && !resource.parents.is_empty() {
             // The proposed entity takes part in the evaluation: a cycle must be refused first.
             let ancestors = txn.entities_with_ancestors(&resource.parents).await?;
@@ -306,4 +335,16 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The arguments of `Txn::entity_for_write` for mutation `m` by `principal`: the principal,
+/// and a create's proposed parents; an update or delete is decided with the resource's
+/// current parents.
+fn write_context_of(principal: &Uid, m: &Mutation) -> (Vec<Uid>, bool) {
+    let mut also = vec![principal.clone()];
+    if let Change::Create { parents, .. } = &m.change {
+        also.extend(dedup(parents.clone()));
+        return (also, false);
+    }
+    (also, true)
 }

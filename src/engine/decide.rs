@@ -16,8 +16,12 @@ impl Engine {
         self.check_uid(resource).map_err(|e| Error::InvalidArgument(format!("resource: {e}")))?;
         self.check_value_sizes(context, "context")?;
         self.require_sound_mapping()?;
+        telemetry::note(|f| {
+            f.action = Some(action.to_string());
+            f.resource = Some(resource.to_string());
+        });
         let parsed = token::parse(raw, &self.settings)?;
-        self.run(opts, || async {
+        let decision = self.run(opts, || async {
             let mut txn = self.store.read().await?;
             let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
             let policies = self.policies_at(&mut *txn, state).await?;
@@ -28,7 +32,9 @@ impl Engine {
                 .map_err(Error::Internal);
             Ok((txn, decision))
         })
-        .await
+        .await?;
+        note_decision(decision.allowed, "authorize");
+        Ok(decision)
     }
 
     /// An authorized read of one entity; denied and missing are the same answer.
@@ -36,6 +42,10 @@ impl Engine {
         let action = policy::action_uid(action).map_err(Error::InvalidArgument)?;
         self.check_uid(uid).map_err(|e| Error::InvalidArgument(format!("uid: {e}")))?;
         self.require_sound_mapping()?;
+        telemetry::note(|f| {
+            f.action = Some(action.to_string());
+            f.resource = Some(uid.to_string());
+        });
         let parsed = token::parse(raw, &self.settings)?;
         self.run(opts, || async {
             let mut txn = self.store.read().await?;
@@ -50,6 +60,7 @@ impl Engine {
             all.push(&entity);
             let ctx = build_context(&policies, &action, &Map::new(), &token, None, &policy::SERVER_CONTEXT)?;
             let decision = policies.evaluate(&token.principal, &action, uid, ctx, &all).map_err(Error::Internal)?;
+            note_decision(decision.allowed, "get");
             let answer = if decision.allowed { Ok(entity) } else { Err(denied()) };
             Ok((txn, answer))
         })

@@ -26,6 +26,7 @@ impl Engine {
             Ok((txn, Ok(seq)))
         })
         .await
+        .inspect(|seq| tracing::info!(target: "lockstep::security", audit_seq = seq, kid = %key.kid, "key added"))
     }
 
     /// Revokes a key: once this returns, no token signed with it is accepted.
@@ -43,6 +44,10 @@ impl Engine {
             Ok((txn, Ok(seq)))
         })
         .await
+        .inspect(|seq| {
+            metrics::counter!(telemetry::REVOCATIONS, "kind" => "key").increment(1);
+            tracing::info!(target: "lockstep::security", audit_seq = seq, %kid, "key revoked");
+        })
     }
 
     pub async fn list_keys(&self, caller: Caller<'_>, opts: CallOptions) -> Result<Vec<KeyRecord>> {
@@ -137,6 +142,7 @@ impl Engine {
             let fetched = jwks::fetch(&src.url).await.and_then(|text| jwks::keys_from_jwks(&text, src, &src.url));
             match fetched {
                 Ok((keys, skipped)) => {
+                    metrics::counter!(telemetry::JWKS_FETCHES, "outcome" => "ok").increment(1);
                     for s in skipped {
                         tracing::warn!(url = %src.url, key = %s, "jwks key skipped");
                     }
@@ -150,7 +156,10 @@ impl Engine {
                         Err(e) => tracing::warn!(url = %src.url, error = %e, "jwks sync failed"),
                     }
                 }
-                Err(e) => tracing::warn!(url = %src.url, error = %e, "jwks fetch failed"),
+                Err(e) => {
+                    metrics::counter!(telemetry::JWKS_FETCHES, "outcome" => "error").increment(1);
+                    tracing::warn!(url = %src.url, error = %e, "jwks fetch failed");
+                }
             }
         }
         any

@@ -36,6 +36,7 @@ use crate::model::{
 };
 use crate::policy::{self, CompiledPolicies, WriteKind};
 use crate::store::{Store, StoreError, Txn};
+use crate::telemetry;
 use crate::token::{self, VerifiedToken};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -313,6 +314,7 @@ impl Engine {
                 Ok(answer) => return answer,
                 Err(StoreError::Retry(m)) if tries < MAX_ATTEMPTS => {
                     tracing::debug!(attempt = tries, reason = %m, "transient conflict; retrying");
+                    metrics::counter!(telemetry::RETRIES, "cause" => retry_cause(&m)).increment(1);
                     let jitter = u64::from(rand::random::<u8>() % 8);
                     tokio::time::sleep(std::time::Duration::from_millis(u64::from(tries) * 2 + jitter)).await;
                 }
@@ -331,10 +333,17 @@ impl Engine {
         now: i64,
     ) -> Result<(Arc<VerifiedToken>, PolicyState)> {
         let now_secs = now / 1_000_000;
-        let key = txn
-            .key(&parsed.kid)
-            .await?
-            .ok_or_else(|| Error::UnknownKey("token names an unknown key (`kid`)".into()))?;
+        let unknown = || Error::UnknownKey("token names an unknown key (`kid`)".into());
+        // A token verified before names its subject already: its key and the call state in
+        // one round trip (the hint is checked by the verification below).
+        let hint = self.verified.hint(parsed);
+        let (key, early) = match &hint {
+            Some((principal, token_id)) => {
+                let (key, state) = txn.key_and_call_state(&parsed.kid, principal, token_id).await?.ok_or_else(unknown)?;
+                (key, Some(state))
+            }
+            None => (txn.key(&parsed.kid).await?.ok_or_else(unknown)?, None),
+        };
         if key.revoked {
             return Err(Error::Unauthenticated(format!("the token's signing key `{}` has been revoked", key.kid)));
         }
@@ -348,7 +357,12 @@ impl Engine {
         // One read after the key: on PostgreSQL it first share-locks the subject, which a
         // logout or RevokeSubject locks exclusively, so the revocations are read after any
         // such revocation that got there first has committed.
-        let state = txn.revocations_and_policy(&token.principal, &token.token_id).await?;
+        let state = match (early, hint) {
+            (Some(state), Some((principal, token_id))) if principal == token.principal && token_id == token.token_id => {
+                state
+            }
+            _ => txn.revocations_and_policy(&token.principal, &token.token_id).await?,
+        };
         if let Some(at) = state.subject_revoked_at {
             // A token without `iat` cannot prove it was issued after the revocation.
             if token.iat.is_none_or(|iat| iat <= at) {
@@ -361,6 +375,7 @@ impl Engine {
         if state.token_revoked {
             return Err(Error::Unauthenticated("token has been revoked".into()));
         }
+        telemetry::note(|f| f.principal = Some(token.principal.to_string()));
         Ok((token, state.policy))
     }
 
@@ -377,6 +392,11 @@ impl Engine {
             problems.extend(policy::mapping_problems(&active.schema, &mapping));
         }
         Ok(problems)
+    }
+
+    /// Whether the watcher last found the mapping unsound.
+    pub fn mapping_problem_now(&self) -> bool {
+        self.mapping_problem.lock().map(|p| p.is_some()).unwrap_or(false)
     }
 
     /// Records what the watcher found about the mapping (None: sound).
@@ -646,6 +666,33 @@ fn describe_link(l: &TemplateLink) -> String {
     let p = l.principal.as_ref().map(|u| format!(" principal {u}")).unwrap_or_default();
     let r = l.resource.as_ref().map(|u| format!(" resource {u}")).unwrap_or_default();
     format!("{p}{r}")
+}
+
+/// A revocation's metric and its line in the log (INFO, target `lockstep::security`).
+fn security_event(audit_seq: u64, kind: &'static str, what: &'static str) {
+    metrics::counter!(telemetry::REVOCATIONS, "kind" => kind).increment(1);
+    tracing::info!(target: "lockstep::security", audit_seq, kind, "{what}");
+}
+
+/// A decision's metric and its place in the call's log line.
+fn note_decision(allowed: bool, call: &'static str) {
+    let decision = if allowed { "allow" } else { "deny" };
+    metrics::counter!(telemetry::DECISIONS, "decision" => decision, "call" => call).increment(1);
+    telemetry::note(|f| f.decision = Some(decision));
+}
+
+/// The cause label of a retried transaction, from the store's message.
+fn retry_cause(message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if m.contains("deadlock") {
+        "deadlock"
+    } else if m.contains("serializ") {
+        "serialization"
+    } else if m.contains("busy") || m.contains("locked") {
+        "busy"
+    } else {
+        "other"
+    }
 }
 
 fn dedup(v: Vec<Uid>) -> Vec<Uid> {

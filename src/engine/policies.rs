@@ -88,6 +88,10 @@ impl Engine {
             Ok((txn, Ok((version, seq))))
         })
         .await
+        .inspect(|(version, seq)| {
+            metrics::gauge!(telemetry::POLICY_VERSION).set(*version as f64);
+            tracing::info!(target: "lockstep::security", audit_seq = seq, version, "policy set activated");
+        })
     }
 
     /// Links a template (per-resource sharing: "bob may view this document"), authorized

@@ -42,6 +42,7 @@ impl Engine {
             Ok((txn, Ok(seq)))
         })
         .await
+        .inspect(|seq| security_event(*seq, "token", "token revoked"))
     }
 
     /// Revokes every token of a subject issued at or before now: the caller itself when
@@ -72,5 +73,6 @@ impl Engine {
             Ok((txn, Ok(seq)))
         })
         .await
+        .inspect(|seq| security_event(*seq, "subject", "every token of a subject revoked"))
     }
 }

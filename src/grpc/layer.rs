@@ -14,26 +14,62 @@
 //! - **Transport errors get the codes the README names.** tonic answers a message over its
 //!   decode limit with OUT_OF_RANGE and prost's decode failures (e.g. nesting past its
 //!   recursion limit) with INTERNAL; these become RESOURCE_EXHAUSTED and INVALID_ARGUMENT.
+//! - **Admission.** At most `max_in_flight` calls run at once and `max_queue` wait; a call
+//!   beyond both is answered RESOURCE_EXHAUSTED at once, with a `google.rpc.RetryInfo`,
+//!   before its handler runs (it commits nothing). Health and reflection are never shed.
+//! - **One log line and the metrics of every call** when its status is known: method, code,
+//!   latency, and what the handler noted (`telemetry::note`: principal, action, resource,
+//!   decision, audit seq), with the trace id of a W3C `traceparent` header.
 
+use crate::telemetry::{self, CallFacts};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
 /// Wraps services in `Answer` (see the module doc).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AnswerLayer;
+#[derive(Clone, Debug)]
+pub struct AnswerLayer {
+    admission: Arc<Admission>,
+}
+
+impl AnswerLayer {
+    /// At most `max_in_flight` calls at once, `max_queue` more waiting.
+    pub fn new(max_in_flight: u32, max_queue: u32) -> Self {
+        Self {
+            admission: Arc::new(Admission {
+                running: Arc::new(Semaphore::new(max_in_flight.max(1) as usize)),
+                max_in_flight: max_in_flight.max(1),
+                queued: AtomicU32::new(0),
+                max_queue,
+                bad_tokens: Mutex::default(),
+            }),
+        }
+    }
+}
+
+impl Default for AnswerLayer {
+    fn default() -> Self {
+        Self::new(256, 1024)
+    }
+}
 
 impl<S> tower_layer::Layer<S> for AnswerLayer {
     type Service = Answer<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Answer { inner }
+        Answer { inner, admission: self.admission.clone() }
     }
 }
 
@@ -41,6 +77,156 @@ impl<S> tower_layer::Layer<S> for AnswerLayer {
 #[derive(Clone, Debug)]
 pub struct Answer<S> {
     inner: S,
+    admission: Arc<Admission>,
+}
+
+/// The bound on calls in flight and waiting, shared by every service and connection.
+#[derive(Debug)]
+struct Admission {
+    running: Arc<Semaphore>,
+    max_in_flight: u32,
+    queued: AtomicU32,
+    max_queue: u32,
+    /// UNAUTHENTICATED answers per peer address in the current minute (for the WARN line).
+    bad_tokens: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+/// A peer whose calls fail authentication this often within a minute is named at WARN.
+const BAD_TOKENS_WARN: u32 = 20;
+
+impl Admission {
+    /// A permit at once, a place in the queue, or None: shed.
+    fn admit(&self) -> Option<Ticket> {
+        if let Ok(p) = self.running.clone().try_acquire_owned() {
+            return Some(Ticket::Running(p));
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        metrics::gauge!(telemetry::QUEUED).increment(1.0);
+        Some(Ticket::Queued)
+    }
+
+    async fn wait(&self, ticket: Ticket) -> Option<OwnedSemaphorePermit> {
+        let permit = match ticket {
+            Ticket::Running(p) => Some(p),
+            Ticket::Queued => {
+                let p = self.running.clone().acquire_owned().await.ok();
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                metrics::gauge!(telemetry::QUEUED).decrement(1.0);
+                p
+            }
+        };
+        metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
+        permit
+    }
+
+    fn note_unauthenticated(&self, peer: Option<IpAddr>) {
+        let Some(ip) = peer else { return };
+        let Ok(mut m) = self.bad_tokens.lock() else { return };
+        let now = Instant::now();
+        if m.len() > 10_000 {
+            m.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(60));
+        }
+        let e = m.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(60) {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        if e.1 == BAD_TOKENS_WARN {
+            tracing::warn!(peer = %ip, failures = e.1, "repeated UNAUTHENTICATED answers to one peer within a minute");
+        }
+    }
+}
+
+enum Ticket {
+    Running(OwnedSemaphorePermit),
+    Queued,
+}
+
+/// What is known of a call when its answer is complete (see `CallEnd::finish`).
+struct CallEnd {
+    method: String,
+    start: Instant,
+    facts: Arc<Mutex<CallFacts>>,
+    peer: Option<IpAddr>,
+    admission: Arc<Admission>,
+}
+
+impl CallEnd {
+    /// The call's metrics and its one log line (never a token, a secret or a value).
+    fn finish(self, code: Code) {
+        let elapsed = self.start.elapsed();
+        let (service, method) = split_path(&self.method);
+        let code_name = code_name(code);
+        metrics::counter!(telemetry::CALLS, "service" => service.to_owned(), "method" => method.to_owned(), "code" => code_name)
+            .increment(1);
+        metrics::histogram!(telemetry::CALL_SECONDS, "method" => method.to_owned()).record(elapsed.as_secs_f64());
+        if code == Code::Unauthenticated {
+            self.admission.note_unauthenticated(self.peer);
+        }
+        let f = self.facts.lock().map(|f| f.clone()).unwrap_or_default();
+        tracing::info!(
+            target: "lockstep::call",
+            method = %self.method,
+            code = code_name,
+            latency_ms = (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+            peer = self.peer.map(|p| p.to_string()),
+            principal = f.principal,
+            action = f.action,
+            resource = f.resource,
+            decision = f.decision,
+            audit_seq = f.audit_seq,
+            trace_id = f.trace_id,
+            "call"
+        );
+    }
+}
+
+/// `/lockstep.v1.Lockstep/Authorize` → (`lockstep.v1.Lockstep`, `Authorize`).
+fn split_path(path: &str) -> (&str, &str) {
+    let p = path.trim_start_matches('/');
+    p.split_once('/').unwrap_or((p, ""))
+}
+
+/// The code's name as gRPC spells it in its documentation (`OK`, `PERMISSION_DENIED`).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`); None when
+/// absent or malformed (an all-zero id is invalid).
+pub fn trace_id(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = v.trim().split('-');
+    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+        return None;
+    }
+    if trace.bytes().all(|b| b == b'0') || span.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    Some(trace.to_owned())
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -60,10 +246,115 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let task = tokio::spawn(self.inner.call(req));
-        let mut head = Response::new(Body::new(Detached::Waiting(task)));
+        let method = req.uri().path().to_owned();
+        let facts = Arc::new(Mutex::new(CallFacts { trace_id: trace_id(req.headers()), ..CallFacts::default() }));
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
+            .map(|a| a.ip());
+        let end = CallEnd { method, start: Instant::now(), facts: facts.clone(), peer, admission: self.admission.clone() };
+        // Health and reflection answer under any load (probes must not fail for it).
+        let exempt = end.method.starts_with("/grpc.health.") || end.method.starts_with("/grpc.reflection.");
+        let ticket = if exempt {
+            None
+        } else {
+            match self.admission.admit() {
+                Some(t) => Some(t),
+                None => {
+                    metrics::counter!(telemetry::SHED).increment(1);
+                    let a = &self.admission;
+                    use tonic_types::StatusExt;
+                    let status = tonic::Status::with_error_details(
+                        Code::ResourceExhausted,
+                        format!(
+                            "overloaded: {} calls in flight and {} waiting (--max-in-flight, --max-queue); nothing was \
+                             done; retry after the delay in google.rpc.RetryInfo",
+                            a.max_in_flight, a.max_queue
+                        ),
+                        tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_millis(100))),
+                    );
+                    end.finish(Code::ResourceExhausted);
+                    return std::future::ready(Ok(status.into_http()));
+                }
+            }
+        };
+        let call = self.inner.call(req);
+        let admission = self.admission.clone();
+        let task = tokio::spawn(telemetry::scope(facts, async move {
+            let _permit = match ticket {
+                Some(t) => {
+                    let p = admission.wait(t).await;
+                    Some(InFlight(p))
+                }
+                None => None,
+            };
+            call.await
+        }));
+        let mut head = Response::new(Body::new(Answering { state: Detached::Waiting(task), end: Some(end) }));
         head.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         std::future::ready(Ok(head))
+    }
+}
+
+/// A running call's permit; leaving the in-flight gauge when dropped.
+struct InFlight(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// `Detached`, and the call's log line and metrics once its trailers are out.
+struct Answering<E> {
+    state: Detached<E>,
+    end: Option<CallEnd>,
+}
+
+impl<E> http_body::Body for Answering<E>
+where
+    E: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.state).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) if f.is_trailers() => {
+                if let (Some(end), Some(t)) = (this.end.take(), f.trailers_ref()) {
+                    end.finish(Status::from_header_map(t).map_or(Code::Ok, |s| s.code()));
+                }
+            }
+            Some(Err(e)) => {
+                if let Some(end) = this.end.take() {
+                    end.finish(e.code());
+                }
+            }
+            None => {
+                if let Some(end) = this.end.take() {
+                    end.finish(Code::Ok);
+                }
+            }
+            _ => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state.is_end_stream()
+    }
+}
+
+impl<E> Drop for Answering<E> {
+    fn drop(&mut self) {
+        // The client went away before the answer was complete (the handler still runs to
+        // its outcome in its task).
+        if let Some(end) = self.end.take() {
+            end.finish(Code::Cancelled);
+        }
     }
 }
 

@@ -68,6 +68,10 @@ pub trait Store: Send + Sync + 'static {
     async fn install_mapping(&self) -> StoreResult<Vec<String>> {
         Ok(Vec::new())
     }
+    /// Connections in the pool and how many of them are idle (PostgreSQL).
+    fn pool_connections(&self) -> Option<(u32, u32)> {
+        None
+    }
     /// Group commit counters, where the store groups commits (SQLite).
     fn group_commit_stats(&self) -> Option<GroupCommitStats> {
         None
@@ -151,6 +155,19 @@ pub trait Txn: Send {
     /// revoked), whether the token is revoked, and the policy state — read together, after
     /// the subject's lock where the store has one.
     async fn revocations_and_policy(&mut self, subject: &Uid, token_id: &str) -> StoreResult<CallState>;
+    /// `key` and then `revocations_and_policy`, for a subject and token id known before
+    /// the token is verified (a hint of the verification cache): in one round trip where
+    /// the store can (PostgreSQL). None: no such key (and no call state read).
+    async fn key_and_call_state(
+        &mut self,
+        kid: &str,
+        subject: &Uid,
+        token_id: &str,
+    ) -> StoreResult<Option<(KeyRecord, CallState)>> {
+        let Some(key) = self.key(kid).await? else { return Ok(None) };
+        let state = self.revocations_and_policy(subject, token_id).await?;
+        Ok(Some((key, state)))
+    }
     async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()>;
 
     // --- policies ------------------------------------------------------------------------
@@ -174,6 +191,27 @@ pub trait Txn: Send {
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>>;
     /// The given entities that exist, and all their ancestors (transitively), each once.
     async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>>;
+    /// Announces the `entity_for_write` call this transaction will make first, so that the
+    /// store may read it in an earlier round trip (PostgreSQL: with `key_and_call_state`).
+    /// Only a hint: a later `entity_for_write` with other arguments reads as usual.
+    fn prefetch_for_write(&mut self, _resource: &Uid, _also: &[Uid], _with_parents: bool) {}
+    /// What a mutation of `resource` is decided on: `entity(resource)`, then
+    /// `entities_with_ancestors` of `also` and, when `with_parents`, of the entity's current
+    /// parents. In one round trip where the store can (PostgreSQL, own store).
+    async fn entity_for_write(
+        &mut self,
+        resource: &Uid,
+        also: &[Uid],
+        with_parents: bool,
+    ) -> StoreResult<(Option<EntityRecord>, Vec<EntityRecord>)> {
+        let current = self.entity(resource).await?;
+        let mut wanted = also.to_vec();
+        if with_parents && let Some(c) = &current {
+            wanted.extend(c.parents.iter().cloned());
+        }
+        let loaded = self.entities_with_ancestors(&wanted).await?;
+        Ok((current, loaded))
+    }
     /// `Conflict` if it exists.
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()>;
     /// Replaces attributes, parents and version of an existing entity.

@@ -163,13 +163,22 @@ impl PgStore {
 #[async_trait]
 impl Store for PgStore {
     async fn write(&self) -> StoreResult<Box<dyn Txn>> {
+        let started = std::time::Instant::now();
         let tx = self.pool.begin().await.map_err(map_err)?;
+        metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(Box::new(self.txn(tx, true)))
     }
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
+        let started = std::time::Instant::now();
         let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_err)?;
+        metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(Box::new(self.txn(tx, false)))
+    }
+
+    fn pool_connections(&self) -> Option<(u32, u32)> {
+        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
+        Some((self.pool.size(), idle))
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -245,6 +254,9 @@ impl PgStore {
             mapping: self.mapping.clone(),
             read: HashMap::new(),
             shared_held: HashSet::new(),
+            deferred: None,
+            prefetch: None,
+            prefetched: None,
         }
     }
 }
@@ -448,6 +460,31 @@ struct PgTxn {
     read: HashMap<Uid, EntityRecord>,
     /// Advisory lock keys this transaction holds shared (see `lock_shared`).
     shared_held: HashSet<String>,
+    /// An update of an own-store entity not sent yet: it goes with the next statement
+    /// (the audit insert, as one statement: one round trip less), or alone before any
+    /// other (`flush`), so every read still sees it.
+    deferred: Option<DeferredUpdate>,
+    /// The `entity_for_write` announced (`prefetch_for_write`), and what reading it found.
+    prefetch: Option<WriteArgs>,
+    prefetched: Option<(WriteArgs, Option<EntityRecord>, Vec<EntityRecord>)>,
+}
+
+/// The arguments of an `entity_for_write`.
+#[derive(PartialEq, Eq)]
+struct WriteArgs {
+    resource: Uid,
+    also: Vec<Uid>,
+    with_parents: bool,
+}
+
+/// `UPDATE entities` of one entity, bound values ready.
+struct DeferredUpdate {
+    etype: String,
+    eid: String,
+    attributes: String,
+    parents: String,
+    version: i64,
+    tags: String,
 }
 
 /// A transaction about to commit, as the database knows it.
@@ -719,6 +756,78 @@ impl PgTxn {
         Ok(())
     }
 
+    /// `key_and_call_state` with the announced `entity_for_write` in the same statement
+    /// (`write_context`, migration 0008): the key, the subject's and principal's locks and
+    /// the call state, then the resource's lock and row and its context.
+    async fn key_and_write_context(
+        &mut self,
+        kid: &str,
+        subject: &Uid,
+        token_id: &str,
+        args: WriteArgs,
+    ) -> StoreResult<Option<(KeyRecord, CallState)>> {
+        self.shared_held.extend([subject_lock_key(subject), entity_lock_key(subject)]);
+        let keys: Vec<String> = args.also.iter().map(|u| format!("{}\u{1f}{}", u.ty, u.id)).collect();
+        let rows = sqlx::query_as::<_, ContextRow>(
+            "SELECT k.*, c.* FROM keys k
+             CROSS JOIN LATERAL write_context($2, $3, $4, $5, $6, $7, $8) AS c WHERE k.kid = $1",
+        )
+        .bind(kid)
+        .bind(&subject.ty)
+        .bind(&subject.id)
+        .bind(token_id)
+        .bind(&args.resource.ty)
+        .bind(&args.resource.id)
+        .bind(keys)
+        .bind(args.with_parents)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        let mut rows = rows.into_iter();
+        let Some(first) = rows.next() else { return Ok(None) };
+        let state = call_state((first.revoked_at_secs, first.token_revoked, first.version, first.generation));
+        let key = KeyRecord::from(first.key);
+        let (mut current, mut loaded) = (None, Vec::new());
+        for r in rows {
+            let e = EntityRecord::try_from(EntityRow {
+                etype: r.r_etype.unwrap_or_default(),
+                eid: r.r_eid.unwrap_or_default(),
+                attributes: r.r_attributes.unwrap_or_default(),
+                parents: r.r_parents.unwrap_or_default(),
+                version: r.r_version.unwrap_or_default(),
+                tags: r.r_tags.unwrap_or_default(),
+            })?;
+            if r.r_resource == Some(true) {
+                current = Some(e);
+            } else {
+                loaded.push(e);
+            }
+        }
+        self.prefetched = Some((args, current, loaded));
+        Ok(Some((key, state)))
+    }
+
+    /// Sends a deferred update (see `deferred`) on its own.
+    async fn flush(&mut self) -> StoreResult<()> {
+        let Some(d) = self.deferred.take() else { return Ok(()) };
+        let done = sqlx::query(
+            "UPDATE entities SET attributes = $3, parents = $4, version = $5, tags = $6 WHERE etype = $1 AND eid = $2",
+        )
+        .bind(&d.etype)
+        .bind(&d.eid)
+        .bind(&d.attributes)
+        .bind(&d.parents)
+        .bind(d.version)
+        .bind(&d.tags)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Internal(format!("update of missing entity {}::{:?}", d.etype, d.eid)));
+        }
+        Ok(())
+    }
+
     async fn lock_exclusive(&mut self, key: &str) -> StoreResult<()> {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
             .bind(key)
@@ -729,6 +838,44 @@ impl PgTxn {
     }
 }
 
+/// A key with the call state (`key_and_call_state`).
+#[derive(sqlx::FromRow)]
+struct KeyStateRow {
+    #[sqlx(flatten)]
+    key: KeyRow,
+    revoked_at_secs: Option<i64>,
+    token_revoked: bool,
+    version: Option<i64>,
+    generation: i64,
+}
+
+/// A row of `key_and_write_context`: the key and the call state, then (rows after the
+/// first) one entity each.
+#[derive(sqlx::FromRow)]
+struct ContextRow {
+    #[sqlx(flatten)]
+    key: KeyRow,
+    revoked_at_secs: Option<i64>,
+    token_revoked: bool,
+    version: Option<i64>,
+    generation: i64,
+    r_resource: Option<bool>,
+    r_etype: Option<String>,
+    r_eid: Option<String>,
+    r_attributes: Option<String>,
+    r_parents: Option<String>,
+    r_version: Option<i64>,
+    r_tags: Option<String>,
+}
+
+/// An entity row of `read_for_write`, marked when it is the resource itself.
+#[derive(sqlx::FromRow)]
+struct FlaggedEntityRow {
+    is_resource: bool,
+    #[sqlx(flatten)]
+    row: EntityRow,
+}
+
 fn split(uids: &[Uid]) -> (Vec<String>, Vec<String>) {
     uids.iter().map(|u| (u.ty.clone(), u.id.clone())).unzip()
 }
@@ -736,6 +883,7 @@ fn split(uids: &[Uid]) -> (Vec<String>, Vec<String>) {
 #[async_trait]
 impl Txn for PgTxn {
     async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>> {
+        self.flush().await?;
         let row = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys WHERE kid = $1")
             .bind(kid)
             .fetch_optional(&mut *self.tx)
@@ -745,6 +893,7 @@ impl Txn for PgTxn {
     }
 
     async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>> {
+        self.flush().await?;
         let rows = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys ORDER BY added_at, kid")
             .fetch_all(&mut *self.tx)
             .await
@@ -753,6 +902,7 @@ impl Txn for PgTxn {
     }
 
     async fn insert_key(&mut self, k: &KeyRecord) -> StoreResult<()> {
+        self.flush().await?;
         sqlx::query(
             "INSERT INTO keys (kid, algorithm, secret, public_key_pem, issuer, audience, principal_type, revoked, added_at,
                                jwk, source, retired, required_typ, max_lifetime_secs, signing, private_key)
@@ -781,6 +931,7 @@ impl Txn for PgTxn {
     }
 
     async fn update_key(&mut self, k: &KeyRecord) -> StoreResult<()> {
+        self.flush().await?;
         sqlx::query("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
         sqlx::query("UPDATE keys SET jwk = $2, retired = $3, signing = $4 WHERE kid = $1")
             .bind(&k.kid)
@@ -794,6 +945,7 @@ impl Txn for PgTxn {
     }
 
     async fn revoke_key(&mut self, kid: &str, now: i64) -> StoreResult<bool> {
+        self.flush().await?;
         sqlx::query("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
         let done = sqlx::query("UPDATE keys SET revoked = TRUE, revoked_at = coalesce(revoked_at, $2) WHERE kid = $1")
             .bind(kid)
@@ -834,6 +986,7 @@ impl Txn for PgTxn {
     }
 
     async fn revocations_and_policy(&mut self, subject: &Uid, token_id: &str) -> StoreResult<CallState> {
+        self.flush().await?;
         if self.write {
             // The subject's lock and its entity's (the principal, read later with its
             // ancestors), shared, then the read: one round trip (`call_state_locked`, whose
@@ -860,7 +1013,48 @@ impl Txn for PgTxn {
         Ok(call_state(row))
     }
 
+    async fn key_and_call_state(
+        &mut self,
+        kid: &str,
+        subject: &Uid,
+        token_id: &str,
+    ) -> StoreResult<Option<(KeyRecord, CallState)>> {
+        self.flush().await?;
+        if self.write
+            && let Some(args) = self.prefetch.take()
+        {
+            return self.key_and_write_context(kid, subject, token_id, args).await;
+        }
+        // One statement: the key (its table lock taken when the statement is planned, as
+        // by `key`), and in a write transaction `call_state_locked` — the subject's locks,
+        // then a read with a snapshot of its own, taken after them.
+        let sql = if self.write {
+            self.shared_held.extend([subject_lock_key(subject), entity_lock_key(subject)]);
+            "SELECT k.*, s.revoked_at_secs, s.token_revoked, s.version, s.generation
+             FROM keys k CROSS JOIN LATERAL call_state_locked($2, $3, $4) AS s WHERE k.kid = $1"
+        } else {
+            "SELECT k.*,
+                    (SELECT revoked_at_secs FROM subjects WHERE etype = $2 AND eid = $3) AS revoked_at_secs,
+                    EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $4) AS token_revoked,
+                    (SELECT max(version) FROM policies) AS version,
+                    (SELECT generation FROM policy_links_meta WHERE id = 1) AS generation
+             FROM keys k WHERE k.kid = $1"
+        };
+        let row = sqlx::query_as::<_, KeyStateRow>(sql)
+            .bind(kid)
+            .bind(&subject.ty)
+            .bind(&subject.id)
+            .bind(token_id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(row.map(|r| {
+            (KeyRecord::from(r.key), call_state((r.revoked_at_secs, r.token_revoked, r.version, r.generation)))
+        }))
+    }
+
     async fn revoke_subject(&mut self, subject: &Uid, at_secs: i64) -> StoreResult<()> {
+        self.flush().await?;
         self.lock_exclusive(&subject_lock_key(subject)).await?;
         sqlx::query(
             "INSERT INTO subjects (etype, eid, revoked_at_secs) VALUES ($1, $2, $3)
@@ -877,6 +1071,7 @@ impl Txn for PgTxn {
     }
 
     async fn policy_state(&mut self) -> StoreResult<PolicyState> {
+        self.flush().await?;
         let (version, links): (Option<i64>, i64) = sqlx::query_as(
             "SELECT (SELECT max(version) FROM policies), (SELECT generation FROM policy_links_meta WHERE id = 1)",
         )
@@ -887,6 +1082,7 @@ impl Txn for PgTxn {
     }
 
     async fn policy_links(&mut self) -> StoreResult<Vec<TemplateLink>> {
+        self.flush().await?;
         let rows = sqlx::query_as::<_, LinkRow>("SELECT * FROM policy_links ORDER BY link_id")
             .fetch_all(&mut *self.tx)
             .await
@@ -895,6 +1091,7 @@ impl Txn for PgTxn {
     }
 
     async fn insert_link(&mut self, l: &TemplateLink, now: i64) -> StoreResult<()> {
+        self.flush().await?;
         sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
         sqlx::query(
             "INSERT INTO policy_links (link_id, template_id, principal_type, principal_id, resource_type, resource_id, created_at)
@@ -915,6 +1112,7 @@ impl Txn for PgTxn {
     }
 
     async fn delete_link(&mut self, link_id: &str) -> StoreResult<Option<TemplateLink>> {
+        self.flush().await?;
         sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
         let row = sqlx::query_as::<_, LinkRow>("DELETE FROM policy_links WHERE link_id = $1 RETURNING *")
             .bind(link_id)
@@ -928,6 +1126,7 @@ impl Txn for PgTxn {
     }
 
     async fn policies(&mut self, version: u64) -> StoreResult<Option<PolicyRecord>> {
+        self.flush().await?;
         let row = sqlx::query_as::<_, PolicyRow>(
             "SELECT version, policies, schema, created_at FROM policies WHERE version = $1",
         )
@@ -939,6 +1138,7 @@ impl Txn for PgTxn {
     }
 
     async fn insert_policies(&mut self, policies: &str, schema: &str, now: i64) -> StoreResult<u64> {
+        self.flush().await?;
         sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(&mut *self.tx).await.map_err(map_err)?;
         let v: i64 = sqlx::query_scalar(
             "INSERT INTO policies (version, policies, schema, created_at)
@@ -954,6 +1154,7 @@ impl Txn for PgTxn {
     }
 
     async fn policy_history(&mut self) -> StoreResult<Vec<PolicyRecord>> {
+        self.flush().await?;
         let rows = sqlx::query_as::<_, PolicyRow>(
             "SELECT version, policies, schema, created_at FROM policies ORDER BY version",
         )
@@ -964,6 +1165,7 @@ impl Txn for PgTxn {
     }
 
     async fn entity(&mut self, uid: &Uid) -> StoreResult<Option<EntityRecord>> {
+        self.flush().await?;
         let mapping = self.mapping.clone();
         if let Some(tm) = mapping.get(&uid.ty) {
             return self.mapped_entity(tm, uid).await;
@@ -986,6 +1188,7 @@ impl Txn for PgTxn {
     }
 
     async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>> {
+        self.flush().await?;
         if uids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1053,7 +1256,65 @@ impl Txn for PgTxn {
         Ok(out)
     }
 
+    async fn entity_for_write(
+        &mut self,
+        resource: &Uid,
+        also: &[Uid],
+        with_parents: bool,
+    ) -> StoreResult<(Option<EntityRecord>, Vec<EntityRecord>)> {
+        self.flush().await?;
+        let args = WriteArgs { resource: resource.clone(), also: also.to_vec(), with_parents };
+        if let Some((done, current, loaded)) = self.prefetched.take()
+            && done == args
+        {
+            return Ok((current, loaded));
+        }
+        if !self.write || !self.mapping.is_empty() {
+            // Entities in the application's tables take their own path (row lock first).
+            let current = self.entity(resource).await?;
+            let mut wanted = also.to_vec();
+            if with_parents && let Some(c) = &current {
+                wanted.extend(c.parents.iter().cloned());
+            }
+            let loaded = self.entities_with_ancestors(&wanted).await?;
+            return Ok((current, loaded));
+        }
+        // One round trip (`read_for_write`, migration 0008): the resource's lock exclusive
+        // and its row, then the rest with their ancestors, each level's locks shared first.
+        let keys: Vec<String> = also.iter().map(|u| format!("{}\u{1f}{}", u.ty, u.id)).collect();
+        let rows = sqlx::query_as::<_, FlaggedEntityRow>(
+            "SELECT r_resource AS is_resource, r_etype AS etype, r_eid AS eid, r_attributes AS attributes,
+                    r_parents AS parents, r_version AS version, r_tags AS tags
+             FROM read_for_write($1, $2, $3, $4)",
+        )
+        .bind(&resource.ty)
+        .bind(&resource.id)
+        .bind(keys)
+        .bind(with_parents)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        let mut current = None;
+        let mut loaded = Vec::with_capacity(rows.len());
+        for r in rows {
+            if r.is_resource {
+                current = Some(EntityRecord::try_from(r.row)?);
+            } else {
+                loaded.push(EntityRecord::try_from(r.row)?);
+            }
+        }
+        Ok((current, loaded))
+    }
+
+    fn prefetch_for_write(&mut self, resource: &Uid, also: &[Uid], with_parents: bool) {
+        // Entities in the application's tables take their own path (row lock first).
+        if self.write && self.mapping.is_empty() {
+            self.prefetch = Some(WriteArgs { resource: resource.clone(), also: also.to_vec(), with_parents });
+        }
+    }
+
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
+        self.flush().await?;
         let mapping = self.mapping.clone();
         if let Some(tm) = mapping.get(&e.uid.ty) {
             return self.mapped_insert(tm, e).await;
@@ -1078,25 +1339,22 @@ impl Txn for PgTxn {
         if let Some(tm) = mapping.get(&e.uid.ty) {
             return self.mapped_update(tm, e).await;
         }
-        let done = sqlx::query(
-            "UPDATE entities SET attributes = $3, parents = $4, version = $5, tags = $6 WHERE etype = $1 AND eid = $2",
-        )
-        .bind(&e.uid.ty)
-        .bind(&e.uid.id)
-        .bind(serde_json::to_string(&e.attributes).map_err(json_err)?)
-        .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
-        .bind(to_i64(e.version))
-        .bind(serde_json::to_string(&e.tags).map_err(json_err)?)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(map_err)?;
-        if done.rows_affected() != 1 {
-            return Err(StoreError::Internal(format!("update of missing entity {}", e.uid)));
-        }
+        self.flush().await?;
+        // Sent with the next statement (see `deferred`); the entity's exclusive lock is
+        // held already (`entity`), so nothing can come between.
+        self.deferred = Some(DeferredUpdate {
+            etype: e.uid.ty.clone(),
+            eid: e.uid.id.clone(),
+            attributes: serde_json::to_string(&e.attributes).map_err(json_err)?,
+            parents: serde_json::to_string(&e.parents).map_err(json_err)?,
+            version: to_i64(e.version),
+            tags: serde_json::to_string(&e.tags).map_err(json_err)?,
+        });
         Ok(())
     }
 
     async fn delete_entity(&mut self, uid: &Uid) -> StoreResult<()> {
+        self.flush().await?;
         let mapping = self.mapping.clone();
         if let Some(tm) = mapping.get(&uid.ty) {
             return self.mapped_delete(tm, uid).await;
@@ -1111,11 +1369,14 @@ impl Txn for PgTxn {
     }
 
     async fn savepoint(&mut self) -> StoreResult<()> {
+        self.flush().await?;
         sqlx::query("SAVEPOINT lockstep_mutations").execute(&mut *self.tx).await.map_err(map_err)?;
         Ok(())
     }
 
     async fn rollback_to_savepoint(&mut self) -> StoreResult<()> {
+        // A deferred update was made after the savepoint: undone by not sending it.
+        self.deferred = None;
         sqlx::query("ROLLBACK TO SAVEPOINT lockstep_mutations").execute(&mut *self.tx).await.map_err(map_err)?;
         Ok(())
     }
@@ -1160,6 +1421,7 @@ impl Txn for PgTxn {
     }
 
     async fn complete_idempotency_key(&mut self, subject: &Uid, key: &str, response: &str) -> StoreResult<()> {
+        self.flush().await?;
         sqlx::query("UPDATE idempotency SET response = $4 WHERE etype = $1 AND eid = $2 AND key = $3")
             .bind(&subject.ty)
             .bind(&subject.id)
@@ -1174,10 +1436,20 @@ impl Txn for PgTxn {
     async fn append_audit(&mut self, ev: &NewAuditEvent, now: i64) -> StoreResult<u64> {
         // Also returns who this transaction is, for settling an interrupted COMMIT: no
         // extra round trip (see the module doc).
-        let (seq, xid, pid): (i64, String, i32) = sqlx::query_as(
+        // A deferred update goes in the same statement: the audit row and the write, one
+        // round trip (the update's row count comes back beside the seq).
+        let d = self.deferred.take();
+        let sql = if d.is_some() {
+            "WITH u AS (UPDATE entities SET attributes = $11, parents = $12, version = $13, tags = $14
+                        WHERE etype = $9 AND eid = $10 RETURNING 1)
+             INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), (SELECT count(*) FROM u)"
+        } else {
             "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq, pg_current_xact_id()::text, pg_backend_pid()",
-        )
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), 1::bigint"
+        };
+        let mut q = sqlx::query_as::<_, (i64, String, i32, i64)>(sql)
         .bind(now)
         .bind(ev.kind as i64)
         .bind(ev.principal.as_ref().map(|p| p.ty.as_str()))
@@ -1185,15 +1457,22 @@ impl Txn for PgTxn {
         .bind(&ev.token_id)
         .bind(serde_json::to_string(&ev.mutations).map_err(json_err)?)
         .bind(serde_json::to_string(&ev.entities).map_err(json_err)?)
-        .bind(&ev.detail)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(map_err)?;
+        .bind(&ev.detail);
+        if let Some(d) = &d {
+            q = q.bind(&d.etype).bind(&d.eid).bind(&d.attributes).bind(&d.parents).bind(d.version).bind(&d.tags);
+        }
+        let (seq, xid, pid, updated) = q.fetch_one(&mut *self.tx).await.map_err(map_err)?;
+        if let Some(d) = d
+            && updated != 1
+        {
+            return Err(StoreError::Internal(format!("update of missing entity {}::{:?}", d.etype, d.eid)));
+        }
         self.pending = Some(Pending { xid, pid, audit_seq: Some(to_u64(seq)) });
         Ok(to_u64(seq))
     }
 
     async fn audit_events(&mut self, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditEvent>> {
+        self.flush().await?;
         let rows = sqlx::query_as::<_, AuditRow>("SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
             .bind(to_i64(after_seq))
             .bind(i64::from(limit))
@@ -1204,6 +1483,7 @@ impl Txn for PgTxn {
     }
 
     async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)> {
+        self.flush().await?;
         let tokens = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at_secs < $1")
             .bind(now_secs)
             .execute(&mut *self.tx)
@@ -1227,7 +1507,9 @@ impl Txn for PgTxn {
     /// (see the module doc), so that a committed call is never answered UNAVAILABLE and an
     /// uncommitted one is not answered UNKNOWN when the database is back in time.
     async fn commit_before(self: Box<Self>, deadline: Option<Instant>) -> StoreResult<()> {
-        let PgTxn { mut tx, write, pool, pending, .. } = *self;
+        let mut this = self;
+        this.flush().await?;
+        let PgTxn { mut tx, write, pool, pending, .. } = *this;
         let pending = match pending {
             Some(p) => Some(p),
             // Rare (housekeeping, a repeated idempotent request): one statement.

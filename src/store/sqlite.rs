@@ -137,11 +137,14 @@ impl Writer {
             return rolled_back.map_err(map_err);
         }
         let conn = self.conn.clone();
+        let started = std::time::Instant::now();
         let committed = tokio::task::spawn_blocking(move || exec(&lock(&conn), "COMMIT"))
             .await
             .map_err(|e| StoreError::Unknown(format!("the commit's thread failed: {e}")))?;
+        metrics::histogram!(crate::telemetry::FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
         match committed {
             Ok(()) => {
+                metrics::histogram!(crate::telemetry::GROUP_SIZE).record(self.waiters.len().max(1) as f64);
                 self.open = false;
                 self.stats.transactions.fetch_add(1, Ordering::Relaxed);
                 self.stats.calls.fetch_add(self.waiters.len().max(1) as u64, Ordering::Relaxed);

@@ -13,6 +13,7 @@ mod ext_authz;
 mod group_commit;
 mod keys;
 mod mapped;
+mod operations;
 mod outage;
 mod property_rules;
 mod races;

@@ -1,0 +1,326 @@
+//! Running it in production (issue 13): metrics scraped from a real server process, one
+//! JSON log line per call, the configuration file and its precedence, admission under
+//! overload (a shed call commits nothing), liveness, and help that fits each command.
+
+use crate::common::*;
+use lockstep::config::{Settings, StoreOptions};
+use lockstep::grpc::pb;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills the server process when the test ends, however it ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `lockstep ARGS` with stderr to `log`, once `addr` accepts gRPC connections.
+async fn spawn(args: &[&str], envs: &[(&str, &str)], log: &std::path::Path, addr: SocketAddr) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    cmd.args(args).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let server = Server(cmd.spawn().unwrap());
+    let t0 = Instant::now();
+    loop {
+        if tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.is_ok() {
+            return server;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "server did not start: {}", std::fs::read_to_string(log).unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap()
+}
+
+/// The value of the series whose line starts with `name{labels}` (0 when absent).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+fn with_trace<T>(token: &str, msg: T, trace: &str) -> tonic::Request<T> {
+    let mut r = authed(token, msg);
+    r.metadata_mut().insert("traceparent", format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap());
+    r
+}
+
+/// A real server process: the series move with the calls, and every call has one JSON log
+/// line with what it did (and no token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_call_log_follow_the_calls() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    bootstrap_db(&db.url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serve.log");
+    let (port, mport) = (free_port(), free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let maddr: SocketAddr = format!("127.0.0.1:{mport}").parse().unwrap();
+    let _server = spawn(
+        &["serve", "--database", &db.url, "--listen", &addr.to_string(), "--metrics-listen", &maddr.to_string()],
+        &[("LOCKSTEP_LOG_FORMAT", "json"), ("LOCKSTEP_LOG", "info")],
+        &log,
+        addr,
+    )
+    .await;
+
+    let before = scrape(maddr).await;
+    let ok = "lockstep_calls_total{service=\"lockstep.v1.Lockstep\",method=\"AuthorizeAndCommit\",code=\"OK\"}";
+    assert_eq!(value(&before, ok), 0.0);
+
+    let (alice, bob) = (token("k1", "alice"), token("k1", "bob"));
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut c = client(addr).await;
+    let doc = || commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "title": "t" }), None)]);
+    let seq = c.authorize_and_commit(with_trace(&alice, doc(), trace)).await.unwrap().into_inner().audit_seq;
+    let denied = c.authorize_and_commit(authed(&bob, doc())).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let forged = format!("{}x", &alice[..alice.len() - 1]);
+    let bad = c.authorize_and_commit(authed(&forged, doc())).await.unwrap_err();
+    assert_eq!(bad.code(), Code::Unauthenticated);
+
+    let after = scrape(maddr).await;
+    assert_eq!(value(&after, ok), 1.0, "{after}");
+    let code = |c: &str| format!("lockstep_calls_total{{service=\"lockstep.v1.Lockstep\",method=\"AuthorizeAndCommit\",code=\"{c}\"}}");
+    assert_eq!(value(&after, &code("PERMISSION_DENIED")), 1.0);
+    assert_eq!(value(&after, &code("UNAUTHENTICATED")), 1.0);
+    assert_eq!(value(&after, "lockstep_commits_total"), 1.0);
+    assert_eq!(value(&after, "lockstep_decisions_total{decision=\"allow\",call=\"commit\"}"), 1.0);
+    assert_eq!(value(&after, "lockstep_decisions_total{decision=\"deny\",call=\"commit\"}"), 1.0);
+    assert_eq!(value(&after, "lockstep_call_duration_seconds_count{method=\"AuthorizeAndCommit\"}"), 3.0);
+    assert!(value(&after, "lockstep_token_cache_total{result=\"miss\"}") >= 2.0, "{after}");
+    assert_eq!(value(&after, "lockstep_serving"), 1.0);
+
+    for _ in 0..3 {
+        c.authorize_and_commit(authed(&alice, doc())).await.unwrap();
+    }
+    let later = scrape(maddr).await;
+    assert_eq!(value(&later, ok), 4.0);
+    assert_eq!(value(&later, "lockstep_commits_total"), 4.0);
+    assert!(value(&later, "lockstep_token_cache_total{result=\"hit\"}") >= 3.0, "{later}");
+
+    // The log: one JSON object per line; one `call` line per call.
+    let t0 = Instant::now();
+    let lines: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let calls: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .filter(|v| v["target"] == "lockstep::call" && v["method"].as_str().unwrap_or("").contains("Lockstep/"))
+            .collect();
+        if calls.len() >= 6 || t0.elapsed() > Duration::from_secs(10) {
+            for secret in [&alice, &bob, &forged] {
+                assert!(!text.contains(secret.as_str()), "a token in the log");
+            }
+            assert!(!text.contains('\u{1b}'), "ANSI codes in a log file");
+            break calls;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), 6, "{lines:#?}");
+    let first = &lines[0];
+    assert_eq!(first["method"], "/lockstep.v1.Lockstep/AuthorizeAndCommit");
+    assert_eq!(first["code"], "OK");
+    assert_eq!(first["principal"], "User::\"alice\"");
+    assert_eq!(first["action"], "UpdateItem");
+    assert_eq!(first["resource"], "Item::\"doc\"");
+    assert_eq!(first["decision"], "allow");
+    assert_eq!(first["audit_seq"], seq);
+    assert_eq!(first["trace_id"], trace);
+    assert!(first["latency_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(lines[1]["code"], "PERMISSION_DENIED");
+    assert_eq!(lines[1]["decision"], "deny");
+    assert_eq!(lines[1]["principal"], "User::\"bob\"");
+    assert_eq!(lines[2]["code"], "UNAUTHENTICATED");
+    assert!(lines[2].get("principal").is_none(), "an unauthenticated call names no principal");
+}
+
+/// Flags > environment > file > defaults; unknown keys and bad values fail, naming them;
+/// `config check` hides passwords.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_takes_its_place_in_the_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("c.db").display());
+    let (file_port, flag_port) = (free_port(), free_port());
+    let cfg = dir.path().join("lockstep.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{file_port}\"\ndatabase = \"{db}\"\nmax-connections = 7\nleeway-secs = 10\n\
+             sqlite-group-commit = false\n"
+        ),
+    )
+    .unwrap();
+    let check = |envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+        cmd.args(["config", "check"]).arg(&cfg).env_remove("LOCKSTEP_DATABASE_URL");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = check(&[]);
+    assert!(text.contains("max-connections = 7  # file"), "{text}");
+    assert!(text.contains("leeway-secs = 10  # file"), "{text}");
+    assert!(text.contains("sqlite-group-commit = false  # file"), "{text}");
+    assert!(text.contains("statement-timeout-ms = 5000  # default"), "{text}");
+    let text = check(&[("LOCKSTEP_MAX_CONNECTIONS", "5")]);
+    assert!(text.contains("max-connections = 5  # environment"), "{text}");
+
+    // Secrets are redacted.
+    let secret = dir.path().join("secret.toml");
+    std::fs::write(&secret, "database = \"postgres://app:hunter2@db:5432/x\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lockstep")).args(["config", "check"]).arg(&secret).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("postgres://app:***@db:5432/x") && !text.contains("hunter2"), "{text}");
+
+    // An unknown key, and a value its flag would refuse: errors that name them.
+    for (body, named) in [("lisen = \"x\"\n", "`lisen`"), ("max-connections = \"many\"\n", "many"), ("leeway-secs = 99\n", "99")] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, body).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_lockstep")).args(["config", "check"]).arg(&bad).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(named), "{body}: {err}");
+        let out = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["serve", "--config"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "serve started with {body}");
+    }
+
+    // serve: the file's listen address; a flag wins over it.
+    let log = dir.path().join("a.log");
+    let file_addr: SocketAddr = format!("127.0.0.1:{file_port}").parse().unwrap();
+    let s = spawn(&["serve", "--config", cfg.to_str().unwrap()], &[], &log, file_addr).await;
+    drop(s);
+    let flag_addr: SocketAddr = format!("127.0.0.1:{flag_port}").parse().unwrap();
+    let log = dir.path().join("b.log");
+    let _s = spawn(
+        &["serve", "--config", cfg.to_str().unwrap(), "--listen", &flag_addr.to_string()],
+        &[],
+        &log,
+        flag_addr,
+    )
+    .await;
+    assert!(
+        tonic::transport::Channel::from_shared(format!("http://{file_addr}")).unwrap().connect().await.is_err(),
+        "the file's address was used although the flag named another"
+    );
+}
+
+/// Beyond --max-in-flight and --max-queue a call is answered RESOURCE_EXHAUSTED at once,
+/// with a retry hint, and commits nothing: every OK answer has its commit in the audit log
+/// and in the entity's version, no shed one has.
+async fn overload_sheds_without_committing(b: Backend) {
+    let Some(db) = TestDb::new(b).await else { return };
+    bootstrap_db(&db.url).await;
+    let settings = Settings { max_in_flight: 2, max_queue: 1, ..Settings::default() };
+    let s = serve_with_settings(&db.url.clone(), StoreOptions::default(), Some(std::sync::Arc::new(db)), Vec::new(), settings)
+        .await;
+    let version0 = read(s.addr, "Item", "doc").await.unwrap().version;
+    let commits0 = audit(s.addr).await.iter().filter(|e| e.kind == pb::audit_event::Kind::Commit as i32).count();
+    let alice = token("k1", "alice");
+    let c = client(s.addr).await;
+    let calls = (0..64).map(|i| {
+        let mut c = c.clone();
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let req = commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "n": i }), None)]);
+            c.authorize_and_commit(authed(&alice, req)).await
+        })
+    });
+    let (mut ok, mut shed) = (0u64, 0u64);
+    for r in futures_join(calls.collect()).await {
+        match r {
+            Ok(_) => ok += 1,
+            Err(st) if st.code() == Code::ResourceExhausted => {
+                use tonic_types::StatusExt;
+                let retry = st.get_details_retry_info().expect("a RetryInfo detail");
+                assert!(retry.retry_delay.is_some_and(|d| d > Duration::ZERO));
+                shed += 1;
+            }
+            Err(st) => panic!("unexpected answer: {st:?}"),
+        }
+    }
+    assert!(ok >= 1 && shed >= 1, "ok {ok}, shed {shed}: the bound was not reached");
+    let commits = audit(s.addr).await.iter().filter(|e| e.kind == pb::audit_event::Kind::Commit as i32).count() - commits0;
+    assert_eq!(commits as u64, ok, "audit commits vs OK answers");
+    assert_eq!(read(s.addr, "Item", "doc").await.unwrap().version, version0 + ok, "versions vs OK answers");
+}
+
+async fn futures_join(
+    handles: Vec<tokio::task::JoinHandle<Result<tonic::Response<pb::AuthorizeAndCommitResponse>, tonic::Status>>>,
+) -> Vec<Result<tonic::Response<pb::AuthorizeAndCommitResponse>, tonic::Status>> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+crate::on_both_backends!(overload_sheds_without_committing);
+
+/// `lockstep.liveness` answers SERVING; readiness ("" and the services) too while all is well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_and_readiness() {
+    let s = start(Backend::Sqlite).await.unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel(s.addr).await);
+    for service in [lockstep::server::LIVENESS, "", "lockstep.v1.Lockstep"] {
+        let r = h.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service}");
+    }
+}
+
+/// Every option of every command has a help line; commands that need no database do not
+/// list the database options; serve groups its options.
+#[test]
+fn help_fits_each_command() {
+    use clap::CommandFactory;
+    let mut cmd = lockstep::cli::Cli::command();
+    cmd.build();
+    fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in c.get_arguments().filter(|a| !a.is_hide_set()) {
+            if a.get_help().is_none() {
+                missing.push(format!("{path} --{}", a.get_id()));
+            }
+        }
+        for sc in c.get_subcommands() {
+            walk(sc, &format!("{path} {}", sc.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(&cmd, "lockstep", &mut missing);
+    assert!(missing.is_empty(), "options without a help line: {missing:#?}");
+    let help = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lockstep")).args(args).arg("--help").output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for args in [&["policies", "validate"][..], &["policies", "test"], &["config", "check"]] {
+        let text = help(args);
+        assert!(!text.contains("--max-connections") && !text.contains("--database"), "{args:?}: {text}");
+    }
+    let serve = help(&["serve"]);
+    for heading in ["Listening and TLS:", "Tokens:", "Database:", "Limits:", "Telemetry:"] {
+        assert!(serve.contains(heading), "{heading}: {serve}");
+    }
+    assert!(help(&[]).contains("Examples:"));
+}
