@@ -71,6 +71,9 @@ pub struct BenchPlan {
     /// Share of calls (0..=1) on the 4 hot items.
     pub hot: f64,
     pub subjects: usize,
+    /// Open loop: this many calls per second are started whatever the answers (the
+    /// `callers` are then connections); 0: closed loop (each caller waits for its answer).
+    pub rate: u64,
 }
 
 /// One measured phase.
@@ -166,28 +169,7 @@ pub async fn phase(
                 let t0 = Instant::now();
                 let result = match call.as_str() {
                     "commit" => {
-                        let mut patch = prost_types::Struct::default();
-                        patch.fields.insert(
-                            "n".into(),
-                            prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(i as f64)) },
-                        );
-                        let m = pb::Mutation {
-                            action: "UpdateItem".into(),
-                            resource,
-                            change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
-                                merge_patch: Some(patch),
-                                add_parents: vec![],
-                                remove_parents: vec![],
-                                tags_merge_patch: None,
-                            })),
-                            if_version: None,
-                        };
-                        let req = pb::AuthorizeAndCommitRequest {
-                            mutations: vec![m],
-                            context: None,
-                            idempotency_key: String::new(),
-                        };
-                        client.authorize_and_commit(authed(&token, req)).await.map(|_| ())
+                        client.authorize_and_commit(authed(&token, set_n(resource, i as f64))).await.map(|_| ())
                     }
                     "authorize" => {
                         let req = pb::AuthorizeRequest { action: "UpdateItem".into(), resource, context: None };
@@ -236,6 +218,109 @@ pub async fn phase(
     })
 }
 
+/// Drives one open-loop phase: `plan.rate` calls per second over `connections`
+/// connections, each started on schedule whatever the answers so far, as an overloaded
+/// server meets its traffic. The latencies are those of the calls answered OK (the
+/// admitted ones); every other answer is counted by its code (RESOURCE_EXHAUSTED: shed).
+pub async fn open_loop(
+    addr: SocketAddr,
+    key: &KeyRecord,
+    call: &str,
+    connections: usize,
+    plan: &BenchPlan,
+) -> anyhow::Result<PhaseResult> {
+    let mut clients = Vec::new();
+    for _ in 0..connections.max(1) {
+        let ch =
+            tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await.context("connect")?;
+        clients.push(LockstepClient::new(ch));
+    }
+    let now_secs = now_micros() / 1_000_000;
+    let tokens: Vec<String> = (0..plan.subjects.max(1))
+        .map(|u| crate::token::issue(key, &format!("u{u}"), 3600, "", now_secs))
+        .collect::<Result<_, _>>()?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Option<tonic::Code>)>();
+    let start = Instant::now();
+    let total = plan.rate * plan.seconds;
+    let mut started = 0u64;
+    // At most this many calls outstanding: beyond it the client itself is the bottleneck
+    // and the phase says so (as "ClientOverflow").
+    let outstanding = Arc::new(tokio::sync::Semaphore::new(50_000));
+    let mut overflow = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while started < total {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * plan.rate as f64) as u64).min(total);
+        while started < due {
+            let i = started;
+            started += 1;
+            let Ok(permit) = outstanding.clone().try_acquire_owned() else {
+                overflow += 1;
+                continue;
+            };
+            let subject = (i as usize) % tokens.len();
+            let token = tokens[subject].clone();
+            let mut client = clients[(i as usize) % clients.len()].clone();
+            let (tx, call) = (tx.clone(), call.to_owned());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let resource = Some(pb::EntityRef { r#type: "Item".into(), id: format!("i{subject}") });
+                let t0 = Instant::now();
+                let result = if call == "commit" {
+                    client.authorize_and_commit(authed(&token, set_n(resource, i as f64))).await.map(|_| ())
+                } else {
+                    let req = pb::AuthorizeRequest { action: "UpdateItem".into(), resource, context: None };
+                    client.authorize(authed(&token, req)).await.map(|_| ())
+                };
+                let _ = tx.send((t0.elapsed(), result.err().map(|s| s.code())));
+            });
+        }
+    }
+    drop(tx);
+    let mut ok = Vec::new();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    while let Some((latency, code)) = rx.recv().await {
+        match code {
+            None => ok.push(latency),
+            Some(c) => *errors.entry(format!("{c:?}")).or_default() += 1,
+        }
+    }
+    if overflow > 0 {
+        errors.insert("ClientOverflow".into(), overflow);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    ok.sort();
+    let pct =
+        |q: f64| ok.get(((ok.len() as f64 * q) as usize).min(ok.len().saturating_sub(1))).copied().unwrap_or_default();
+    Ok(PhaseResult {
+        call: call.to_owned(),
+        callers: connections,
+        rate: ok.len() as f64 / elapsed,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        p999: pct(0.999),
+        errors,
+    })
+}
+
+/// The benchmark's write: UpdateItem setting the item's `n`.
+fn set_n(resource: Option<pb::EntityRef>, n: f64) -> pb::AuthorizeAndCommitRequest {
+    let mut patch = prost_types::Struct::default();
+    patch.fields.insert("n".into(), prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(n)) });
+    let m = pb::Mutation {
+        action: "UpdateItem".into(),
+        resource,
+        change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
+            merge_patch: Some(patch),
+            add_parents: vec![],
+            remove_parents: vec![],
+            tags_merge_patch: None,
+        })),
+        if_version: None,
+    };
+    pb::AuthorizeAndCommitRequest { mutations: vec![m], context: None, idempotency_key: String::new() }
+}
+
 fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     if let Ok(v) = format!("Bearer {token}").parse() {
@@ -265,7 +350,11 @@ pub async fn run(engine: Arc<Engine>, addr: Option<SocketAddr>, plan: &BenchPlan
     for call in &plan.calls {
         for &callers in &plan.callers {
             let before = engine.store().group_commit_stats();
-            let r = phase(addr, &key, call, callers, plan).await?;
+            let r = if plan.rate > 0 {
+                open_loop(addr, &key, call, callers, plan).await?
+            } else {
+                phase(addr, &key, call, callers, plan).await?
+            };
             // Calls per SQLite transaction (group commit), when the server is this process.
             let grouping = match (before, engine.store().group_commit_stats()) {
                 (Some(b), Some(a)) if a.transactions > b.transactions => {

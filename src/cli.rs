@@ -40,7 +40,13 @@ pub struct Cli {
           help_heading = "Telemetry")]
     pub log_format: String,
     /// Database URL: sqlite:///abs/path.db, sqlite://relative.db or postgres://user@host:port/db.
-    #[arg(long, global = true, env = "LOCKSTEP_DATABASE_URL", default_value = "sqlite://lockstep.db", help_heading = "Database")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOCKSTEP_DATABASE_URL",
+        default_value = "sqlite://lockstep.db",
+        help_heading = "Database"
+    )]
     pub database: String,
     /// Mapping of Cedar entity types onto the application's own tables (TOML; see
     /// docs/mapping.md). Types it does not name stay in Lockstep's own store.
@@ -57,7 +63,13 @@ pub struct Cli {
 pub struct DbArgs {
     /// Milliseconds a call waits for the database (a pooled connection, or on SQLite its
     /// turn at the writer) before it answers UNAVAILABLE.
-    #[arg(long, global = true, env = "LOCKSTEP_ACQUIRE_TIMEOUT_MS", default_value_t = 2_000, help_heading = "Database")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOCKSTEP_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 2_000,
+        help_heading = "Database"
+    )]
     pub acquire_timeout_ms: u64,
     /// SQLite: milliseconds to wait on a lock held by another process.
     #[arg(long, global = true, env = "LOCKSTEP_BUSY_TIMEOUT_MS", default_value_t = 5_000, help_heading = "Database")]
@@ -75,7 +87,13 @@ pub struct DbArgs {
     #[arg(long, global = true, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 16, help_heading = "Database")]
     pub max_connections: u32,
     /// PostgreSQL: statement timeout in milliseconds (lock waits included).
-    #[arg(long, global = true, env = "LOCKSTEP_STATEMENT_TIMEOUT_MS", default_value_t = 5_000, help_heading = "Database")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOCKSTEP_STATEMENT_TIMEOUT_MS",
+        default_value_t = 5_000,
+        help_heading = "Database"
+    )]
     pub statement_timeout_ms: u64,
 }
 
@@ -134,6 +152,11 @@ pub struct BenchArgs {
     /// mapped onto the entity types, instead of Lockstep's store (docs/mapping.md).
     #[arg(long)]
     pub mapped: bool,
+    /// Open loop: start this many calls per second whatever the answers (as traffic
+    /// meets an overloaded server); --callers then counts connections. Printed: the rate
+    /// and latencies of the calls answered OK, every other answer by its code.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -201,6 +224,28 @@ pub struct ServeArgs {
     /// RESOURCE_EXHAUSTED at once (with a retry hint) and commits nothing.
     #[arg(long, env = "LOCKSTEP_MAX_QUEUE", default_value_t = 1024, help_heading = "Limits")]
     pub max_queue: u32,
+    /// Audit retention: events older than this (e.g. 30d) are exported to
+    /// --audit-export-dir, then dropped from the database. Off unless given.
+    #[arg(long, env = "LOCKSTEP_AUDIT_MAX_AGE", value_parser = parse_duration, help_heading = "Audit log",
+          requires = "audit_export_dir")]
+    pub audit_max_age: Option<Duration>,
+    /// Audit retention: keep about this many events, the newest; older ones are exported,
+    /// then dropped. Off unless given.
+    #[arg(long, env = "LOCKSTEP_AUDIT_MAX_EVENTS", help_heading = "Audit log", requires = "audit_export_dir",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_max_events: Option<u64>,
+    /// Where retention writes the events it drops, first (gzip JSON lines, one file per
+    /// batch, named by their seq range). One directory per database.
+    #[arg(long, env = "LOCKSTEP_AUDIT_EXPORT_DIR", help_heading = "Audit log")]
+    pub audit_export_dir: Option<PathBuf>,
+    /// Never drop events younger than this, whatever the limits.
+    #[arg(long, env = "LOCKSTEP_AUDIT_KEEP_AT_LEAST", default_value = "60s", value_parser = parse_duration,
+          help_heading = "Audit log")]
+    pub audit_keep_at_least: Duration,
+    /// How often retention runs.
+    #[arg(long, env = "LOCKSTEP_AUDIT_RETENTION_EVERY", default_value = "10s", value_parser = parse_duration,
+          help_heading = "Audit log")]
+    pub audit_retention_every: Duration,
 }
 
 /// What tokens under a key must say, and whose tokens they are.
@@ -454,6 +499,17 @@ fn settings(args: Option<&ServeArgs>) -> Settings {
         s.reveal_determining_policies = a.reveal_policies;
         s.max_in_flight = a.max_in_flight;
         s.max_queue = a.max_queue;
+        if let Some(dir) = &a.audit_export_dir
+            && (a.audit_max_age.is_some() || a.audit_max_events.is_some())
+        {
+            s.audit_retention = Some(crate::engine::AuditRetention {
+                max_age: a.audit_max_age,
+                max_events: a.audit_max_events,
+                keep_at_least: a.audit_keep_at_least,
+                export_dir: dir.clone(),
+                every: a.audit_retention_every.max(Duration::from_secs(1)),
+            });
+        }
     }
     s
 }
@@ -782,6 +838,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 calls: b.calls.clone(),
                 hot: b.hot,
                 subjects: b.subjects.max(1),
+                rate: b.rate,
             };
             crate::bench::run(engine, b.addr, &plan).await?;
             Ok(())

@@ -69,6 +69,8 @@ pub struct Settings {
     /// Calls served at once; more wait, up to `max_queue`; beyond: RESOURCE_EXHAUSTED.
     pub max_in_flight: u32,
     pub max_queue: u32,
+    /// Audit retention (None: the log keeps everything).
+    pub audit_retention: Option<crate::engine::AuditRetention>,
 }
 
 impl Default for Settings {
@@ -89,6 +91,7 @@ impl Default for Settings {
             reveal_determining_policies: false,
             max_in_flight: 256,
             max_queue: 1024,
+            audit_retention: None,
         }
     }
 }

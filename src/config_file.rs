@@ -39,10 +39,14 @@ pub fn argv_with_config(argv: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
 /// Reads and parses the file: TOML, a flat table of keys.
 pub fn read(file: &Path) -> anyhow::Result<toml::Table> {
     let meta = std::fs::metadata(file).with_context(|| format!("cannot read the config file {}", file.display()))?;
+    if !meta.is_file() {
+        bail!("config file {}: not a regular file", file.display());
+    }
     if meta.len() > MAX_FILE_BYTES {
         bail!("config file {}: larger than {MAX_FILE_BYTES} bytes", file.display());
     }
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the config file {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read the config file {}", file.display()))?;
     text.parse::<toml::Table>().map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))
 }
 
@@ -51,12 +55,7 @@ pub fn known_keys() -> Vec<String> {
     let mut cmd = crate::cli::Cli::command();
     cmd.build();
     let serve = cmd.find_subcommand("serve").expect("serve exists");
-    serve
-        .get_arguments()
-        .filter_map(|a| a.get_long())
-        .filter(|l| !NOT_IN_FILE.contains(l))
-        .map(str::to_owned)
-        .collect()
+    serve.get_arguments().filter_map(|a| a.get_long()).filter(|l| !NOT_IN_FILE.contains(l)).map(str::to_owned).collect()
 }
 
 /// The flags that carry the file's values into the parse of the command `matches` names.
@@ -125,8 +124,9 @@ fn source_name(s: Option<ValueSource>, in_file: bool) -> &'static str {
 }
 
 /// `lockstep config check FILE`: the settings `lockstep serve --config FILE` would run
-/// with (flags given after FILE, and the environment, take precedence as they would), one
-/// `key = value  # source` line each, secrets redacted. Fails on what `serve` would refuse.
+/// with (the environment taking precedence as it would), one `key = value  # source` line
+/// each, secrets redacted. Fails on what `serve` would refuse before it opens its database
+/// (an unknown key, a value its flag refuses, a database URL of no supported kind).
 pub fn check(file: &Path, rest: &[OsString]) -> anyhow::Result<Vec<String>> {
     let mut argv: Vec<OsString> = vec!["lockstep".into(), "serve".into(), "--config".into(), file.into()];
     argv.extend(rest.iter().cloned());
@@ -143,6 +143,11 @@ pub fn check(file: &Path, rest: &[OsString]) -> anyhow::Result<Vec<String>> {
         anyhow::anyhow!("config file {}: {first}", file.display())
     })?;
     let (_, serve) = matches.subcommand().expect("serve");
+    if let Some(url) = serve.get_one::<String>("database")
+        && !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        bail!("config file {}: database `{}` is not a sqlite: or postgres:// URL", file.display(), redact_url(url));
+    }
     let mut built = cmd;
     built.build();
     let serve_cmd = built.find_subcommand("serve").expect("serve exists");
@@ -154,10 +159,8 @@ pub fn check(file: &Path, rest: &[OsString]) -> anyhow::Result<Vec<String>> {
         }
         let id = arg.get_id().as_str();
         let in_file = from_file.iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
-        let raw: Vec<String> = serve
-            .get_raw(id)
-            .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
+        let raw: Vec<String> =
+            serve.get_raw(id).map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect()).unwrap_or_default();
         let value = match arg.get_action() {
             ArgAction::SetTrue => serve.get_flag(id).to_string(),
             _ if raw.is_empty() => "(unset)".to_string(),
@@ -182,27 +185,24 @@ pub fn redact(key: &str, value: &str) -> String {
 }
 
 /// `scheme://user:password@host/...` → `scheme://user:***@host/...`; query strings dropped
-/// (they may carry credentials, e.g. `?password=`).
+/// (they may carry credentials, e.g. `?password=`). The user info ends at the last `@`
+/// (a host has none), so a password holding `/`, `?` or `@` unencoded is hidden whole.
 pub fn redact_url(value: &str) -> String {
     let Some(scheme_end) = value.find("://") else { return value.to_string() };
     let (scheme, rest) = value.split_at(scheme_end + 3);
-    let (rest, query) = match rest.find('?') {
-        Some(q) => (&rest[..q], "?***"),
-        None => (rest, ""),
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let authority = match authority.rfind('@') {
+    let (userinfo, rest) = match rest.rfind('@') {
         Some(at) => {
-            let (userinfo, host) = authority.split_at(at);
-            match userinfo.find(':') {
-                Some(c) => format!("{}:***{host}", &userinfo[..c]),
-                None => format!("{userinfo}{host}"),
-            }
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            let hidden = if rest[..at].contains(':') { format!("{user}:***@") } else { format!("{user}@") };
+            (hidden, &rest[at + 1..])
         }
-        None => authority.to_string(),
+        None => (String::new(), rest),
     };
-    format!("{scheme}{authority}{path}{query}")
+    let rest = match rest.find('?') {
+        Some(q) => format!("{}?***", &rest[..q]),
+        None => rest.to_string(),
+    };
+    format!("{scheme}{userinfo}{rest}")
 }
 
 #[cfg(test)]
@@ -215,5 +215,8 @@ mod tests {
         assert_eq!(redact_url("postgres://app@db/x?password=s3cret"), "postgres://app@db/x?***");
         assert_eq!(redact_url("sqlite://lockstep.db"), "sqlite://lockstep.db");
         assert_eq!(redact_url("127.0.0.1:9090"), "127.0.0.1:9090");
+        assert_eq!(redact_url("postgres://app:pa/ss@db:5432/x"), "postgres://app:***@db:5432/x");
+        assert_eq!(redact_url("postgres://app:pa?ss@db/x"), "postgres://app:***@db/x");
+        assert_eq!(redact_url("postgres://app:p@ss@db/x?sslmode=require"), "postgres://app:***@db/x?***");
     }
 }

@@ -21,10 +21,12 @@
 //! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
 //! - [`server`]: serving with health, reflection, housekeeping and graceful shutdown.
 //! - [`telemetry`]: metrics names and the Prometheus exporter; per-call facts for the log.
+//! - [`audit_export`]: the files audit retention exports to before it drops events.
 //! - [`fuzz`]: entry points of the fuzz targets and the bounded fuzz smoke run.
 //! - [`bench`]: the load generator behind `lockstep bench`.
 //! - [`cli`]: the `lockstep` command line (serve, demo, keys, policies, token, entities).
 
+pub mod audit_export;
 pub mod bench;
 pub mod cli;
 pub mod config;

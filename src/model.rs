@@ -39,6 +39,7 @@ pub type Attributes = Map<String, Value>;
 pub struct EntityRecord {
     pub uid: Uid,
     pub attributes: Attributes,
+    #[serde(default)]
     pub parents: Vec<Uid>,
     /// Starts at 1 on create and grows by 1 with every committed change.
     pub version: u64,
@@ -53,13 +54,16 @@ pub struct EntityRecord {
 pub enum Change {
     Create {
         attributes: Attributes,
+        #[serde(default)]
         parents: Vec<Uid>,
         #[serde(default, skip_serializing_if = "Map::is_empty")]
         tags: Attributes,
     },
     Update {
         merge_patch: Attributes,
+        #[serde(default)]
         add_parents: Vec<Uid>,
+        #[serde(default)]
         remove_parents: Vec<Uid>,
         #[serde(default, skip_serializing_if = "Map::is_empty")]
         tags_merge_patch: Attributes,
@@ -85,6 +89,7 @@ pub struct Mutation {
     pub action: String,
     pub resource: Uid,
     pub change: Change,
+    #[serde(default)]
     pub if_version: Option<u64>,
 }
 
@@ -208,6 +213,8 @@ pub enum AuditKind {
     PutPolicies = 7,
     /// A decision taken at the edge (Envoy ext_authz), allowed or denied: see `detail`.
     EdgeDecision = 8,
+    /// Audit retention exported the oldest events to files and dropped them: see `detail`.
+    AuditExported = 9,
 }
 
 impl AuditKind {
@@ -221,13 +228,14 @@ impl AuditKind {
             6 => Self::AddKey,
             7 => Self::PutPolicies,
             8 => Self::EdgeDecision,
+            9 => Self::AuditExported,
             _ => return None,
         })
     }
 }
 
 /// An audit event before the store gives it its `seq` and time.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct NewAuditEvent {
     pub kind: AuditKind,
     /// None for the CLI working on the database directly.
@@ -253,11 +261,12 @@ impl NewAuditEvent {
 }
 
 /// A stored audit event.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AuditEvent {
     pub seq: u64,
     /// Unix microseconds.
     pub time: i64,
+    #[serde(flatten)]
     pub event: NewAuditEvent,
 }
 

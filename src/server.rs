@@ -163,6 +163,7 @@ pub async fn run_with(
         let engine = engine.clone();
         tokio::spawn(async move {
             let mut last = true;
+            let mut rounds = 0u64;
             loop {
                 let db_ok =
                     matches!(tokio::time::timeout(Duration::from_secs(2), engine.store().ping()).await, Ok(Ok(())));
@@ -183,9 +184,19 @@ pub async fn run_with(
                         problem = problem.or(why);
                     }
                 }
+                // The active policy version (changed by any instance), every 10 s.
+                if db_ok && rounds % 20 == 0 {
+                    if let Ok(Ok(Some(v))) =
+                        tokio::time::timeout(Duration::from_secs(2), engine.active_policy_version()).await
+                    {
+                        metrics::gauge!(crate::telemetry::POLICY_VERSION).set(v as f64);
+                    }
+                }
+                rounds += 1;
                 if let Some((size, idle)) = engine.store().pool_connections() {
                     metrics::gauge!(crate::telemetry::POOL, "state" => "idle").set(f64::from(idle));
-                    metrics::gauge!(crate::telemetry::POOL, "state" => "in_use").set(f64::from(size.saturating_sub(idle)));
+                    metrics::gauge!(crate::telemetry::POOL, "state" => "in_use")
+                        .set(f64::from(size.saturating_sub(idle)));
                 }
                 let ok = problem.is_none();
                 if ok != last {
@@ -195,7 +206,11 @@ pub async fn run_with(
                         ("policy_set", db_ok && problem.as_deref().is_some_and(|p| p.contains("polic"))),
                         ("mapping", db_ok && engine.mapping_problem_now()),
                     ] {
-                        metrics::gauge!(crate::telemetry::HEALTH_PROBLEM, "reason" => kind).set(if on { 1.0 } else { 0.0 });
+                        metrics::gauge!(crate::telemetry::HEALTH_PROBLEM, "reason" => kind).set(if on {
+                            1.0
+                        } else {
+                            0.0
+                        });
                     }
                     let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
                     match &problem {
@@ -210,6 +225,28 @@ pub async fn run_with(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })
+    };
+
+    // Audit retention: the oldest events exported, then dropped (when configured).
+    let retention = match engine.settings().audit_retention.clone() {
+        None => None,
+        Some(r) => {
+            let export = crate::audit_export::AuditExport::open(&r.export_dir).map_err(|e| {
+                anyhow::anyhow!("--audit-export-dir {}: cannot write there: {e}", r.export_dir.display())
+            })?;
+            let engine = engine.clone();
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(r.every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = engine.retain_audit(&r, &export).await {
+                        // Nothing unexported was dropped; the next run tries again.
+                        tracing::warn!(error = %e, "audit retention failed; will retry");
+                    }
+                }
+            }))
+        }
     };
 
     // Revocations outlive their tokens only so long; idempotency keys 24 h and more.
@@ -280,7 +317,8 @@ pub async fn run_with(
     let stopping_reporter = reporter_for_shutdown;
     let signal = async move {
         shutdown.await;
-        // Readiness goes first, so that load balancers stop sending while calls drain.
+        // Readiness is marked first; the GOAWAY that follows at once ends health checks on
+        // open connections too (the Deployment's preStop sleep covers endpoint removal).
         for s in ["", "lockstep.v1.Lockstep", "lockstep.v1.Admin"] {
             stopping_reporter.set_service_status(s, ServingStatus::NotServing).await;
         }
@@ -331,6 +369,9 @@ pub async fn run_with(
     };
     watcher.abort();
     housekeeping.abort();
+    if let Some(r) = retention {
+        r.abort();
+    }
     jwks_refresh.abort();
     tracing::info!("lockstep stopped");
     result.map_err(Into::into)

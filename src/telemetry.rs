@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 /// Calls answered, by `service`, `method` and gRPC `code` (e.g. `OK`, `PermissionDenied`).
 pub const CALLS: &str = "lockstep_calls_total";
-/// Call latency from arrival to answer, by `method` (admitted calls only).
+/// Call latency from arrival to answer, by `service` and `method`.
 pub const CALL_SECONDS: &str = "lockstep_call_duration_seconds";
 /// Calls running now (admitted) and waiting for admission.
 pub const IN_FLIGHT: &str = "lockstep_calls_in_flight";
@@ -42,9 +42,8 @@ pub const FSYNC_SECONDS: &str = "lockstep_sqlite_fsync_seconds";
 /// Starts the exporter: Prometheus text format over HTTP on `addr` (any path). Needs a
 /// tokio runtime. Histograms get buckets from 100 µs to 10 s.
 pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
-    let seconds = [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ];
+    let seconds =
+        [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
     let sizes = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
     PrometheusBuilder::new()
         .with_http_listener(addr)

@@ -21,18 +21,19 @@ impl Engine {
             f.resource = Some(resource.to_string());
         });
         let parsed = token::parse(raw, &self.settings)?;
-        let decision = self.run(opts, || async {
-            let mut txn = self.store.read().await?;
-            let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
-            let policies = self.policies_at(&mut *txn, state).await?;
-            let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
-            let ctx = build_context(&policies, &action, context, &token, None, &policy::SERVER_CONTEXT)?;
-            let decision = policies
-                .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
-                .map_err(Error::Internal);
-            Ok((txn, decision))
-        })
-        .await?;
+        let decision = self
+            .run(opts, || async {
+                let mut txn = self.store.read().await?;
+                let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+                let policies = self.policies_at(&mut *txn, state).await?;
+                let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
+                let ctx = build_context(&policies, &action, context, &token, None, &policy::SERVER_CONTEXT)?;
+                let decision = policies
+                    .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
+                    .map_err(Error::Internal);
+                Ok((txn, decision))
+            })
+            .await?;
         note_decision(decision.allowed, "authorize");
         Ok(decision)
     }

@@ -25,7 +25,10 @@ mod housekeeping;
 mod import;
 mod keys;
 mod policies;
+mod retention;
 mod revoke;
+
+pub use retention::{AuditRetention, RetentionRun};
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
@@ -339,7 +342,8 @@ impl Engine {
         let hint = self.verified.hint(parsed);
         let (key, early) = match &hint {
             Some((principal, token_id)) => {
-                let (key, state) = txn.key_and_call_state(&parsed.kid, principal, token_id).await?.ok_or_else(unknown)?;
+                let (key, state) =
+                    txn.key_and_call_state(&parsed.kid, principal, token_id).await?.ok_or_else(unknown)?;
                 (key, Some(state))
             }
             None => (txn.key(&parsed.kid).await?.ok_or_else(unknown)?, None),
@@ -358,7 +362,9 @@ impl Engine {
         // logout or RevokeSubject locks exclusively, so the revocations are read after any
         // such revocation that got there first has committed.
         let state = match (early, hint) {
-            (Some(state), Some((principal, token_id))) if principal == token.principal && token_id == token.token_id => {
+            (Some(state), Some((principal, token_id)))
+                if principal == token.principal && token_id == token.token_id =>
+            {
                 state
             }
             _ => txn.revocations_and_policy(&token.principal, &token.token_id).await?,
@@ -423,6 +429,16 @@ impl Engine {
     ///
     /// Asks the database only while a call has met such a problem (`policy_broken`), so a
     /// healthy server's watcher costs nothing; once the set compiles again the flag clears.
+    /// The active policy version, as the database says now (for the metric).
+    pub async fn active_policy_version(&self) -> Result<Option<u64>> {
+        self.run(CallOptions::default(), || async {
+            let mut txn = self.store.read().await?;
+            let state = txn.policy_state().await?;
+            Ok((txn, Ok(state.version)))
+        })
+        .await
+    }
+
     pub async fn policy_problem(&self) -> Option<String> {
         if !self.policy_broken.load(std::sync::atomic::Ordering::Relaxed) {
             return None;

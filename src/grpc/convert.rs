@@ -214,6 +214,7 @@ pub fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
     let kind = match e.event.kind {
         AuditKind::Commit => pb::audit_event::Kind::Commit,
         AuditKind::Deny => pb::audit_event::Kind::Deny,
+        AuditKind::AuditExported => pb::audit_event::Kind::AuditExported,
         AuditKind::RevokeToken => pb::audit_event::Kind::RevokeToken,
         AuditKind::RevokeSubject => pb::audit_event::Kind::RevokeSubject,
         AuditKind::RevokeKey => pb::audit_event::Kind::RevokeKey,

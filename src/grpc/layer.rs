@@ -128,6 +128,10 @@ impl Admission {
         let now = Instant::now();
         if m.len() > 10_000 {
             m.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(60));
+            if m.len() > 10_000 {
+                // Bounded whatever the peers: start over (the WARN line is best effort).
+                m.clear();
+            }
         }
         let e = m.entry(ip).or_insert((now, 0));
         if now.duration_since(e.0) >= Duration::from_secs(60) {
@@ -158,18 +162,24 @@ impl CallEnd {
     /// The call's metrics and its one log line (never a token, a secret or a value).
     fn finish(self, code: Code) {
         let elapsed = self.start.elapsed();
-        let (service, method) = split_path(&self.method);
+        // The path is the caller's: a method that does not exist (UNIMPLEMENTED) gets no
+        // series of its own, so that random paths cannot grow the metrics without bound,
+        // and the log gets at most 128 characters of it.
+        let (service, method) =
+            if known_method(&self.method) { split_path(&self.method) } else { ("(unknown)", "(unknown)") };
+        let shown: String = self.method.chars().take(128).collect();
         let code_name = code_name(code);
         metrics::counter!(telemetry::CALLS, "service" => service.to_owned(), "method" => method.to_owned(), "code" => code_name)
             .increment(1);
-        metrics::histogram!(telemetry::CALL_SECONDS, "method" => method.to_owned()).record(elapsed.as_secs_f64());
+        metrics::histogram!(telemetry::CALL_SECONDS, "service" => service.to_owned(), "method" => method.to_owned())
+            .record(elapsed.as_secs_f64());
         if code == Code::Unauthenticated {
             self.admission.note_unauthenticated(self.peer);
         }
         let f = self.facts.lock().map(|f| f.clone()).unwrap_or_default();
         tracing::info!(
             target: "lockstep::call",
-            method = %self.method,
+            method = %shown,
             code = code_name,
             latency_ms = (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
             peer = self.peer.map(|p| p.to_string()),
@@ -182,6 +192,36 @@ impl CallEnd {
             "call"
         );
     }
+}
+
+/// Whether `path` names a method this server serves (the label of its metrics).
+fn known_method(path: &str) -> bool {
+    static KNOWN: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    KNOWN
+        .get_or_init(|| {
+            use prost::Message;
+            let mut known: std::collections::HashSet<String> = [
+                "/grpc.health.v1.Health/Check",
+                "/grpc.health.v1.Health/Watch",
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                "/envoy.service.auth.v3.Authorization/Check",
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+            if let Ok(set) = prost_types::FileDescriptorSet::decode(super::pb::FILE_DESCRIPTOR_SET) {
+                for f in set.file {
+                    for svc in &f.service {
+                        for m in &svc.method {
+                            known.insert(format!("/{}.{}/{}", f.package(), svc.name(), m.name()));
+                        }
+                    }
+                }
+            }
+            known
+        })
+        .contains(path)
 }
 
 /// `/lockstep.v1.Lockstep/Authorize` → (`lockstep.v1.Lockstep`, `Authorize`).
@@ -245,7 +285,8 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        req.extensions_mut().insert(Arrival(tokio::time::Instant::now()));
         let method = req.uri().path().to_owned();
         let facts = Arc::new(Mutex::new(CallFacts { trace_id: trace_id(req.headers()), ..CallFacts::default() }));
         let peer = req
@@ -253,7 +294,8 @@ where
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|i| i.remote_addr())
             .map(|a| a.ip());
-        let end = CallEnd { method, start: Instant::now(), facts: facts.clone(), peer, admission: self.admission.clone() };
+        let end =
+            CallEnd { method, start: Instant::now(), facts: facts.clone(), peer, admission: self.admission.clone() };
         // Health and reflection answer under any load (probes must not fail for it).
         let exempt = end.method.starts_with("/grpc.health.") || end.method.starts_with("/grpc.reflection.");
         let ticket = if exempt {
@@ -296,6 +338,10 @@ where
         std::future::ready(Ok(head))
     }
 }
+
+/// When a call arrived, before any wait for admission: its deadline counts from here.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival(pub tokio::time::Instant);
 
 /// A running call's permit; leaving the in-flight gauge when dropped.
 struct InFlight(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
@@ -463,5 +509,38 @@ pub fn remapped(status: &Status) -> Option<Status> {
             Some(Status::invalid_argument(format!("request cannot be decoded as protobuf: {what}")))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_gives_its_trace_id_or_nothing() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert("traceparent", HeaderValue::from_str(v).unwrap());
+            trace_id(&m)
+        };
+        assert_eq!(
+            h("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(h("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(h("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"), None);
+        assert_eq!(h("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), None);
+        assert_eq!(h("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"), None);
+        assert_eq!(h("garbage"), None);
+        assert_eq!(trace_id(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn only_served_methods_get_series() {
+        assert!(known_method("/lockstep.v1.Lockstep/AuthorizeAndCommit"));
+        assert!(known_method("/lockstep.v1.Admin/PutPolicies"));
+        assert!(known_method("/grpc.health.v1.Health/Check"));
+        assert!(!known_method("/lockstep.v1.Lockstep/Random123"));
+        assert!(!known_method("/x/y"));
     }
 }

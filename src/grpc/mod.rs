@@ -88,7 +88,9 @@ impl Call {
             // Give up a little before the caller does, so that the server's DEADLINE_EXCEEDED
             // (sent only for a call that committed nothing) reaches the caller; once COMMIT
             // has started the answer is its outcome, however late (`grpc::layer`).
-            .map(|d| tokio::time::Instant::now() + d.mul_f64(0.9).saturating_sub(Duration::from_millis(5)));
+            // Counted from the call's arrival (`layer::Arrival`), so that time spent waiting
+            // for admission is part of it: a call queued past its deadline commits nothing.
+            .map(|d| arrived(req) + d.mul_f64(0.9).saturating_sub(Duration::from_millis(5)));
         Ok(Self { bearer, opts: CallOptions { deadline } })
     }
 
@@ -98,6 +100,11 @@ impl Call {
             Err(e) => Err(Status::unauthenticated(e.to_string())),
         }
     }
+}
+
+/// When the call reached the server (the layer's stamp; now, for a call that has none).
+fn arrived<T>(req: &Request<T>) -> tokio::time::Instant {
+    req.extensions().get::<layer::Arrival>().map_or_else(tokio::time::Instant::now, |a| a.0)
 }
 
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).

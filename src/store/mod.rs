@@ -243,6 +243,14 @@ pub trait Txn: Send {
     /// committed before this transaction.
     async fn append_audit(&mut self, event: &NewAuditEvent, now: i64) -> StoreResult<u64>;
     async fn audit_events(&mut self, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditEvent>>;
+    /// The audit log's extent: (how far events were dropped by retention, the oldest and
+    /// the newest seq present).
+    async fn audit_extent(&mut self) -> StoreResult<(u64, Option<u64>, Option<u64>)>;
+    /// The first event at or after `seq`: its seq and time (unix microseconds).
+    async fn audit_time_at(&mut self, seq: u64) -> StoreResult<Option<(u64, i64)>>;
+    /// Drops every event up to `through` (exported by retention): raises the mark the
+    /// append-only trigger allows deletes under, then deletes. Returns how many went.
+    async fn trim_audit(&mut self, through: u64) -> StoreResult<u64>;
 
     // --- housekeeping --------------------------------------------------------------------
     /// Deletes revoked-token rows whose token has expired and idempotency records older
@@ -409,6 +417,40 @@ pub(crate) fn call_state((subject_revoked_at, token_revoked, version, links): Ca
     CallState { subject_revoked_at, token_revoked, policy: policy_state_of(version, links) }
 }
 
+/// An audit event's mutations as stored: their JSON without the fields that say nothing
+/// (an empty `add_parents`, `remove_parents` or create's `parents`, a null `if_version`),
+/// which read back as their defaults. Attribute values are never touched.
+pub(crate) fn audit_mutations_json(mutations: &[crate::model::Mutation]) -> StoreResult<String> {
+    let mut v = serde_json::to_value(mutations).map_err(json_err)?;
+    for m in v.as_array_mut().into_iter().flatten() {
+        let Some(m) = m.as_object_mut() else { continue };
+        if m.get("if_version").is_some_and(serde_json::Value::is_null) {
+            m.remove("if_version");
+        }
+        if let Some(change) = m.get_mut("change").and_then(serde_json::Value::as_object_mut) {
+            for key in ["add_parents", "remove_parents", "parents"] {
+                if change.get(key).and_then(serde_json::Value::as_array).is_some_and(Vec::is_empty) {
+                    change.remove(key);
+                }
+            }
+        }
+    }
+    serde_json::to_string(&v).map_err(json_err)
+}
+
+/// An audit event's entities as stored: without an empty `parents` (read back as empty).
+pub(crate) fn audit_entities_json(entities: &[EntityRecord]) -> StoreResult<String> {
+    let mut v = serde_json::to_value(entities).map_err(json_err)?;
+    for e in v.as_array_mut().into_iter().flatten() {
+        if let Some(e) = e.as_object_mut()
+            && e.get("parents").and_then(serde_json::Value::as_array).is_some_and(Vec::is_empty)
+        {
+            e.remove("parents");
+        }
+    }
+    serde_json::to_string(&v).map_err(json_err)
+}
+
 pub(crate) fn json_err(e: serde_json::Error) -> StoreError {
     StoreError::Internal(format!("corrupt JSON in the database: {e}"))
 }
@@ -445,7 +487,8 @@ pub async fn open(url: &str, opts: &crate::config::StoreOptions) -> anyhow::Resu
         Ok(Arc::new(postgres::PgStore::open(url, opts).await?))
     } else {
         anyhow::bail!(
-            "unsupported database URL `{url}`: use sqlite:///abs/path.db, sqlite://relative.db or postgres://user@host/db"
+            "unsupported database URL `{}`: use sqlite:///abs/path.db, sqlite://relative.db or postgres://user@host/db",
+            crate::config_file::redact_url(url)
         )
     }
 }

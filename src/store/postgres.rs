@@ -63,8 +63,8 @@
 
 use super::mapped::{self, ColumnValue};
 use super::{
-    AuditRow, CallStateRow, EntityRow, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn, call_state,
-    json_err, policy_state_of, to_i64, to_u64,
+    AuditRow, CallStateRow, EntityRow, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult, Txn,
+    audit_entities_json, audit_mutations_json, call_state, json_err, policy_state_of, to_i64, to_u64,
 };
 use crate::config::StoreOptions;
 use crate::mapping::{ColumnType, IdType, Mapping, ParentSource, TypeMap};
@@ -1450,14 +1450,14 @@ impl Txn for PgTxn {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), 1::bigint"
         };
         let mut q = sqlx::query_as::<_, (i64, String, i32, i64)>(sql)
-        .bind(now)
-        .bind(ev.kind as i64)
-        .bind(ev.principal.as_ref().map(|p| p.ty.as_str()))
-        .bind(ev.principal.as_ref().map(|p| p.id.as_str()))
-        .bind(&ev.token_id)
-        .bind(serde_json::to_string(&ev.mutations).map_err(json_err)?)
-        .bind(serde_json::to_string(&ev.entities).map_err(json_err)?)
-        .bind(&ev.detail);
+            .bind(now)
+            .bind(ev.kind as i64)
+            .bind(ev.principal.as_ref().map(|p| p.ty.as_str()))
+            .bind(ev.principal.as_ref().map(|p| p.id.as_str()))
+            .bind(&ev.token_id)
+            .bind(audit_mutations_json(&ev.mutations)?)
+            .bind(audit_entities_json(&ev.entities)?)
+            .bind(&ev.detail);
         if let Some(d) = &d {
             q = q.bind(&d.etype).bind(&d.eid).bind(&d.attributes).bind(&d.parents).bind(d.version).bind(&d.tags);
         }
@@ -1480,6 +1480,44 @@ impl Txn for PgTxn {
             .await
             .map_err(map_err)?;
         rows.into_iter().map(AuditEvent::try_from).collect()
+    }
+
+    async fn audit_extent(&mut self) -> StoreResult<(u64, Option<u64>, Option<u64>)> {
+        self.flush().await?;
+        let (through, oldest, newest): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT through_seq FROM audit_trim WHERE id = 1), (SELECT min(seq) FROM audit),
+                    (SELECT max(seq) FROM audit)",
+        )
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        Ok((to_u64(through), oldest.map(to_u64), newest.map(to_u64)))
+    }
+
+    async fn audit_time_at(&mut self, seq: u64) -> StoreResult<Option<(u64, i64)>> {
+        self.flush().await?;
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT seq, time FROM audit WHERE seq >= $1 ORDER BY seq LIMIT 1")
+                .bind(to_i64(seq))
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(map_err)?;
+        Ok(row.map(|(s, t)| (to_u64(s), t)))
+    }
+
+    async fn trim_audit(&mut self, through: u64) -> StoreResult<u64> {
+        self.flush().await?;
+        sqlx::query("UPDATE audit_trim SET through_seq = greatest(through_seq, $1) WHERE id = 1")
+            .bind(to_i64(through))
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        let done = sqlx::query("DELETE FROM audit WHERE seq <= $1")
+            .bind(to_i64(through))
+            .execute(&mut *self.tx)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
     }
 
     async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)> {

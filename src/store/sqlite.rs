@@ -25,7 +25,7 @@
 use super::mapped::{self, ColumnValue};
 use super::{
     AuditRow, CallStateRow, EntityRow, GroupCommitStats, KeyRow, LinkRow, PolicyRow, Store, StoreError, StoreResult,
-    Txn, call_state, json_err, policy_state_of, to_i64, to_u64,
+    Txn, audit_entities_json, audit_mutations_json, call_state, json_err, policy_state_of, to_i64, to_u64,
 };
 use crate::config::StoreOptions;
 use crate::mapping::{ColumnType, IdType, Mapping, ParentSource, TypeMap};
@@ -1316,8 +1316,8 @@ impl Txn for SqliteTxn {
     }
 
     async fn append_audit(&mut self, ev: &NewAuditEvent, now: i64) -> StoreResult<u64> {
-        let mutations = serde_json::to_string(&ev.mutations).map_err(json_err)?;
-        let entities = serde_json::to_string(&ev.entities).map_err(json_err)?;
+        let mutations = audit_mutations_json(&ev.mutations)?;
+        let entities = audit_entities_json(&ev.entities)?;
         let seq: i64 = self.with(|c| {
             c.prepare_cached(
                 "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail)
@@ -1359,6 +1359,39 @@ impl Txn for SqliteTxn {
                 .collect::<rusqlite::Result<Vec<_>>>()
         })?;
         rows.into_iter().map(AuditEvent::try_from).collect()
+    }
+
+    async fn audit_extent(&mut self) -> StoreResult<(u64, Option<u64>, Option<u64>)> {
+        self.with(|c| {
+            c.prepare_cached(
+                "SELECT (SELECT through_seq FROM audit_trim WHERE id = 1), (SELECT min(seq) FROM audit),
+                        (SELECT max(seq) FROM audit)",
+            )?
+            .query_row([], |r| {
+                Ok((
+                    to_u64(r.get::<_, i64>(0)?),
+                    r.get::<_, Option<i64>>(1)?.map(to_u64),
+                    r.get::<_, Option<i64>>(2)?.map(to_u64),
+                ))
+            })
+        })
+    }
+
+    async fn audit_time_at(&mut self, seq: u64) -> StoreResult<Option<(u64, i64)>> {
+        self.with(|c| {
+            c.prepare_cached("SELECT seq, time FROM audit WHERE seq >= ?1 ORDER BY seq LIMIT 1")?
+                .query_row([to_i64(seq)], |r| Ok((to_u64(r.get::<_, i64>(0)?), r.get::<_, i64>(1)?)))
+                .optional()
+        })
+    }
+
+    async fn trim_audit(&mut self, through: u64) -> StoreResult<u64> {
+        self.with(|c| {
+            c.prepare_cached("UPDATE audit_trim SET through_seq = max(through_seq, ?1) WHERE id = 1")?
+                .execute([to_i64(through)])?;
+            let n = c.prepare_cached("DELETE FROM audit WHERE seq <= ?1")?.execute([to_i64(through)])?;
+            Ok(n as u64)
+        })
     }
 
     async fn purge(&mut self, now_secs: i64, idempotency_before: i64) -> StoreResult<(u64, u64)> {

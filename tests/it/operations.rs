@@ -38,7 +38,11 @@ async fn spawn(args: &[&str], envs: &[(&str, &str)], log: &std::path::Path, addr
         if tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.is_ok() {
             return server;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "server did not start: {}", std::fs::read_to_string(log).unwrap());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "server did not start: {}",
+            std::fs::read_to_string(log).unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -97,13 +101,21 @@ async fn metrics_and_call_log_follow_the_calls() {
 
     let after = scrape(maddr).await;
     assert_eq!(value(&after, ok), 1.0, "{after}");
-    let code = |c: &str| format!("lockstep_calls_total{{service=\"lockstep.v1.Lockstep\",method=\"AuthorizeAndCommit\",code=\"{c}\"}}");
+    let code = |c: &str| {
+        format!("lockstep_calls_total{{service=\"lockstep.v1.Lockstep\",method=\"AuthorizeAndCommit\",code=\"{c}\"}}")
+    };
     assert_eq!(value(&after, &code("PERMISSION_DENIED")), 1.0);
     assert_eq!(value(&after, &code("UNAUTHENTICATED")), 1.0);
     assert_eq!(value(&after, "lockstep_commits_total"), 1.0);
     assert_eq!(value(&after, "lockstep_decisions_total{decision=\"allow\",call=\"commit\"}"), 1.0);
     assert_eq!(value(&after, "lockstep_decisions_total{decision=\"deny\",call=\"commit\"}"), 1.0);
-    assert_eq!(value(&after, "lockstep_call_duration_seconds_count{method=\"AuthorizeAndCommit\"}"), 3.0);
+    assert_eq!(
+        value(
+            &after,
+            "lockstep_call_duration_seconds_count{service=\"lockstep.v1.Lockstep\",method=\"AuthorizeAndCommit\"}"
+        ),
+        3.0
+    );
     assert!(value(&after, "lockstep_token_cache_total{result=\"miss\"}") >= 2.0, "{after}");
     assert_eq!(value(&after, "lockstep_serving"), 1.0);
 
@@ -190,20 +202,21 @@ async fn config_file_takes_its_place_in_the_precedence() {
     std::fs::write(&secret, "database = \"postgres://app:hunter2@db:5432/x\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_lockstep")).args(["config", "check"]).arg(&secret).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("postgres://app:***@db:5432/x") && !text.contains("hunter2"), "{text}");
+    assert!(
+        out.status.success() && text.contains("postgres://app:***@db:5432/x") && !text.contains("hunter2"),
+        "{text}"
+    );
 
     // An unknown key, and a value its flag would refuse: errors that name them.
-    for (body, named) in [("lisen = \"x\"\n", "`lisen`"), ("max-connections = \"many\"\n", "many"), ("leeway-secs = 99\n", "99")] {
+    for (body, named) in
+        [("lisen = \"x\"\n", "`lisen`"), ("max-connections = \"many\"\n", "many"), ("leeway-secs = 99\n", "99")]
+    {
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, body).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_lockstep")).args(["config", "check"]).arg(&bad).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(named), "{body}: {err}");
-        let out = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-            .args(["serve", "--config"])
-            .arg(&bad)
-            .output()
-            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_lockstep")).args(["serve", "--config"]).arg(&bad).output().unwrap();
         assert!(!out.status.success(), "serve started with {body}");
     }
 
@@ -214,13 +227,9 @@ async fn config_file_takes_its_place_in_the_precedence() {
     drop(s);
     let flag_addr: SocketAddr = format!("127.0.0.1:{flag_port}").parse().unwrap();
     let log = dir.path().join("b.log");
-    let _s = spawn(
-        &["serve", "--config", cfg.to_str().unwrap(), "--listen", &flag_addr.to_string()],
-        &[],
-        &log,
-        flag_addr,
-    )
-    .await;
+    let _s =
+        spawn(&["serve", "--config", cfg.to_str().unwrap(), "--listen", &flag_addr.to_string()], &[], &log, flag_addr)
+            .await;
     assert!(
         tonic::transport::Channel::from_shared(format!("http://{file_addr}")).unwrap().connect().await.is_err(),
         "the file's address was used although the flag named another"
@@ -234,8 +243,14 @@ async fn overload_sheds_without_committing(b: Backend) {
     let Some(db) = TestDb::new(b).await else { return };
     bootstrap_db(&db.url).await;
     let settings = Settings { max_in_flight: 2, max_queue: 1, ..Settings::default() };
-    let s = serve_with_settings(&db.url.clone(), StoreOptions::default(), Some(std::sync::Arc::new(db)), Vec::new(), settings)
-        .await;
+    let s = serve_with_settings(
+        &db.url.clone(),
+        StoreOptions::default(),
+        Some(std::sync::Arc::new(db)),
+        Vec::new(),
+        settings,
+    )
+    .await;
     let version0 = read(s.addr, "Item", "doc").await.unwrap().version;
     let commits0 = audit(s.addr).await.iter().filter(|e| e.kind == pb::audit_event::Kind::Commit as i32).count();
     let alice = token("k1", "alice");
@@ -262,7 +277,8 @@ async fn overload_sheds_without_committing(b: Backend) {
         }
     }
     assert!(ok >= 1 && shed >= 1, "ok {ok}, shed {shed}: the bound was not reached");
-    let commits = audit(s.addr).await.iter().filter(|e| e.kind == pb::audit_event::Kind::Commit as i32).count() - commits0;
+    let commits =
+        audit(s.addr).await.iter().filter(|e| e.kind == pb::audit_event::Kind::Commit as i32).count() - commits0;
     assert_eq!(commits as u64, ok, "audit commits vs OK answers");
     assert_eq!(read(s.addr, "Item", "doc").await.unwrap().version, version0 + ok, "versions vs OK answers");
 }
@@ -323,4 +339,172 @@ fn help_fits_each_command() {
         assert!(serve.contains(heading), "{heading}: {serve}");
     }
     assert!(help(&[]).contains("Examples:"));
+}
+
+/// Audit retention under load: the log is held near its limit while commits go on, every
+/// dropped event is in an export file first (files in seq order, no event twice), every
+/// committed call's event is in a file or still in the database, no commit stalls, and the
+/// runs are audited. Deleting an event that was not exported stays refused.
+async fn audit_retention_exports_before_it_drops(b: Backend) {
+    let Some(db) = TestDb::new(b).await else { return };
+    bootstrap_db(&db.url).await;
+    let url = db.url.clone();
+    let export = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        audit_retention: Some(lockstep::engine::AuditRetention {
+            max_age: None,
+            max_events: Some(150),
+            keep_at_least: Duration::ZERO,
+            export_dir: export.path().to_path_buf(),
+            every: Duration::from_millis(100),
+        }),
+        ..Settings::default()
+    };
+    let s =
+        serve_with_settings(&url, StoreOptions::default(), Some(std::sync::Arc::new(db)), Vec::new(), settings).await;
+    let alice = token("k1", "alice");
+    let c = client(s.addr).await;
+    let until = Instant::now() + Duration::from_secs(3);
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let (mut c, alice) = (c.clone(), alice.clone());
+            tokio::spawn(async move {
+                let (mut seqs, mut slowest) = (Vec::new(), Duration::ZERO);
+                let mut i = 0;
+                while Instant::now() < until {
+                    let req = commit_req(vec![update(
+                        "UpdateItem",
+                        "Item",
+                        "doc",
+                        json!({ "title": format!("{w}-{i}") }),
+                        None,
+                    )]);
+                    let t0 = Instant::now();
+                    match c.authorize_and_commit(authed(&alice, req)).await {
+                        Ok(r) => seqs.push(r.into_inner().audit_seq),
+                        Err(st) if st.code() == Code::Unavailable || st.code() == Code::Aborted => {}
+                        Err(st) => panic!("commit: {st:?}"),
+                    }
+                    slowest = slowest.max(t0.elapsed());
+                    i += 1;
+                }
+                (seqs, slowest)
+            })
+        })
+        .collect();
+    let (mut committed, mut slowest) = (Vec::new(), Duration::ZERO);
+    for w in workers {
+        let (seqs, slow) = w.await.unwrap();
+        committed.extend(seqs);
+        slowest = slowest.max(slow);
+    }
+    assert!(committed.len() > 300, "too few commits to pass the limit: {}", committed.len());
+    // Let retention catch up (until the log and the files stay as they are for half a
+    // second), then read what is left.
+    let files = || std::fs::read_dir(export.path()).unwrap().count();
+    let t0 = Instant::now();
+    let mut last = (0, 0);
+    let left = loop {
+        let left = audit(s.addr).await;
+        let now = (left.len(), files());
+        if now == last || t0.elapsed() > Duration::from_secs(20) {
+            break left;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(left.len() <= 170, "the log is not held near its limit: {} events", left.len());
+    let mut exported: Vec<(String, Vec<Value>)> = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(export.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl.gz"))
+        .collect();
+    names.sort();
+    for n in &names {
+        let mut text = String::new();
+        use std::io::Read;
+        flate2::read::MultiGzDecoder::new(std::fs::File::open(export.path().join(n)).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        exported.push((n.clone(), text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()));
+    }
+    let seqs: Vec<u64> = exported.iter().flat_map(|(_, v)| v.iter().map(|e| e["seq"].as_u64().unwrap())).collect();
+    assert!(!seqs.is_empty(), "nothing exported");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "exported events out of order or twice");
+    let remaining: Vec<u64> = left.iter().map(|e| e.seq).collect();
+    assert!(seqs.last().unwrap() < remaining.first().unwrap(), "exported and remaining overlap");
+    for seq in &committed {
+        assert!(seqs.binary_search(seq).is_ok() || remaining.contains(seq), "commit {seq} was dropped unexported");
+    }
+    if !b.is_postgres() {
+        // SQLite's seqs have no gaps: every event from 1 on is in a file or in the log.
+        assert_eq!(seqs[0], 1);
+        let all: Vec<u64> = seqs.iter().chain(&remaining).copied().collect();
+        assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "a gap between the files and the log");
+        let path = url.trim_start_matches("sqlite://");
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let refused = conn.execute("DELETE FROM audit WHERE seq = (SELECT max(seq) FROM audit)", []);
+        assert!(refused.is_err(), "an unexported event could be deleted");
+    }
+    let audited = left.iter().chain(&[]).filter(|e| e.kind == pb::audit_event::Kind::AuditExported as i32).count()
+        + exported.iter().flat_map(|(_, v)| v).filter(|e| e["kind"] == "AuditExported").count();
+    assert!(audited >= 1, "retention runs are not audited");
+    println!(
+        "retention ({b:?}): {} commits, {} events exported in {} files, {} left; slowest commit {slowest:?}",
+        committed.len(),
+        seqs.len(),
+        names.len(),
+        left.len()
+    );
+    assert!(slowest < Duration::from_secs(3), "a commit stalled for {slowest:?} while retention ran");
+}
+
+crate::on_both_backends!(audit_retention_exports_before_it_drops);
+
+/// A call that waits for admission past its deadline commits nothing: its deadline counts
+/// from its arrival, not from the moment it was let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_past_its_deadline_commits_nothing() {
+    use sqlx::Connection;
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    bootstrap_db(&db.url).await;
+    let url = db.url.clone();
+    let settings = Settings { max_in_flight: 1, max_queue: 8, ..Settings::default() };
+    let s =
+        serve_with_settings(&url, StoreOptions::default(), Some(std::sync::Arc::new(db)), Vec::new(), settings).await;
+    let alice = token("k1", "alice");
+    let owner = json!({ "__entity": { "type": "User", "id": "alice" } });
+    // The one slot is taken by a call waiting for the database (another process's lock).
+    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut other).await.unwrap();
+    let first = {
+        let mut c = client(s.addr).await;
+        let req = commit_req(vec![create("CreateItem", "Item", "first", json!({ "owner": owner.clone() }))]);
+        let alice = alice.clone();
+        tokio::spawn(async move { c.authorize_and_commit(authed(&alice, req)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // These wait in the queue, each with a 300 ms deadline, until the lock goes after 1 s.
+    let queued: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = raw_client(s.addr);
+            let mut req = authed(
+                &alice,
+                commit_req(vec![create("CreateItem", "Item", &format!("late{i}"), json!({ "owner": owner.clone() }))]),
+            );
+            req.set_timeout(Duration::from_millis(300));
+            tokio::spawn(async move { c.authorize_and_commit(req).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    first.await.unwrap().unwrap();
+    for q in queued {
+        let e = q.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    }
+    for i in 0..3 {
+        assert!(read(s.addr, "Item", &format!("late{i}")).await.is_none(), "late{i} committed after its deadline");
+    }
 }

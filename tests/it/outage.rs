@@ -401,6 +401,12 @@ impl CommitCutter {
                         } else {
                             None
                         };
+                        if cut.is_some() {
+                            // First stop relaying answers: the reply to this COMMIT must
+                            // never reach the client (PostgreSQL can answer within
+                            // microseconds of receiving it).
+                            s2c.abort();
+                        }
                         if cut == Some(Cut::AfterCommitSent) && uo.write_all(chunk).await.is_err() {
                             break;
                         }

@@ -1,0 +1,142 @@
+//! Audit retention: the oldest events beyond the age or count limit are exported to files
+//! (`audit_export`) and then dropped from the database, a batch at a time, each drop its
+//! own short transaction (commits wait for at most one batch), and each run audited.
+
+use super::*;
+use crate::audit_export::AuditExport;
+
+/// Events per export file; the drop of one file's events is split in batches of
+/// `DROP_BATCH`, one transaction each.
+const FILE_EVENTS: u64 = 20_000;
+const DROP_BATCH: u64 = 2_000;
+
+/// What retention keeps.
+#[derive(Clone, Debug)]
+pub struct AuditRetention {
+    /// Events older than this go (None: no age limit).
+    pub max_age: Option<std::time::Duration>,
+    /// About this many events are kept, the newest, up to a tenth more between two runs
+    /// (None: no count limit).
+    pub max_events: Option<u64>,
+    /// Never drop events younger than this, whatever the limits: an interrupted COMMIT is
+    /// settled by looking its audit event up (PostgreSQL, seconds), and a reader paging
+    /// through the log should not see it vanish under it.
+    pub keep_at_least: std::time::Duration,
+    /// Where the events go before they are dropped.
+    pub export_dir: std::path::PathBuf,
+    /// How often retention runs.
+    pub every: std::time::Duration,
+}
+
+/// What one run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetentionRun {
+    pub exported: u64,
+    pub dropped: u64,
+    pub files: Vec<String>,
+}
+
+impl Engine {
+    /// One retention run: exports every event past the limits to files, then drops them.
+    pub async fn retain_audit(&self, r: &AuditRetention, export: &AuditExport) -> Result<RetentionRun> {
+        let opts = CallOptions::default();
+        let now = now_micros();
+        let mut run = RetentionRun::default();
+        loop {
+            // What may go now: the newest seq past a limit, and never one younger than
+            // `keep_at_least`.
+            let (mark, target) = self
+                .run(opts, || async {
+                    let mut txn = self.store.read().await?;
+                    let target = retention_target(&mut *txn, r, now).await?;
+                    Ok((txn, Ok(target)))
+                })
+                .await?;
+            let Some(target) = target.filter(|t| *t > mark) else { break };
+            let end = target.min(mark + FILE_EVENTS);
+            let events = self
+                .run(opts, || async {
+                    let mut txn = self.store.read().await?;
+                    let events = txn.audit_events(mark, u32::try_from(end - mark).unwrap_or(u32::MAX)).await?;
+                    Ok((txn, Ok(events)))
+                })
+                .await?;
+            let events: Vec<AuditEvent> = events.into_iter().filter(|e| e.seq <= end).collect();
+            let Some(last) = events.last().map(|e| e.seq) else { break };
+            let file = export
+                .write(&events)
+                .map_err(|e| Error::Unavailable(format!("audit export to {} failed: {e}", export.dir.display())))?;
+            run.exported += events.len() as u64;
+            // Only what is in a durable file goes, a batch per transaction.
+            let mut from = mark;
+            while from < last {
+                let upto = last.min(from + DROP_BATCH);
+                let dropped = self
+                    .run(opts, || async {
+                        let mut txn = self.store.write().await?;
+                        let n = txn.trim_audit(upto).await?;
+                        Ok((txn, Ok(n)))
+                    })
+                    .await?;
+                run.dropped += dropped;
+                from = upto;
+            }
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let detail = format!(
+                "retention exported {} events (seq {}..={last}) to {name} and dropped them from the database",
+                events.len(),
+                events[0].seq
+            );
+            self.run(opts, || async {
+                let mut txn = self.store.write().await?;
+                let seq =
+                    txn.append_audit(&event(AuditKind::AuditExported, None, detail.clone()), now_micros()).await?;
+                Ok((txn, Ok(seq)))
+            })
+            .await?;
+            tracing::info!(target: "lockstep::security", file = %name, events = events.len(), through = last, "audit events exported and dropped");
+            run.files.push(name);
+        }
+        Ok(run)
+    }
+}
+
+/// The newest seq that retention may drop now, if any.
+async fn retention_target(txn: &mut dyn Txn, r: &AuditRetention, now: i64) -> Result<(u64, Option<u64>)> {
+    let (mark, oldest, newest) = txn.audit_extent().await?;
+    let (Some(oldest), Some(newest)) = (oldest, newest) else { return Ok((mark, None)) };
+    let micros = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+    // The newest event older than `before` (seq and time grow together, up to the few
+    // milliseconds between a transaction's start and its audit insert): a binary search.
+    async fn newest_before(txn: &mut dyn Txn, oldest: u64, newest: u64, before: i64) -> Result<Option<u64>> {
+        let (mut lo, mut hi) = (oldest, newest);
+        let mut found = None;
+        while lo <= hi {
+            let mid = lo + (hi - lo) / 2;
+            match txn.audit_time_at(mid).await? {
+                Some((seq, time)) if time < before => {
+                    found = Some(seq);
+                    lo = seq + 1;
+                }
+                _ => {
+                    if mid == 0 {
+                        break;
+                    }
+                    hi = mid - 1;
+                }
+            }
+        }
+        Ok(found)
+    }
+    let floor = newest_before(txn, oldest, newest, now.saturating_sub(micros(r.keep_at_least))).await?;
+    let by_age = match r.max_age {
+        Some(age) => newest_before(txn, oldest, newest, now.saturating_sub(micros(age))).await?,
+        None => None,
+    };
+    // Over the count by a tenth of it at least, so that each run's own audit event does not
+    // start another run for one event: the log holds between the count and 1.1 times it.
+    let by_count =
+        r.max_events.and_then(|n| newest.checked_sub(n).filter(|s| *s >= oldest && *s - oldest + 1 >= (n / 10).max(1)));
+    let wanted = by_age.max(by_count);
+    Ok((mark, wanted.zip(floor).map(|(w, f)| w.min(f))))
+}
