@@ -222,7 +222,7 @@ pub struct ServeArgs {
     pub max_in_flight: u32,
     /// Calls waiting for one of --max-in-flight; beyond it a call is answered
     /// RESOURCE_EXHAUSTED at once (with a retry hint) and commits nothing.
-    #[arg(long, env = "LOCKSTEP_MAX_QUEUE", default_value_t = 1024, help_heading = "Limits")]
+    #[arg(long, env = "LOCKSTEP_MAX_QUEUE", default_value_t = 256, help_heading = "Limits")]
     pub max_queue: u32,
     /// Audit retention: events older than this (e.g. 30d) are exported to
     /// --audit-export-dir, then dropped from the database. Off unless given.

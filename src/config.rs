@@ -90,7 +90,7 @@ impl Default for Settings {
             idempotency_retention: Duration::from_secs(25 * 3600),
             reveal_determining_policies: false,
             max_in_flight: 256,
-            max_queue: 1024,
+            max_queue: 256,
             audit_retention: None,
         }
     }

@@ -24,6 +24,11 @@ impl Engine {
         let decision = self
             .run(opts, || async {
                 let mut txn = self.store.read().await?;
+                // A token verified before: the store may read the principal and the resource
+                // with their ancestors in the statement that reads the key and call state.
+                if let Some((principal, _)) = self.verified.hint(&parsed) {
+                    txn.prefetch_ancestors(&[principal, resource.clone()]);
+                }
                 let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
                 let policies = self.policies_at(&mut *txn, state).await?;
                 let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;

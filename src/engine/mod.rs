@@ -84,6 +84,12 @@ type Prepared<T> = (Box<dyn Txn>, Result<T>);
 
 /// An audit event of `kind` by the bearer of `token` (None: the operator's CLI).
 fn event(kind: AuditKind, token: Option<&VerifiedToken>, detail: String) -> NewAuditEvent {
+    // The W3C trace id the call came with, so that the audit event and the traces meet.
+    let detail = match telemetry::trace_id() {
+        Some(t) if detail.is_empty() => format!("trace_id {t}"),
+        Some(t) => format!("{detail}; trace_id {t}"),
+        None => detail,
+    };
     NewAuditEvent {
         kind,
         principal: token.map(|t| t.principal.clone()),

@@ -61,7 +61,7 @@ impl AnswerLayer {
 
 impl Default for AnswerLayer {
     fn default() -> Self {
-        Self::new(256, 1024)
+        Self::new(256, 256)
     }
 }
 

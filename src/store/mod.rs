@@ -195,6 +195,9 @@ pub trait Txn: Send {
     /// store may read it in an earlier round trip (PostgreSQL: with `key_and_call_state`).
     /// Only a hint: a later `entity_for_write` with other arguments reads as usual.
     fn prefetch_for_write(&mut self, _resource: &Uid, _also: &[Uid], _with_parents: bool) {}
+    /// Announces the `entities_with_ancestors(uids)` a read-only transaction will make
+    /// first, likewise (PostgreSQL: read with `key_and_call_state`, in the same snapshot).
+    fn prefetch_ancestors(&mut self, _uids: &[Uid]) {}
     /// What a mutation of `resource` is decided on: `entity(resource)`, then
     /// `entities_with_ancestors` of `also` and, when `with_parents`, of the entity's current
     /// parents. In one round trip where the store can (PostgreSQL, own store).
@@ -294,7 +297,7 @@ impl TryFrom<EntityRow> for EntityRecord {
     }
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone)]
 pub(crate) struct KeyRow {
     kid: String,
     algorithm: String,

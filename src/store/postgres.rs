@@ -164,14 +164,26 @@ impl PgStore {
 impl Store for PgStore {
     async fn write(&self) -> StoreResult<Box<dyn Txn>> {
         let started = std::time::Instant::now();
-        let tx = self.pool.begin().await.map_err(map_err)?;
+        // BEGIN runs in a task of its own: a caller dropped at its deadline in the middle of
+        // it must not leave sqlx believing no transaction is open on a connection where
+        // PostgreSQL has one (the connection would go back to the pool inside it). The task
+        // finishes BEGIN; a transaction nobody takes is then rolled back when dropped.
+        let pool = self.pool.clone();
+        let tx = tokio::spawn(async move { pool.begin().await })
+            .await
+            .map_err(|e| StoreError::Internal(format!("BEGIN's task failed: {e}")))?
+            .map_err(map_err)?;
         metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(Box::new(self.txn(tx, true)))
     }
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
         let started = std::time::Instant::now();
-        let tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(map_err)?;
+        let pool = self.pool.clone();
+        let tx = tokio::spawn(async move { pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await })
+            .await
+            .map_err(|e| StoreError::Internal(format!("BEGIN's task failed: {e}")))?
+            .map_err(map_err)?;
         metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(Box::new(self.txn(tx, false)))
     }
@@ -257,6 +269,8 @@ impl PgStore {
             deferred: None,
             prefetch: None,
             prefetched: None,
+            prefetch_read: None,
+            prefetched_read: None,
         }
     }
 }
@@ -467,6 +481,9 @@ struct PgTxn {
     /// The `entity_for_write` announced (`prefetch_for_write`), and what reading it found.
     prefetch: Option<WriteArgs>,
     prefetched: Option<(WriteArgs, Option<EntityRecord>, Vec<EntityRecord>)>,
+    /// The same for a read-only transaction's `entities_with_ancestors`.
+    prefetch_read: Option<Vec<Uid>>,
+    prefetched_read: Option<(Vec<Uid>, Vec<EntityRecord>)>,
 }
 
 /// The arguments of an `entity_for_write`.
@@ -789,21 +806,56 @@ impl PgTxn {
         let key = KeyRecord::from(first.key);
         let (mut current, mut loaded) = (None, Vec::new());
         for r in rows {
-            let e = EntityRecord::try_from(EntityRow {
-                etype: r.r_etype.unwrap_or_default(),
-                eid: r.r_eid.unwrap_or_default(),
-                attributes: r.r_attributes.unwrap_or_default(),
-                parents: r.r_parents.unwrap_or_default(),
-                version: r.r_version.unwrap_or_default(),
-                tags: r.r_tags.unwrap_or_default(),
-            })?;
-            if r.r_resource == Some(true) {
-                current = Some(e);
-            } else {
-                loaded.push(e);
+            match r.into_entity()? {
+                Some((true, e)) => current = Some(e),
+                Some((false, e)) => loaded.push(e),
+                None => {}
             }
         }
         self.prefetched = Some((args, current, loaded));
+        Ok(Some((key, state)))
+    }
+
+    /// `key_and_call_state` of a read-only transaction with the announced
+    /// `entities_with_ancestors` in the same statement (one snapshot: REPEATABLE READ).
+    async fn key_and_read_context(
+        &mut self,
+        kid: &str,
+        subject: &Uid,
+        token_id: &str,
+        uids: Vec<Uid>,
+    ) -> StoreResult<Option<(KeyRecord, CallState)>> {
+        let keys: Vec<String> = uids.iter().map(|u| format!("{}\u{1f}{}", u.ty, u.id)).collect();
+        let rows = sqlx::query_as::<_, ContextRow>(
+            "WITH st AS (
+                 SELECT (SELECT revoked_at_secs FROM subjects WHERE etype = $2 AND eid = $3) AS revoked_at_secs,
+                        EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $4) AS token_revoked,
+                        (SELECT max(version) FROM policies) AS version,
+                        (SELECT generation FROM policy_links_meta WHERE id = 1) AS generation)
+             SELECT k.*, st.*, NULL::boolean AS r_resource, a.etype AS r_etype, a.eid AS r_eid,
+                    a.attributes AS r_attributes, a.parents AS r_parents, a.version AS r_version, a.tags AS r_tags
+             FROM keys k CROSS JOIN st LEFT JOIN LATERAL read_ancestors($5, false) AS a ON true
+             WHERE k.kid = $1",
+        )
+        .bind(kid)
+        .bind(&subject.ty)
+        .bind(&subject.id)
+        .bind(token_id)
+        .bind(keys)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        let mut rows = rows.into_iter().peekable();
+        let Some(first) = rows.peek() else { return Ok(None) };
+        let state = call_state((first.revoked_at_secs, first.token_revoked, first.version, first.generation));
+        let key = KeyRecord::from(first.key.clone());
+        let mut loaded = Vec::new();
+        for r in rows {
+            if let Some((_, e)) = r.into_entity()? {
+                loaded.push(e);
+            }
+        }
+        self.prefetched_read = Some((uids, loaded));
         Ok(Some((key, state)))
     }
 
@@ -866,6 +918,23 @@ struct ContextRow {
     r_parents: Option<String>,
     r_version: Option<i64>,
     r_tags: Option<String>,
+}
+
+impl ContextRow {
+    /// The entity this row carries (None: a row of the call state alone), and whether it is
+    /// the resource itself.
+    fn into_entity(self) -> StoreResult<Option<(bool, EntityRecord)>> {
+        let Some(etype) = self.r_etype else { return Ok(None) };
+        let e = EntityRecord::try_from(EntityRow {
+            etype,
+            eid: self.r_eid.unwrap_or_default(),
+            attributes: self.r_attributes.unwrap_or_default(),
+            parents: self.r_parents.unwrap_or_default(),
+            version: self.r_version.unwrap_or_default(),
+            tags: self.r_tags.unwrap_or_default(),
+        })?;
+        Ok(Some((self.r_resource == Some(true), e)))
+    }
 }
 
 /// An entity row of `read_for_write`, marked when it is the resource itself.
@@ -1024,6 +1093,11 @@ impl Txn for PgTxn {
             && let Some(args) = self.prefetch.take()
         {
             return self.key_and_write_context(kid, subject, token_id, args).await;
+        }
+        if !self.write
+            && let Some(uids) = self.prefetch_read.take()
+        {
+            return self.key_and_read_context(kid, subject, token_id, uids).await;
         }
         // One statement: the key (its table lock taken when the statement is planned, as
         // by `key`), and in a write transaction `call_state_locked` — the subject's locks,
@@ -1189,6 +1263,11 @@ impl Txn for PgTxn {
 
     async fn entities_with_ancestors(&mut self, uids: &[Uid]) -> StoreResult<Vec<EntityRecord>> {
         self.flush().await?;
+        if let Some((done, rows)) = self.prefetched_read.take()
+            && done == uids
+        {
+            return Ok(rows);
+        }
         if uids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1304,6 +1383,12 @@ impl Txn for PgTxn {
             }
         }
         Ok((current, loaded))
+    }
+
+    fn prefetch_ancestors(&mut self, uids: &[Uid]) {
+        if !self.write && self.mapping.is_empty() {
+            self.prefetch_read = Some(uids.to_vec());
+        }
     }
 
     fn prefetch_for_write(&mut self, resource: &Uid, also: &[Uid], with_parents: bool) {

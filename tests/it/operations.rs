@@ -122,6 +122,15 @@ async fn metrics_and_call_log_follow_the_calls() {
     for _ in 0..3 {
         c.authorize_and_commit(authed(&alice, doc())).await.unwrap();
     }
+    // The trace id is in the commit's audit event too.
+    let root = token("k2", "root");
+    let events = c
+        .list_audit_events(authed(&root, pb::ListAuditEventsRequest { after_seq: seq - 1, limit: 1 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(events[0].detail.contains(trace), "{:?}", events[0]);
     let later = scrape(maddr).await;
     assert_eq!(value(&later, ok), 4.0);
     assert_eq!(value(&later, "lockstep_commits_total"), 4.0);
@@ -136,7 +145,7 @@ async fn metrics_and_call_log_follow_the_calls() {
             .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
             .filter(|v| v["target"] == "lockstep::call" && v["method"].as_str().unwrap_or("").contains("Lockstep/"))
             .collect();
-        if calls.len() >= 6 || t0.elapsed() > Duration::from_secs(10) {
+        if calls.len() >= 7 || t0.elapsed() > Duration::from_secs(10) {
             for secret in [&alice, &bob, &forged] {
                 assert!(!text.contains(secret.as_str()), "a token in the log");
             }
@@ -145,7 +154,7 @@ async fn metrics_and_call_log_follow_the_calls() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(lines.len(), 6, "{lines:#?}");
+    assert_eq!(lines.len(), 7, "{lines:#?}");
     let first = &lines[0];
     assert_eq!(first["method"], "/lockstep.v1.Lockstep/AuthorizeAndCommit");
     assert_eq!(first["code"], "OK");
