@@ -235,7 +235,7 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub audit_max_events: Option<u64>,
     /// Where retention writes the events it drops, first (gzip JSON lines, one file per
-    /// batch, named by their seq range). One directory per database.
+    /// batch, named by their seq range). Instances of one database may share it.
     #[arg(long, env = "LOCKSTEP_AUDIT_EXPORT_DIR", help_heading = "Audit log")]
     pub audit_export_dir: Option<PathBuf>,
     /// Never drop events younger than this, whatever the limits.

@@ -5,10 +5,12 @@
 use super::*;
 use crate::audit_export::AuditExport;
 
-/// Events per export file; the drop of one file's events is split in batches of
+/// Events per export file at most; the drop of one file's events is split in batches of
 /// `DROP_BATCH`, one transaction each.
 const FILE_EVENTS: u64 = 20_000;
-const DROP_BATCH: u64 = 2_000;
+const DROP_BATCH: usize = 2_000;
+/// Events read (and held in memory) at a time while a file is written.
+const PAGE_EVENTS: u32 = 200;
 
 /// What retention keeps.
 #[derive(Clone, Debug)]
@@ -37,55 +39,71 @@ pub struct RetentionRun {
 }
 
 impl Engine {
-    /// One retention run: exports every event past the limits to files, then drops them.
+    /// One retention run: exports every event past the limits to files, then drops exactly
+    /// the events written. One instance at a time per database (`Store::retention_lock`).
     pub async fn retain_audit(&self, r: &AuditRetention, export: &AuditExport) -> Result<RetentionRun> {
         let opts = CallOptions::default();
-        let now = now_micros();
         let mut run = RetentionRun::default();
+        let Some(_running) = self.store.retention_lock().await? else { return Ok(run) };
+        let now = now_micros();
         loop {
             // What may go now: the newest seq past a limit, and never one younger than
-            // `keep_at_least`.
-            let (mark, target) = self
+            // `keep_at_least`. Reading starts at the oldest event present: on PostgreSQL a
+            // transaction that drew a smaller seq may commit after a larger one was
+            // exported, and its event is exported by a later run.
+            let (oldest, target) = self
                 .run(opts, || async {
                     let mut txn = self.store.read().await?;
                     let target = retention_target(&mut *txn, r, now).await?;
                     Ok((txn, Ok(target)))
                 })
                 .await?;
-            let Some(target) = target.filter(|t| *t > mark) else { break };
-            let end = target.min(mark + FILE_EVENTS);
-            let events = self
-                .run(opts, || async {
-                    let mut txn = self.store.read().await?;
-                    let events = txn.audit_events(mark, u32::try_from(end - mark).unwrap_or(u32::MAX)).await?;
-                    Ok((txn, Ok(events)))
-                })
-                .await?;
-            let events: Vec<AuditEvent> = events.into_iter().filter(|e| e.seq <= end).collect();
-            let Some(last) = events.last().map(|e| e.seq) else { break };
-            let file = export
-                .write(&events)
-                .map_err(|e| Error::Unavailable(format!("audit export to {} failed: {e}", export.dir.display())))?;
-            run.exported += events.len() as u64;
-            // Only what is in a durable file goes, a batch per transaction.
-            let mut from = mark;
-            while from < last {
-                let upto = last.min(from + DROP_BATCH);
+            let (Some(oldest), Some(target)) = (oldest, target) else { break };
+            if target < oldest {
+                break;
+            }
+            let mut cursor = oldest - 1;
+            let mut file = None;
+            let mut seqs: Vec<u64> = Vec::new();
+            while (seqs.len() as u64) < FILE_EVENTS && cursor < target {
+                let page = self
+                    .run(opts, || async {
+                        let mut txn = self.store.read().await?;
+                        let events = txn.audit_events(cursor, PAGE_EVENTS).await?;
+                        Ok((txn, Ok(events)))
+                    })
+                    .await?;
+                let page: Vec<AuditEvent> = page.into_iter().filter(|e| e.seq <= target).collect();
+                let Some(last) = page.last().map(|e| e.seq) else { break };
+                let f = match &mut file {
+                    Some(f) => f,
+                    None => file.insert(export.begin(page[0].seq).map_err(|e| export_failed(export, &e))?),
+                };
+                f.append(&page).map_err(|e| export_failed(export, &e))?;
+                seqs.extend(page.iter().map(|e| e.seq));
+                cursor = last;
+            }
+            let Some(file) = file else { break };
+            let path = file.finish().map_err(|e| export_failed(export, &e))?;
+            run.exported += seqs.len() as u64;
+            // Only what is in a durable file goes, exactly those events, a batch per
+            // transaction.
+            for chunk in seqs.chunks(DROP_BATCH) {
                 let dropped = self
                     .run(opts, || async {
                         let mut txn = self.store.write().await?;
-                        let n = txn.trim_audit(upto).await?;
+                        let n = txn.trim_audit(chunk).await?;
                         Ok((txn, Ok(n)))
                     })
                     .await?;
                 run.dropped += dropped;
-                from = upto;
             }
-            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let detail = format!(
-                "retention exported {} events (seq {}..={last}) to {name} and dropped them from the database",
-                events.len(),
-                events[0].seq
+                "retention exported {} events (seq {}..={}) to {name} and dropped them from the database",
+                seqs.len(),
+                seqs[0],
+                seqs[seqs.len() - 1]
             );
             self.run(opts, || async {
                 let mut txn = self.store.write().await?;
@@ -94,17 +112,21 @@ impl Engine {
                 Ok((txn, Ok(seq)))
             })
             .await?;
-            tracing::info!(target: "lockstep::security", file = %name, events = events.len(), through = last, "audit events exported and dropped");
+            tracing::info!(target: "lockstep::security", file = %name, events = seqs.len(), "audit events exported and dropped");
             run.files.push(name);
         }
         Ok(run)
     }
 }
 
+fn export_failed(export: &AuditExport, e: &std::io::Error) -> Error {
+    Error::Unavailable(format!("audit export to {} failed: {e}; nothing was dropped", export.dir.display()))
+}
+
 /// The newest seq that retention may drop now, if any.
-async fn retention_target(txn: &mut dyn Txn, r: &AuditRetention, now: i64) -> Result<(u64, Option<u64>)> {
-    let (mark, oldest, newest) = txn.audit_extent().await?;
-    let (Some(oldest), Some(newest)) = (oldest, newest) else { return Ok((mark, None)) };
+async fn retention_target(txn: &mut dyn Txn, r: &AuditRetention, now: i64) -> Result<(Option<u64>, Option<u64>)> {
+    let (_mark, oldest, newest) = txn.audit_extent().await?;
+    let (Some(oldest), Some(newest)) = (oldest, newest) else { return Ok((None, None)) };
     let micros = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
     // The newest event older than `before` (seq and time grow together, up to the few
     // milliseconds between a transaction's start and its audit insert): a binary search.
@@ -135,8 +157,9 @@ async fn retention_target(txn: &mut dyn Txn, r: &AuditRetention, now: i64) -> Re
     };
     // Over the count by a tenth of it at least, so that each run's own audit event does not
     // start another run for one event: the log holds between the count and 1.1 times it.
-    let by_count =
-        r.max_events.and_then(|n| newest.checked_sub(n).filter(|s| *s >= oldest && *s - oldest + 1 >= (n / 10).max(1)));
+    let by_count = r
+        .max_events
+        .and_then(|n| newest.checked_sub(n).filter(|s| *s >= oldest && *s - oldest + 1 >= (n / 10).max(10)));
     let wanted = by_age.max(by_count);
-    Ok((mark, wanted.zip(floor).map(|(w, f)| w.min(f))))
+    Ok((Some(oldest), wanted.zip(floor).map(|(w, f)| w.min(f))))
 }

@@ -353,14 +353,14 @@ impl Drop for InFlight {
 }
 
 /// `Detached`, and the call's log line and metrics once its trailers are out.
-struct Answering<E> {
+struct Answering<E: Send + 'static> {
     state: Detached<E>,
     end: Option<CallEnd>,
 }
 
 impl<E> http_body::Body for Answering<E>
 where
-    E: Into<BoxError>,
+    E: Into<BoxError> + Send + 'static,
 {
     type Data = Bytes;
     type Error = Status;
@@ -394,12 +394,26 @@ where
     }
 }
 
-impl<E> Drop for Answering<E> {
+impl<E: Send + 'static> Drop for Answering<E> {
     fn drop(&mut self) {
-        // The client went away before the answer was complete (the handler still runs to
-        // its outcome in its task).
-        if let Some(end) = self.end.take() {
-            end.finish(Code::Cancelled);
+        // The client went away before the answer was complete. The handler still runs to
+        // its outcome in its task: the log line and metrics wait for it and report that
+        // outcome (a commit the client gave up on is still a commit).
+        let Some(end) = self.end.take() else { return };
+        match std::mem::replace(&mut self.state, Detached::Done) {
+            Detached::Waiting(task) => {
+                let waited = async move {
+                    let code = match task.await {
+                        Ok(Ok(response)) => Status::from_header_map(response.headers()).map_or(Code::Ok, |s| s.code()),
+                        Ok(Err(_)) | Err(_) => Code::Internal,
+                    };
+                    end.finish(code);
+                };
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(waited);
+                }
+            }
+            _ => end.finish(Code::Cancelled),
         }
     }
 }

@@ -68,6 +68,11 @@ pub trait Store: Send + Sync + 'static {
     async fn install_mapping(&self) -> StoreResult<Vec<String>> {
         Ok(Vec::new())
     }
+    /// Audit retention runs one at a time per database: Some(guard) while this caller may
+    /// run (dropping the guard ends it), None when another instance is running it now.
+    async fn retention_lock(&self) -> StoreResult<Option<Box<dyn std::any::Any + Send>>> {
+        Ok(Some(Box::new(())))
+    }
     /// Connections in the pool and how many of them are idle (PostgreSQL).
     fn pool_connections(&self) -> Option<(u32, u32)> {
         None
@@ -251,9 +256,10 @@ pub trait Txn: Send {
     async fn audit_extent(&mut self) -> StoreResult<(u64, Option<u64>, Option<u64>)>;
     /// The first event at or after `seq`: its seq and time (unix microseconds).
     async fn audit_time_at(&mut self, seq: u64) -> StoreResult<Option<(u64, i64)>>;
-    /// Drops every event up to `through` (exported by retention): raises the mark the
-    /// append-only trigger allows deletes under, then deletes. Returns how many went.
-    async fn trim_audit(&mut self, through: u64) -> StoreResult<u64>;
+    /// Drops exactly these events (exported by retention; ascending): raises the mark the
+    /// append-only trigger allows deletes under to the last of them, then deletes them.
+    /// Returns how many went.
+    async fn trim_audit(&mut self, seqs: &[u64]) -> StoreResult<u64>;
 
     // --- housekeeping --------------------------------------------------------------------
     /// Deletes revoked-token rows whose token has expired and idempotency records older

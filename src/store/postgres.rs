@@ -188,6 +188,23 @@ impl Store for PgStore {
         Ok(Box::new(self.txn(tx, false)))
     }
 
+    async fn retention_lock(&self) -> StoreResult<Option<Box<dyn std::any::Any + Send>>> {
+        // A session lock on a connection of its own, closed (not returned to the pool) when
+        // the guard is dropped: the lock goes with the session, even if the run is cut off.
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        let got: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtextextended('lockstep' || chr(31) || 'audit-retention', 0))",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        if !got {
+            return Ok(None);
+        }
+        conn.close_on_drop();
+        Ok(Some(Box::new(conn)))
+    }
+
     fn pool_connections(&self) -> Option<(u32, u32)> {
         let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
         Some((self.pool.size(), idle))
@@ -1590,15 +1607,17 @@ impl Txn for PgTxn {
         Ok(row.map(|(s, t)| (to_u64(s), t)))
     }
 
-    async fn trim_audit(&mut self, through: u64) -> StoreResult<u64> {
+    async fn trim_audit(&mut self, seqs: &[u64]) -> StoreResult<u64> {
         self.flush().await?;
+        let Some(&last) = seqs.last() else { return Ok(0) };
         sqlx::query("UPDATE audit_trim SET through_seq = greatest(through_seq, $1) WHERE id = 1")
-            .bind(to_i64(through))
+            .bind(to_i64(last))
             .execute(&mut *self.tx)
             .await
             .map_err(map_err)?;
-        let done = sqlx::query("DELETE FROM audit WHERE seq <= $1")
-            .bind(to_i64(through))
+        let seqs: Vec<i64> = seqs.iter().map(|s| to_i64(*s)).collect();
+        let done = sqlx::query("DELETE FROM audit WHERE seq = ANY($1)")
+            .bind(seqs)
             .execute(&mut *self.tx)
             .await
             .map_err(map_err)?;

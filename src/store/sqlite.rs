@@ -1385,12 +1385,17 @@ impl Txn for SqliteTxn {
         })
     }
 
-    async fn trim_audit(&mut self, through: u64) -> StoreResult<u64> {
+    async fn trim_audit(&mut self, seqs: &[u64]) -> StoreResult<u64> {
+        let Some(&last) = seqs.last() else { return Ok(0) };
         self.with(|c| {
             c.prepare_cached("UPDATE audit_trim SET through_seq = max(through_seq, ?1) WHERE id = 1")?
-                .execute([to_i64(through)])?;
-            let n = c.prepare_cached("DELETE FROM audit WHERE seq <= ?1")?.execute([to_i64(through)])?;
-            Ok(n as u64)
+                .execute([to_i64(last)])?;
+            let mut delete = c.prepare_cached("DELETE FROM audit WHERE seq = ?1")?;
+            let mut n = 0u64;
+            for s in seqs {
+                n += delete.execute([to_i64(*s)])? as u64;
+            }
+            Ok(n)
         })
     }
 
