@@ -56,14 +56,15 @@ impl Engine {
         let now = now_micros();
         // A lone mutation of a token verified before: the store may read what it is decided
         // on in the same round trip as the key and the call state (after their locks).
+        let hint = self.verified.hint(parsed);
         if let [m] = req.mutations.as_slice()
             && req.idempotency_key.is_empty()
-            && let Some((principal, _)) = self.verified.hint(parsed)
+            && let Some((principal, _)) = &hint
         {
-            let (also, with_parents) = write_context_of(&principal, m);
+            let (also, with_parents) = write_context_of(principal, m);
             txn.prefetch_for_write(&m.resource, &also, with_parents);
         }
-        let (token, policy_state) = self.authenticate(&mut *txn, parsed, now).await?;
+        let (token, policy_state) = self.authenticate_hinted(&mut *txn, parsed, now, hint).await?;
 
         // Everything after this point is undone by a denial, except the denial's audit event.
         // One mutation without an idempotency key writes nothing before it is decided, so

@@ -26,10 +26,11 @@ impl Engine {
                 let mut txn = self.store.read().await?;
                 // A token verified before: the store may read the principal and the resource
                 // with their ancestors in the statement that reads the key and call state.
-                if let Some((principal, _)) = self.verified.hint(&parsed) {
-                    txn.prefetch_ancestors(&[principal, resource.clone()]);
+                let hint = self.verified.hint(&parsed);
+                if let Some((principal, _)) = &hint {
+                    txn.prefetch_ancestors(&[principal.clone(), resource.clone()]);
                 }
-                let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
+                let (token, state) = self.authenticate_hinted(&mut *txn, &parsed, now_micros(), hint).await?;
                 let policies = self.policies_at(&mut *txn, state).await?;
                 let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
                 let ctx = build_context(&policies, &action, context, &token, None, &policy::SERVER_CONTEXT)?;

@@ -341,11 +341,22 @@ impl Engine {
         parsed: &token::ParsedToken,
         now: i64,
     ) -> Result<(Arc<VerifiedToken>, PolicyState)> {
+        self.authenticate_hinted(txn, parsed, now, self.verified.hint(parsed)).await
+    }
+
+    /// `authenticate` with the verification cache's hint (`VerifyCache::hint`) already
+    /// looked up by the caller, which used it to announce a prefetch.
+    pub(super) async fn authenticate_hinted(
+        &self,
+        txn: &mut dyn Txn,
+        parsed: &token::ParsedToken,
+        now: i64,
+        hint: Option<(Uid, String)>,
+    ) -> Result<(Arc<VerifiedToken>, PolicyState)> {
         let now_secs = now / 1_000_000;
         let unknown = || Error::UnknownKey("token names an unknown key (`kid`)".into());
         // A token verified before names its subject already: its key and the call state in
         // one round trip (the hint is checked by the verification below).
-        let hint = self.verified.hint(parsed);
         let (key, early) = match &hint {
             Some((principal, token_id)) => {
                 let (key, state) =

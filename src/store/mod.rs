@@ -83,6 +83,22 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// `Txn::entity_for_write` as two calls: `entity`, then `entities_with_ancestors`.
+pub(crate) async fn entity_for_write_in_steps<T: Txn + ?Sized>(
+    txn: &mut T,
+    resource: &Uid,
+    also: &[Uid],
+    with_parents: bool,
+) -> StoreResult<(Option<EntityRecord>, Vec<EntityRecord>)> {
+    let current = txn.entity(resource).await?;
+    let mut wanted = also.to_vec();
+    if with_parents && let Some(c) = &current {
+        wanted.extend(c.parents.iter().cloned());
+    }
+    let loaded = txn.entities_with_ancestors(&wanted).await?;
+    Ok((current, loaded))
+}
+
 /// How many database transactions committed how many write calls.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GroupCommitStats {
@@ -212,13 +228,7 @@ pub trait Txn: Send {
         also: &[Uid],
         with_parents: bool,
     ) -> StoreResult<(Option<EntityRecord>, Vec<EntityRecord>)> {
-        let current = self.entity(resource).await?;
-        let mut wanted = also.to_vec();
-        if with_parents && let Some(c) = &current {
-            wanted.extend(c.parents.iter().cloned());
-        }
-        let loaded = self.entities_with_ancestors(&wanted).await?;
-        Ok((current, loaded))
+        entity_for_write_in_steps(self, resource, also, with_parents).await
     }
     /// `Conflict` if it exists.
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()>;

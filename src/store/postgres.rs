@@ -163,29 +163,11 @@ impl PgStore {
 #[async_trait]
 impl Store for PgStore {
     async fn write(&self) -> StoreResult<Box<dyn Txn>> {
-        let started = std::time::Instant::now();
-        // BEGIN runs in a task of its own: a caller dropped at its deadline in the middle of
-        // it must not leave sqlx believing no transaction is open on a connection where
-        // PostgreSQL has one (the connection would go back to the pool inside it). The task
-        // finishes BEGIN; a transaction nobody takes is then rolled back when dropped.
-        let pool = self.pool.clone();
-        let tx = tokio::spawn(async move { pool.begin().await })
-            .await
-            .map_err(|e| StoreError::Internal(format!("BEGIN's task failed: {e}")))?
-            .map_err(map_err)?;
-        metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
-        Ok(Box::new(self.txn(tx, true)))
+        Ok(Box::new(self.begin(true).await?))
     }
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
-        let started = std::time::Instant::now();
-        let pool = self.pool.clone();
-        let tx = tokio::spawn(async move { pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await })
-            .await
-            .map_err(|e| StoreError::Internal(format!("BEGIN's task failed: {e}")))?
-            .map_err(map_err)?;
-        metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
-        Ok(Box::new(self.txn(tx, false)))
+        Ok(Box::new(self.begin(false).await?))
     }
 
     async fn retention_lock(&self) -> StoreResult<Option<Box<dyn std::any::Any + Send>>> {
@@ -274,6 +256,28 @@ impl Store for PgStore {
 }
 
 impl PgStore {
+    /// A pooled connection and its BEGIN (READ COMMITTED for writes; REPEATABLE READ READ
+    /// ONLY for reads). BEGIN runs in a task of its own: a caller dropped at its deadline in
+    /// the middle of it must not leave sqlx believing no transaction is open on a connection
+    /// where PostgreSQL has one (the connection would go back to the pool inside it). The
+    /// task finishes BEGIN; a transaction nobody takes is then rolled back when dropped.
+    async fn begin(&self, write: bool) -> StoreResult<PgTxn> {
+        let started = std::time::Instant::now();
+        let pool = self.pool.clone();
+        let tx = tokio::spawn(async move {
+            if write {
+                pool.begin().await
+            } else {
+                pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("BEGIN's task failed: {e}")))?
+        .map_err(map_err)?;
+        metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(self.txn(tx, write))
+    }
+
     fn txn(&self, tx: Transaction<'static, Postgres>, write: bool) -> PgTxn {
         PgTxn {
             tx,
@@ -494,7 +498,7 @@ struct PgTxn {
     /// An update of an own-store entity not sent yet: it goes with the next statement
     /// (the audit insert, as one statement: one round trip less), or alone before any
     /// other (`flush`), so every read still sees it.
-    deferred: Option<DeferredUpdate>,
+    deferred: Option<EntityRow>,
     /// The `entity_for_write` announced (`prefetch_for_write`), and what reading it found.
     prefetch: Option<WriteArgs>,
     prefetched: Option<(WriteArgs, Option<EntityRecord>, Vec<EntityRecord>)>,
@@ -509,16 +513,6 @@ struct WriteArgs {
     resource: Uid,
     also: Vec<Uid>,
     with_parents: bool,
-}
-
-/// `UPDATE entities` of one entity, bound values ready.
-struct DeferredUpdate {
-    etype: String,
-    eid: String,
-    attributes: String,
-    parents: String,
-    version: i64,
-    tags: String,
 }
 
 /// A transaction about to commit, as the database knows it.
@@ -843,17 +837,15 @@ impl PgTxn {
         uids: Vec<Uid>,
     ) -> StoreResult<Option<(KeyRecord, CallState)>> {
         let keys: Vec<String> = uids.iter().map(|u| format!("{}\u{1f}{}", u.ty, u.id)).collect();
-        let rows = sqlx::query_as::<_, ContextRow>(
-            "WITH st AS (
-                 SELECT (SELECT revoked_at_secs FROM subjects WHERE etype = $2 AND eid = $3) AS revoked_at_secs,
-                        EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $4) AS token_revoked,
-                        (SELECT max(version) FROM policies) AS version,
-                        (SELECT generation FROM policy_links_meta WHERE id = 1) AS generation)
+        let rows = sqlx::query_as::<_, ContextRow>(concat!(
+            "WITH st AS (SELECT ",
+            read_call_state!(),
+            ")
              SELECT k.*, st.*, NULL::boolean AS r_resource, a.etype AS r_etype, a.eid AS r_eid,
                     a.attributes AS r_attributes, a.parents AS r_parents, a.version AS r_version, a.tags AS r_tags
              FROM keys k CROSS JOIN st LEFT JOIN LATERAL read_ancestors($5, false) AS a ON true
-             WHERE k.kid = $1",
-        )
+             WHERE k.kid = $1"
+        ))
         .bind(kid)
         .bind(&subject.ty)
         .bind(&subject.id)
@@ -906,6 +898,18 @@ impl PgTxn {
         Ok(())
     }
 }
+
+/// The call state of a read-only transaction as columns (`revoked_at_secs`,
+/// `token_revoked`, `version`, `generation`) of subject `$2`/`$3` and token `$4`.
+macro_rules! read_call_state {
+    () => {
+        "(SELECT revoked_at_secs FROM subjects WHERE etype = $2 AND eid = $3) AS revoked_at_secs,
+         EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $4) AS token_revoked,
+         (SELECT max(version) FROM policies) AS version,
+         (SELECT generation FROM policy_links_meta WHERE id = 1) AS generation"
+    };
+}
+use read_call_state;
 
 /// A key with the call state (`key_and_call_state`).
 #[derive(sqlx::FromRow)]
@@ -1124,12 +1128,7 @@ impl Txn for PgTxn {
             "SELECT k.*, s.revoked_at_secs, s.token_revoked, s.version, s.generation
              FROM keys k CROSS JOIN LATERAL call_state_locked($2, $3, $4) AS s WHERE k.kid = $1"
         } else {
-            "SELECT k.*,
-                    (SELECT revoked_at_secs FROM subjects WHERE etype = $2 AND eid = $3) AS revoked_at_secs,
-                    EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $4) AS token_revoked,
-                    (SELECT max(version) FROM policies) AS version,
-                    (SELECT generation FROM policy_links_meta WHERE id = 1) AS generation
-             FROM keys k WHERE k.kid = $1"
+            concat!("SELECT k.*, ", read_call_state!(), " FROM keys k WHERE k.kid = $1")
         };
         let row = sqlx::query_as::<_, KeyStateRow>(sql)
             .bind(kid)
@@ -1367,13 +1366,7 @@ impl Txn for PgTxn {
         }
         if !self.write || !self.mapping.is_empty() {
             // Entities in the application's tables take their own path (row lock first).
-            let current = self.entity(resource).await?;
-            let mut wanted = also.to_vec();
-            if with_parents && let Some(c) = &current {
-                wanted.extend(c.parents.iter().cloned());
-            }
-            let loaded = self.entities_with_ancestors(&wanted).await?;
-            return Ok((current, loaded));
+            return super::entity_for_write_in_steps(self, resource, also, with_parents).await;
         }
         // One round trip (`read_for_write`, migration 0008): the resource's lock exclusive
         // and its row, then the rest with their ancestors, each level's locks shared first.
@@ -1444,7 +1437,7 @@ impl Txn for PgTxn {
         self.flush().await?;
         // Sent with the next statement (see `deferred`); the entity's exclusive lock is
         // held already (`entity`), so nothing can come between.
-        self.deferred = Some(DeferredUpdate {
+        self.deferred = Some(EntityRow {
             etype: e.uid.ty.clone(),
             eid: e.uid.id.clone(),
             attributes: serde_json::to_string(&e.attributes).map_err(json_err)?,
