@@ -216,6 +216,17 @@ pub struct ServeArgs {
     /// /metrics). Off unless given.
     #[arg(long, env = "LOCKSTEP_METRICS_LISTEN", help_heading = "Telemetry")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Export spans (one per call, per transaction attempt and per policy evaluation) over
+    /// OTLP/gRPC to a collector, e.g. http://127.0.0.1:4317. Off unless given. A caller's
+    /// W3C traceparent is their parent. OTEL_EXPORTER_OTLP_HEADERS adds request headers,
+    /// OTEL_SERVICE_NAME names the service (lockstep), OTEL_BSP_* tune the batches.
+    #[arg(long, env = "LOCKSTEP_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint, help_heading = "Telemetry")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces started here that are exported (0 to 1); a caller's traceparent
+    /// decides for the traces it continues (its sampled flag).
+    #[arg(long, env = "LOCKSTEP_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio,
+          help_heading = "Telemetry")]
+    pub otlp_sample_ratio: f64,
     /// Calls served at once; more wait in the queue (--max-queue).
     #[arg(long, env = "LOCKSTEP_MAX_IN_FLIGHT", default_value_t = 256, help_heading = "Limits",
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -969,4 +980,23 @@ grpcurl -plaintext -H "authorization: Bearer $CAROL" -d '{{}}' {a} lockstep.v1.L
 "#
     );
     Ok(())
+}
+
+/// An OTLP/gRPC collector address: `http://host:port` (no TLS towards the collector).
+fn parse_otlp_endpoint(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err("give http://HOST:PORT of an OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (TLS towards \
+                    the collector is not built in: run the collector or its agent beside Lockstep)"
+            .into());
+    }
+    Ok(s.to_owned())
+}
+
+/// A fraction from 0 to 1.
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}`: give a fraction from 0 to 1, e.g. 0.1")),
+    }
 }

@@ -21,6 +21,7 @@
 //! - [`grpc`]: generated code, thin handlers, pb <-> domain conversions, status mapping.
 //! - [`server`]: serving with health, reflection, housekeeping and graceful shutdown.
 //! - [`telemetry`]: metrics names and the Prometheus exporter; per-call facts for the log.
+//! - [`otlp`]: spans exported over OTLP (`--otlp-endpoint`); W3C `traceparent`.
 //! - [`audit_export`]: the files audit retention exports to before it drops events.
 //! - [`fuzz`]: entry points of the fuzz targets and the bounded fuzz smoke run.
 //! - [`bench`]: the load generator behind `lockstep bench`.
@@ -40,6 +41,7 @@ pub mod grpc;
 pub mod jwks;
 pub mod mapping;
 pub mod model;
+pub mod otlp;
 pub mod policy;
 pub mod policytest;
 pub mod server;

@@ -19,23 +19,6 @@ fn main() -> std::process::ExitCode {
         }
     };
     let cli = lockstep::cli::Cli::parse_from(argv);
-    // `bench` measures the server, not its access log: the per-call lines are off there
-    // unless LOCKSTEP_LOG asks for them.
-    let default_filter =
-        if matches!(cli.command, lockstep::cli::Command::Bench(_)) { "info,lockstep::call=off" } else { "info" };
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
-        // One JSON object per line: time, level, target and the event's fields at the top.
-        logs.json().flatten_event(true).with_current_span(false).with_span_list(false).init();
-    } else {
-        // Colour only for a person at a terminal: never escape codes in a log file.
-        logs.with_ansi(std::io::stderr().is_terminal()).init();
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -43,11 +26,73 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(lockstep::cli::run(cli)) {
+    // The OTLP exporter's gRPC channel runs on the runtime: start it inside.
+    let export = {
+        let _inside = runtime.enter();
+        match logging(&cli) {
+            Ok(export) => export,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    };
+    let outcome = runtime.block_on(lockstep::cli::run(cli));
+    if let Some(export) = export {
+        export.shutdown();
+    }
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Log lines to stderr (text, or JSON objects), filtered by LOCKSTEP_LOG; and, when `serve`
+/// or `demo` is given --otlp-endpoint, spans to an OTLP collector (only the spans of
+/// `telemetry::SPANS`, never a log line; the log never shows those spans).
+fn logging(cli: &lockstep::cli::Cli) -> anyhow::Result<Option<lockstep::otlp::Export>> {
+    use lockstep::cli::Command;
+    use lockstep::telemetry::SPANS;
+    use tracing_subscriber::filter::{FilterExt as _, Targets, filter_fn};
+    use tracing_subscriber::prelude::*;
+
+    // `bench` measures the server, not its access log: the per-call lines are off there
+    // unless LOCKSTEP_LOG asks for them.
+    let default_filter = if matches!(cli.command, Command::Bench(_)) { "info,lockstep::call=off" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt: Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync> =
+        if cli.log_format == "json" {
+            // One JSON object per line: time, level, target and the event's fields at the top.
+            Box::new(fmt.json().flatten_event(true).with_current_span(false).with_span_list(false))
+        } else {
+            // Colour only for a person at a terminal: never escape codes in a log file.
+            Box::new(fmt.with_ansi(std::io::stderr().is_terminal()))
+        };
+    let fmt = fmt.with_filter(filter.and(filter_fn(|m| m.target() != SPANS)));
+
+    let export = match &cli.command {
+        Command::Serve(a) | Command::Demo(a) => match &a.otlp_endpoint {
+            Some(endpoint) => Some(lockstep::otlp::Export::start(endpoint, a.otlp_sample_ratio)?),
+            None => None,
+        },
+        _ => None,
+    };
+    let spans = export.as_ref().map(|e| {
+        tracing_opentelemetry::layer()
+            .with_tracer(e.tracer())
+            .with_threads(false)
+            .with_filter(Targets::new().with_target(SPANS, tracing::Level::INFO))
+    });
+    tracing_subscriber::registry().with(fmt).with(spans).init();
+    if let Some(Command::Serve(a) | Command::Demo(a)) = Some(&cli.command)
+        && let Some(endpoint) = &a.otlp_endpoint
+    {
+        tracing::info!(endpoint = %lockstep::config_file::redact_url(endpoint), "spans exported over OTLP");
+    }
+    Ok(export)
 }

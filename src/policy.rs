@@ -910,6 +910,13 @@ impl CompiledPolicies {
         context: Context,
         entities: &[&EntityRecord],
     ) -> Result<Decision, String> {
+        let span = tracing::info_span!(
+            target: crate::telemetry::SPANS,
+            "policy.evaluate",
+            entities = entities.len(),
+            decision = tracing::field::Empty,
+        )
+        .entered();
         let mut unique: BTreeMap<&Uid, &EntityRecord> = BTreeMap::new();
         for e in entities {
             unique.insert(&e.uid, e);
@@ -918,7 +925,9 @@ impl CompiledPolicies {
         let request = Request::new(entity_uid(principal)?, action.clone(), entity_uid(resource)?, context, None)
             .map_err(|e| format!("invalid request: {e}"))?;
         let response = Authorizer::new().is_authorized(&request, &self.set, &cedar_entities);
-        Ok(self.fail_closed(&response))
+        let decision = self.fail_closed(&response);
+        span.record("decision", if decision.allowed { "allow" } else { "deny" });
+        Ok(decision)
     }
 
     /// Cedar skips a policy whose evaluation errors. For a `permit` that is safe (it does

@@ -185,12 +185,12 @@ pub async fn run_with(
                     }
                 }
                 // The active policy version (changed by any instance), every 10 s.
-                if db_ok && rounds % 20 == 0 {
-                    if let Ok(Ok(Some(v))) =
+                if db_ok
+                    && rounds.is_multiple_of(20)
+                    && let Ok(Ok(Some(v))) =
                         tokio::time::timeout(Duration::from_secs(2), engine.active_policy_version()).await
-                    {
-                        metrics::gauge!(crate::telemetry::POLICY_VERSION).set(v as f64);
-                    }
+                {
+                    metrics::gauge!(crate::telemetry::POLICY_VERSION).set(v as f64);
                 }
                 rounds += 1;
                 if let Some((size, idle)) = engine.store().pool_connections() {

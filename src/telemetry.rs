@@ -1,8 +1,14 @@
 //! Metrics: names, descriptions and the Prometheus exporter (`--metrics-listen`). The
 //! `metrics` macros are no-ops until `install` runs, so code records unconditionally.
+//! Also the target of the spans exported over OTLP (`otlp`), and the facts of a call
+//! its log line reports.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use std::net::SocketAddr;
+
+/// The target of the spans exported over OTLP (server, transaction, policy evaluation);
+/// the log lines never show them.
+pub const SPANS: &str = "lockstep::span";
 
 /// Calls answered, by `service`, `method` and gRPC `code` (e.g. `OK`, `PermissionDenied`).
 pub const CALLS: &str = "lockstep_calls_total";

@@ -46,6 +46,7 @@ use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 /// The resource of Lockstep's own actions.
 pub fn service_uid() -> Uid {
@@ -291,17 +292,40 @@ impl Engine {
         loop {
             tries += 1;
             forget_compiled_in_call();
+            // One span per attempt (exported over OTLP when asked): reading, deciding,
+            // writing and the COMMIT; its outcome is recorded when known.
+            let span = tracing::info_span!(
+                target: telemetry::SPANS,
+                "transaction",
+                attempt = tries,
+                outcome = tracing::field::Empty,
+            );
             let prepared = match opts.deadline {
-                Some(d) => tokio::time::timeout_at(d, attempt()).await.unwrap_or(Err(Error::DeadlineExceeded)),
-                None => attempt().await,
+                Some(d) => tokio::time::timeout_at(d, attempt().instrument(span.clone()))
+                    .await
+                    .unwrap_or(Err(Error::DeadlineExceeded)),
+                None => attempt().instrument(span.clone()).await,
             };
+            // An attempt that yields no transaction says why (its outcome is recorded once).
+            let why = match &prepared {
+                Ok(_) | Err(Error::Retry(_)) => None,
+                Err(Error::DeadlineExceeded) => Some("deadline"),
+                Err(Error::Denied(_) | Error::DeniedExplained { .. }) => Some("denied"),
+                Err(Error::UnknownKey(_)) => Some("unknown key"),
+                Err(_) => Some("error"),
+            };
+            if let Some(why) = why {
+                span.record("outcome", why);
+            }
             let outcome = match prepared {
                 Ok((txn, answer)) => {
                     if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+                        span.record("outcome", "deadline");
                         return Err(Error::DeadlineExceeded);
                     }
                     let deadline = opts.deadline;
-                    match tokio::spawn(async move { txn.commit_before(deadline).await }).await {
+                    let committing = span.clone();
+                    match tokio::spawn(async move { txn.commit_before(deadline).await }.instrument(committing)).await {
                         Ok(committed) => committed.map(|()| {
                             with_compiled_in_call(|c| c.committed = true);
                             answer
@@ -319,6 +343,14 @@ impl Engine {
                 }
                 Err(e) => return Err(e),
             };
+            span.record(
+                "outcome",
+                match &outcome {
+                    Ok(_) => "committed",
+                    Err(StoreError::Retry(_)) => "conflict",
+                    Err(_) => "commit failed",
+                },
+            );
             match outcome {
                 Ok(answer) => return answer,
                 Err(StoreError::Retry(m)) if tries < MAX_ATTEMPTS => {

@@ -1,6 +1,8 @@
 //! Audit retention: the oldest events beyond the age or count limit are exported to files
 //! (`audit_export`) and then dropped from the database, a batch at a time, each drop its
-//! own short transaction (commits wait for at most one batch), and each run audited.
+//! own short transaction (commits wait for at most one batch), and each run audited. On
+//! SQLite the pages freed go back to the file system by incremental vacuum, a bounded
+//! number per transaction.
 
 use super::*;
 use crate::audit_export::AuditExport;
@@ -11,6 +13,9 @@ const FILE_EVENTS: u64 = 20_000;
 const DROP_BATCH: usize = 2_000;
 /// Events read (and held in memory) at a time while a file is written.
 const PAGE_EVENTS: u32 = 200;
+/// Free pages given back per transaction (8 MB of 4 KB pages), and transactions per run.
+const RECLAIM_PAGES: u32 = 2_048;
+const RECLAIM_ROUNDS: u32 = 64;
 
 /// What retention keeps.
 #[derive(Clone, Debug)]
@@ -36,16 +41,44 @@ pub struct RetentionRun {
     pub exported: u64,
     pub dropped: u64,
     pub files: Vec<String>,
+    /// Free pages given back to the file system (SQLite).
+    pub pages_reclaimed: u64,
 }
 
 impl Engine {
     /// One retention run: exports every event past the limits to files, then drops exactly
     /// the events written. One instance at a time per database (`Store::retention_lock`).
     pub async fn retain_audit(&self, r: &AuditRetention, export: &AuditExport) -> Result<RetentionRun> {
-        let opts = CallOptions::default();
         let mut run = RetentionRun::default();
         let Some(_running) = self.store.retention_lock().await? else { return Ok(run) };
         let now = now_micros();
+        let outcome = self.export_and_drop(r, export, &mut run, now).await;
+        // The space the drops freed goes back to the file system (SQLite), a bounded
+        // number of pages per transaction so that commits keep their turn at the writer.
+        for _ in 0..RECLAIM_ROUNDS {
+            let freed = self
+                .run(CallOptions::default(), || async {
+                    let mut txn = self.store.write().await?;
+                    let n = txn.reclaim_pages(RECLAIM_PAGES).await?;
+                    Ok((txn, Ok(n)))
+                })
+                .await?;
+            run.pages_reclaimed += freed;
+            if freed < u64::from(RECLAIM_PAGES) {
+                break;
+            }
+        }
+        outcome.map(|()| run)
+    }
+
+    async fn export_and_drop(
+        &self,
+        r: &AuditRetention,
+        export: &AuditExport,
+        run: &mut RetentionRun,
+        now: i64,
+    ) -> Result<()> {
+        let opts = CallOptions::default();
         loop {
             // What may go now: the newest seq past a limit, and never one younger than
             // `keep_at_least`. Reading starts at the oldest event present: on PostgreSQL a
@@ -115,7 +148,7 @@ impl Engine {
             tracing::info!(target: "lockstep::security", file = %name, events = seqs.len(), "audit events exported and dropped");
             run.files.push(name);
         }
-        Ok(run)
+        Ok(())
     }
 }
 

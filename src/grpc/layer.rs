@@ -20,7 +20,10 @@
 //! - **One log line and the metrics of every call** when its status is known: method, code,
 //!   latency, and what the handler noted (`telemetry::note`: principal, action, resource,
 //!   decision, audit seq), with the trace id of a W3C `traceparent` header.
+//! - **A server span per call** (`otlp`), the caller's `traceparent` its parent, when spans
+//!   are exported; the handler's transaction and policy spans are its children.
 
+use crate::otlp;
 use crate::telemetry::{self, CallFacts};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -37,6 +40,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::body::Body;
 use tonic::{Code, Status};
+use tracing::Instrument as _;
 
 /// Wraps services in `Answer` (see the module doc).
 #[derive(Clone, Debug)]
@@ -156,6 +160,8 @@ struct CallEnd {
     facts: Arc<Mutex<CallFacts>>,
     peer: Option<IpAddr>,
     admission: Arc<Admission>,
+    /// The call's server span (disabled unless spans are exported).
+    span: tracing::Span,
 }
 
 impl CallEnd {
@@ -169,6 +175,7 @@ impl CallEnd {
             if known_method(&self.method) { split_path(&self.method) } else { ("(unknown)", "(unknown)") };
         let shown: String = self.method.chars().take(128).collect();
         let code_name = code_name(code);
+        otlp::record_status(&self.span, code);
         metrics::counter!(telemetry::CALLS, "service" => service.to_owned(), "method" => method.to_owned(), "code" => code_name)
             .increment(1);
         metrics::histogram!(telemetry::CALL_SECONDS, "service" => service.to_owned(), "method" => method.to_owned())
@@ -253,22 +260,6 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`); None when
-/// absent or malformed (an all-zero id is invalid).
-pub fn trace_id(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get("traceparent")?.to_str().ok()?;
-    let mut parts = v.trim().split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
-        return None;
-    }
-    if trace.bytes().all(|b| b == b'0') || span.bytes().all(|b| b == b'0') {
-        return None;
-    }
-    Some(trace.to_owned())
-}
-
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<S> tower_service::Service<Request<Body>> for Answer<S>
@@ -288,16 +279,28 @@ where
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         req.extensions_mut().insert(Arrival(tokio::time::Instant::now()));
         let method = req.uri().path().to_owned();
-        let facts = Arc::new(Mutex::new(CallFacts { trace_id: trace_id(req.headers()), ..CallFacts::default() }));
+        let (service, name) = if known_method(&method) { split_path(&method) } else { ("(unknown)", "(unknown)") };
+        let parent = otlp::traceparent(req.headers().get("traceparent"));
+        // Health and reflection answer under any load (probes must not fail for it), and
+        // make no spans (a probe every few seconds is not a trace anyone wants).
+        let exempt = method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
+        let span = if exempt { tracing::Span::none() } else { otlp::server_span(service, name, parent.as_ref()) };
+        // The caller's trace, or the one this call's spans are exported under.
+        let trace_id = parent.map(|p| p.trace_id).or_else(|| otlp::exported_trace_id(&span));
+        let facts = Arc::new(Mutex::new(CallFacts { trace_id, ..CallFacts::default() }));
         let peer = req
             .extensions()
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|i| i.remote_addr())
             .map(|a| a.ip());
-        let end =
-            CallEnd { method, start: Instant::now(), facts: facts.clone(), peer, admission: self.admission.clone() };
-        // Health and reflection answer under any load (probes must not fail for it).
-        let exempt = end.method.starts_with("/grpc.health.") || end.method.starts_with("/grpc.reflection.");
+        let end = CallEnd {
+            method,
+            start: Instant::now(),
+            facts: facts.clone(),
+            peer,
+            admission: self.admission.clone(),
+            span: span.clone(),
+        };
         let ticket = if exempt {
             None
         } else {
@@ -323,16 +326,20 @@ where
         };
         let call = self.inner.call(req);
         let admission = self.admission.clone();
-        let task = tokio::spawn(telemetry::scope(facts, async move {
-            let _permit = match ticket {
-                Some(t) => {
-                    let p = admission.wait(t).await;
-                    Some(InFlight(p))
-                }
-                None => None,
-            };
-            call.await
-        }));
+        let task = tokio::spawn(telemetry::scope(
+            facts,
+            async move {
+                let _permit = match ticket {
+                    Some(t) => {
+                        let p = admission.wait(t).await;
+                        Some(InFlight(p))
+                    }
+                    None => None,
+                };
+                call.await
+            }
+            .instrument(span),
+        ));
         let mut head = Response::new(Body::new(Answering { state: Detached::Waiting(task), end: Some(end) }));
         head.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         std::future::ready(Ok(head))
@@ -529,25 +536,6 @@ pub fn remapped(status: &Status) -> Option<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn traceparent_gives_its_trace_id_or_nothing() {
-        let h = |v: &str| {
-            let mut m = HeaderMap::new();
-            m.insert("traceparent", HeaderValue::from_str(v).unwrap());
-            trace_id(&m)
-        };
-        assert_eq!(
-            h("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        assert_eq!(h("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
-        assert_eq!(h("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"), None);
-        assert_eq!(h("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), None);
-        assert_eq!(h("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"), None);
-        assert_eq!(h("garbage"), None);
-        assert_eq!(trace_id(&HeaderMap::new()), None);
-    }
 
     #[test]
     fn only_served_methods_get_series() {

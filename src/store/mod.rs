@@ -270,6 +270,12 @@ pub trait Txn: Send {
     /// append-only trigger allows deletes under to the last of them, then deletes them.
     /// Returns how many went.
     async fn trim_audit(&mut self, seqs: &[u64]) -> StoreResult<u64>;
+    /// Gives up to `max_pages` free pages back to the file system (SQLite's incremental
+    /// vacuum, in a write transaction); returns how many went. PostgreSQL's autovacuum does
+    /// this itself: nothing to do there.
+    async fn reclaim_pages(&mut self, _max_pages: u32) -> StoreResult<u64> {
+        Ok(0)
+    }
 
     // --- housekeeping --------------------------------------------------------------------
     /// Deletes revoked-token rows whose token has expired and idempotency records older

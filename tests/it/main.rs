@@ -19,3 +19,4 @@ mod property_rules;
 mod races;
 mod store;
 mod tls;
+mod traces;

@@ -11,12 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Kills the server process when the test ends, however it ends.
-struct Server(Child);
+pub(crate) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -26,7 +26,7 @@ impl Drop for Server {
 }
 
 /// `lockstep ARGS` with stderr to `log`, once `addr` accepts gRPC connections.
-async fn spawn(args: &[&str], envs: &[(&str, &str)], log: &std::path::Path, addr: SocketAddr) -> Server {
+pub(crate) async fn spawn(args: &[&str], envs: &[(&str, &str)], log: &std::path::Path, addr: SocketAddr) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep"));
     cmd.args(args).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
     for (k, v) in envs {
@@ -59,7 +59,7 @@ fn value(text: &str, series: &str) -> f64 {
         .map_or(0.0, |v| v.parse().unwrap())
 }
 
-fn with_trace<T>(token: &str, msg: T, trace: &str) -> tonic::Request<T> {
+pub(crate) fn with_trace<T>(token: &str, msg: T, trace: &str) -> tonic::Request<T> {
     let mut r = authed(token, msg);
     r.metadata_mut().insert("traceparent", format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap());
     r
@@ -478,6 +478,14 @@ async fn audit_retention_exports_before_it_drops(b: Backend) {
         ] {
             assert!(conn.execute(sql, []).is_err(), "the retention mark could be changed: {sql}");
         }
+        // The pages the drops freed went back to the file system (incremental vacuum).
+        let pragma = |p: &str| conn.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(pragma("auto_vacuum"), 2, "a new database is made with incremental vacuum");
+        let t0 = Instant::now();
+        while pragma("freelist_count") > 0 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(pragma("freelist_count"), 0, "free pages left in the file after retention");
     }
     if b.is_postgres() {
         use sqlx::Connection;
