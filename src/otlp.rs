@@ -49,9 +49,10 @@ impl Export {
         self.provider.tracer("lockstep")
     }
 
-    /// Sends the spans still queued (waits at most the export timeout).
+    /// Sends the spans still queued; waits at most 5 s (a collector that hangs cannot keep
+    /// the process from exiting).
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Err(e) = self.provider.shutdown_with_timeout(Duration::from_secs(5)) {
             eprintln!("warning: OTLP export at shutdown: {e}");
         }
     }
