@@ -6,9 +6,21 @@
 
 use crate::model::AuditEvent;
 use flate2::Compression;
+use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
-use std::io::{BufWriter, Write};
+use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
+
+/// The digest of each event of a file (its JSON line), by seq.
+pub type Digests = HashMap<u64, [u8; 32]>;
+
+/// An event's digest as exported (its JSON line): what the database holds is compared with
+/// what a file holds before the database's copy is dropped on the file's word.
+pub fn digest(e: &AuditEvent) -> [u8; 32] {
+    Sha256::digest(serde_json::to_vec(e).unwrap_or_default()).into()
+}
 
 /// The directory the files go to.
 #[derive(Clone, Debug)]
@@ -34,19 +46,56 @@ impl AuditExport {
         let probe = dir.join(".lockstep-write-probe");
         std::fs::write(&probe, b"")?;
         std::fs::remove_file(&probe)?;
-        for entry in std::fs::read_dir(dir)? {
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    /// Removes the temporary files of interrupted exports (their events are still in the
+    /// database). Only while holding the retention lock: its holder is the one writer here.
+    pub fn remove_interrupted(&self) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(".audit-") && name.ends_with(".tmp") {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(())
+    }
+
+    /// The finished file whose seq range holds `seq`, if any, with the digest of each of
+    /// its events (`digest`) by seq: a run cut off while dropping a file's events leaves
+    /// the rest in the database, already exported. None when no file covers `seq` or the
+    /// one that does cannot be read whole.
+    pub fn covering(&self, seq: u64) -> std::io::Result<Option<(String, Digests)>> {
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            let Some(range) = name.strip_prefix("audit-").and_then(|n| n.strip_suffix(".jsonl.gz")) else {
+                continue;
+            };
+            let Some((first, last)) = range.split_once('-') else { continue };
+            let (Ok(first), Ok(last)) = (first.parse::<u64>(), last.parse::<u64>()) else { continue };
+            if !(first..=last).contains(&seq) {
+                continue;
+            }
+            let file = std::fs::File::open(self.dir.join(&name))?;
+            let mut digests = HashMap::new();
+            for line in BufReader::new(MultiGzDecoder::new(file)).lines() {
+                #[derive(serde::Deserialize)]
+                struct Seq {
+                    seq: u64,
+                }
+                let Ok(line) = line else { return Ok(None) };
+                let Ok(Seq { seq }) = serde_json::from_str::<Seq>(&line) else { return Ok(None) };
+                digests.insert(seq, Sha256::digest(line.as_bytes()).into());
+            }
+            return Ok(Some((name, digests)));
+        }
+        Ok(None)
     }
 
     /// Starts the file whose first event has seq `first`.
     pub fn begin(&self, first: u64) -> std::io::Result<ExportFile> {
-        let tmp = self.dir.join(format!(".audit-{first:020}.jsonl.gz.tmp"));
+        let tmp = self.dir.join(format!(".audit-{first:020}-{}.jsonl.gz.tmp", std::process::id()));
         let file = std::fs::File::create(&tmp)?;
         Ok(ExportFile {
             dir: self.dir.clone(),

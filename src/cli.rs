@@ -985,7 +985,7 @@ grpcurl -plaintext -H "authorization: Bearer $CAROL" -d '{{}}' {a} lockstep.v1.L
 /// An OTLP/gRPC collector address: `http://host:port` (no TLS towards the collector).
 fn parse_otlp_endpoint(s: &str) -> Result<String, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+    if uri.scheme_str() != Some("http") || uri.host().is_none() || (uri.port().is_some() && uri.port_u16().is_none()) {
         return Err("give http://HOST:PORT of an OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (TLS towards \
                     the collector is not built in: run the collector or its agent beside Lockstep)"
             .into());

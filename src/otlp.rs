@@ -32,8 +32,25 @@ impl Export {
             .build()
             .map_err(|e| anyhow::anyhow!("--otlp-endpoint: {e}"))?;
         let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "lockstep".into());
+        // The standard OTEL_BSP_* variables, within bounds: the queue is allocated up front,
+        // and a delay of 0 would spin a core.
+        let env = |name: &str, default: u64, lo: u64, hi: u64| {
+            std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(default).clamp(lo, hi)
+        };
+        let queue = env("OTEL_BSP_MAX_QUEUE_SIZE", 2_048, 1, 65_536);
+        let batches = opentelemetry_sdk::trace::BatchConfigBuilder::default()
+            .with_max_queue_size(queue as usize)
+            .with_scheduled_delay(Duration::from_millis(env("OTEL_BSP_SCHEDULE_DELAY", 5_000, 50, 60_000)))
+            .with_max_export_batch_size(env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1, queue) as usize)
+            .build();
+        let processor = opentelemetry_sdk::trace::BatchSpanProcessor::builder(Counted {
+            inner: exporter,
+            warned: std::sync::Mutex::new(None),
+        })
+        .with_batch_config(batches)
+        .build();
         let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_span_processor(processor)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))))
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
@@ -53,8 +70,48 @@ impl Export {
     /// the process from exiting).
     pub fn shutdown(self) {
         if let Err(e) = self.provider.shutdown_with_timeout(Duration::from_secs(5)) {
-            eprintln!("warning: OTLP export at shutdown: {e}");
+            tracing::warn!(error = %e, "OTLP export at shutdown: spans still queued are lost");
         }
+    }
+}
+
+/// The OTLP exporter, counting what it sends and what it fails to send
+/// (`lockstep_otlp_spans_total{outcome}`), with a WARN line at most once a minute while
+/// exports fail.
+#[derive(Debug)]
+struct Counted {
+    inner: opentelemetry_otlp::SpanExporter,
+    warned: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for Counted {
+    async fn export(&self, batch: Vec<opentelemetry_sdk::trace::SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        let n = batch.len() as u64;
+        let outcome = self.inner.export(batch).await;
+        match &outcome {
+            Ok(()) => metrics::counter!(crate::telemetry::OTLP_SPANS, "outcome" => "exported").increment(n),
+            Err(e) => {
+                metrics::counter!(crate::telemetry::OTLP_SPANS, "outcome" => "failed").increment(n);
+                let mut warned = self.warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    *warned = Some(std::time::Instant::now());
+                    tracing::warn!(error = %e, spans = n, "OTLP export failed; these spans are lost (the next warning in a minute at most)");
+                }
+            }
+        }
+        outcome
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
     }
 }
 

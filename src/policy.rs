@@ -910,12 +910,16 @@ impl CompiledPolicies {
         context: Context,
         entities: &[&EntityRecord],
     ) -> Result<Decision, String> {
-        let span = tracing::info_span!(
-            target: crate::telemetry::SPANS,
-            "policy.evaluate",
-            entities = entities.len(),
-            decision = tracing::field::Empty,
-        )
+        let span = if crate::telemetry::in_traced_call() {
+            tracing::info_span!(
+                target: crate::telemetry::SPANS,
+                "policy.evaluate",
+                entities = entities.len(),
+                decision = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        }
         .entered();
         let mut unique: BTreeMap<&Uid, &EntityRecord> = BTreeMap::new();
         for e in entities {

@@ -10,6 +10,15 @@ use std::net::SocketAddr;
 /// the log lines never show them.
 pub const SPANS: &str = "lockstep::span";
 
+/// Whether the code runs inside a call's (exported) server span: the transaction and
+/// policy spans are made only there, never as roots of traces of their own (housekeeping).
+pub fn in_traced_call() -> bool {
+    !tracing::Span::current().is_none()
+}
+
+/// Spans handed to the OTLP exporter, by `outcome` (`exported`, `failed`).
+pub const OTLP_SPANS: &str = "lockstep_otlp_spans_total";
+
 /// Calls answered, by `service`, `method` and gRPC `code` (e.g. `OK`, `PermissionDenied`).
 pub const CALLS: &str = "lockstep_calls_total";
 /// Call latency from arrival to answer, by `service` and `method`.
@@ -65,6 +74,7 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(CALLS, "gRPC calls answered, by service, method and status code");
+    describe_counter!(OTLP_SPANS, "spans handed to the OTLP exporter, by outcome (exported, failed)");
     describe_histogram!(CALL_SECONDS, metrics::Unit::Seconds, "latency of admitted calls, by method");
     describe_gauge!(IN_FLIGHT, "calls being served now");
     describe_gauge!(QUEUED, "calls waiting for admission");

@@ -20,7 +20,9 @@ impl Engine {
         use crate::edge::excerpt;
         self.require_sound_mapping()?;
         let parsed = token::parse(raw, &self.settings)?;
-        let where_ = format!("{} {}", excerpt(method, 32), excerpt(path, 256));
+        // The query string stays out of the audit log: URLs carry secrets there (and the
+        // decision never reads it).
+        let where_ = format!("{} {}", excerpt(method, 32), excerpt(path.split('?').next().unwrap_or_default(), 256));
         let refusal = match target {
             Ok(t) => self.check_uid(&t.resource).err().map(|e| format!("resource: {}", excerpt(&e, 128))),
             Err(reason) => Some(excerpt(reason, 128)),

@@ -85,10 +85,12 @@ type Prepared<T> = (Box<dyn Txn>, Result<T>);
 
 /// An audit event of `kind` by the bearer of `token` (None: the operator's CLI).
 fn event(kind: AuditKind, token: Option<&VerifiedToken>, detail: String) -> NewAuditEvent {
-    // The W3C trace id the call came with, so that the audit event and the traces meet.
+    // The call's W3C trace id, so that the audit event and the traces meet. First, before
+    // any text a caller chose (an entity id may read `trace_id ...`): the first
+    // `trace_id` of a detail is the server's.
     let detail = match telemetry::trace_id() {
         Some(t) if detail.is_empty() => format!("trace_id {t}"),
-        Some(t) => format!("{detail}; trace_id {t}"),
+        Some(t) => format!("trace_id {t}; {detail}"),
         None => detail,
     };
     NewAuditEvent {
@@ -294,12 +296,16 @@ impl Engine {
             forget_compiled_in_call();
             // One span per attempt (exported over OTLP when asked): reading, deciding,
             // writing and the COMMIT; its outcome is recorded when known.
-            let span = tracing::info_span!(
-                target: telemetry::SPANS,
-                "transaction",
-                attempt = tries,
-                outcome = tracing::field::Empty,
-            );
+            let span = if telemetry::in_traced_call() {
+                tracing::info_span!(
+                    target: telemetry::SPANS,
+                    "transaction",
+                    attempt = tries,
+                    outcome = tracing::field::Empty,
+                )
+            } else {
+                tracing::Span::none()
+            };
             let prepared = match opts.deadline {
                 Some(d) => tokio::time::timeout_at(d, attempt().instrument(span.clone()))
                     .await

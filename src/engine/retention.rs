@@ -52,6 +52,7 @@ impl Engine {
         let mut run = RetentionRun::default();
         let Some(_running) = self.store.retention_lock().await? else { return Ok(run) };
         let now = now_micros();
+        export.remove_interrupted().map_err(|e| export_failed(export, &e))?;
         let outcome = self.export_and_drop(r, export, &mut run, now).await;
         // The space the drops freed goes back to the file system (SQLite), a bounded
         // number of pages per transaction so that commits keep their turn at the writer.
@@ -79,6 +80,7 @@ impl Engine {
         now: i64,
     ) -> Result<()> {
         let opts = CallOptions::default();
+        let mut recovered = std::collections::HashSet::new();
         loop {
             // What may go now: the newest seq past a limit, and never one younger than
             // `keep_at_least`. Reading starts at the oldest event present: on PostgreSQL a
@@ -94,6 +96,15 @@ impl Engine {
             let (Some(oldest), Some(target)) = (oldest, target) else { break };
             if target < oldest {
                 break;
+            }
+            // A file holding the oldest event: an earlier run wrote it and was cut off while
+            // dropping its events. Those of them still here, unchanged, go without a second
+            // copy (once per file and run).
+            if let Some((name, digests)) = export.covering(oldest).map_err(|e| export_failed(export, &e))?
+                && recovered.insert(name.clone())
+                && self.drop_already_exported(&name, &digests, oldest, target, run).await? > 0
+            {
+                continue;
             }
             let mut cursor = oldest - 1;
             let mut file = None;
@@ -119,36 +130,82 @@ impl Engine {
             let Some(file) = file else { break };
             let path = file.finish().map_err(|e| export_failed(export, &e))?;
             run.exported += seqs.len() as u64;
-            // Only what is in a durable file goes, exactly those events, a batch per
-            // transaction.
-            for chunk in seqs.chunks(DROP_BATCH) {
-                let dropped = self
-                    .run(opts, || async {
-                        let mut txn = self.store.write().await?;
-                        let n = txn.trim_audit(chunk).await?;
-                        Ok((txn, Ok(n)))
-                    })
-                    .await?;
-                run.dropped += dropped;
-            }
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            recovered.insert(name.clone());
             let detail = format!(
                 "retention exported {} events (seq {}..={}) to {name} and dropped them from the database",
                 seqs.len(),
                 seqs[0],
                 seqs[seqs.len() - 1]
             );
-            self.run(opts, || async {
-                let mut txn = self.store.write().await?;
-                let seq =
-                    txn.append_audit(&event(AuditKind::AuditExported, None, detail.clone()), now_micros()).await?;
-                Ok((txn, Ok(seq)))
-            })
-            .await?;
+            self.drop_exported(&seqs, detail, run).await?;
             tracing::info!(target: "lockstep::security", file = %name, events = seqs.len(), "audit events exported and dropped");
             run.files.push(name);
         }
         Ok(())
+    }
+
+    /// Drops exactly `seqs` (each in a durable file), a batch per transaction; the last
+    /// batch's transaction also writes the run's audit event (`detail`), so a file is named
+    /// by an AUDIT_EXPORTED event once all of its events are gone.
+    async fn drop_exported(&self, seqs: &[u64], detail: String, run: &mut RetentionRun) -> Result<()> {
+        let chunks: Vec<&[u64]> = seqs.chunks(DROP_BATCH).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let dropped = self
+                .run(CallOptions::default(), || async {
+                    let mut txn = self.store.write().await?;
+                    let n = txn.trim_audit(chunk).await?;
+                    if last {
+                        txn.append_audit(&event(AuditKind::AuditExported, None, detail.clone()), now_micros()).await?;
+                    }
+                    Ok((txn, Ok(n)))
+                })
+                .await?;
+            run.dropped += dropped;
+        }
+        Ok(())
+    }
+
+    /// Drops the events from `oldest` to `target` that the finished file `name` holds as
+    /// they are (`digests`: by seq), finishing the drop of a run that was cut off; returns
+    /// how many went. An event the file does not hold, or holds otherwise, stays.
+    async fn drop_already_exported(
+        &self,
+        name: &str,
+        digests: &crate::audit_export::Digests,
+        oldest: u64,
+        target: u64,
+        run: &mut RetentionRun,
+    ) -> Result<u64> {
+        let last = digests.keys().max().copied().unwrap_or(0).min(target);
+        let mut cursor = oldest - 1;
+        let mut seqs = Vec::new();
+        while cursor < last {
+            let page = self
+                .run(CallOptions::default(), || async {
+                    let mut txn = self.store.read().await?;
+                    let events = txn.audit_events(cursor, PAGE_EVENTS).await?;
+                    Ok((txn, Ok(events)))
+                })
+                .await?;
+            let Some(end) = page.last().map(|e| e.seq) else { break };
+            seqs.extend(
+                page.iter()
+                    .filter(|e| e.seq <= last && digests.get(&e.seq) == Some(&crate::audit_export::digest(e)))
+                    .map(|e| e.seq),
+            );
+            cursor = end;
+        }
+        let Some((&first, &end)) = seqs.first().zip(seqs.last()) else { return Ok(0) };
+        let detail = format!(
+            "retention found {} events (seq {first}..={end}) already exported to {name} by a run that was cut \
+             off, and dropped them from the database",
+            seqs.len()
+        );
+        self.drop_exported(&seqs, detail, run).await?;
+        tracing::warn!(target: "lockstep::security", file = %name, events = seqs.len(), "audit events of an interrupted run dropped");
+        Ok(seqs.len() as u64)
     }
 }
 

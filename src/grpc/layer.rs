@@ -173,7 +173,14 @@ impl CallEnd {
         // and the log gets at most 128 characters of it.
         let (service, method) =
             if known_method(&self.method) { split_path(&self.method) } else { ("(unknown)", "(unknown)") };
-        let shown: String = self.method.chars().take(128).collect();
+        // (A path is the caller's text: anything but printable ASCII is shown escaped, so
+        // that no control or bidirectional character reaches a terminal or a log viewer.)
+        let shown: String = self
+            .method
+            .chars()
+            .take(128)
+            .map(|c| if c.is_ascii_graphic() { c.to_string() } else { c.escape_unicode().to_string() })
+            .collect();
         let code_name = code_name(code);
         otlp::record_status(&self.span, code);
         metrics::counter!(telemetry::CALLS, "service" => service.to_owned(), "method" => method.to_owned(), "code" => code_name)

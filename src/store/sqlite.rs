@@ -316,6 +316,9 @@ impl SqliteStore {
             .and_then(|c| {
                 // Checkpoints are run by `checkpointer`, not by the commit that fills the WAL.
                 c.pragma_update(None, "wal_autocheckpoint", 0)?;
+                // Once checkpointed, a WAL that grew past 4 MB (a burst, a retention
+                // run's drops and vacuum) is cut back to it when the writer rewinds it.
+                c.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
                 c.busy_timeout(Duration::ZERO)?;
                 Ok(c)
             })
@@ -394,6 +397,28 @@ impl Store for SqliteStore {
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
         Ok(Box::new(self.read_txn().await?))
+    }
+
+    async fn retention_lock(&self) -> StoreResult<Option<Box<dyn std::any::Any + Send>>> {
+        // An exclusive `flock` on a file beside the database, held for the run: one run at a
+        // time among every process that opens this file (released by the kernel if the
+        // process dies).
+        let mut p = self.readers.path.clone().into_os_string();
+        p.push(".retention");
+        let path = PathBuf::from(p);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::Unavailable(format!("retention lock {}: {e}", path.display())))?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(Box::new(f))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(StoreError::Unavailable(format!("retention lock {}: {e}", path.display())))
+            }
+        }
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -560,3 +560,183 @@ async fn queued_past_its_deadline_commits_nothing() {
         assert!(read(s.addr, "Item", &format!("late{i}")).await.is_none(), "late{i} committed after its deadline");
     }
 }
+
+/// Every event of every export file in `dir` (name order), each file read whole.
+fn exported_events(dir: &std::path::Path) -> Vec<(String, Vec<Value>)> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl.gz"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let mut text = String::new();
+            use std::io::Read;
+            flate2::read::MultiGzDecoder::new(std::fs::File::open(dir.join(&n)).unwrap())
+                .read_to_string(&mut text)
+                .unwrap_or_else(|e| panic!("{n} is not a whole gzip file: {e}"));
+            let events = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            (n, events)
+        })
+        .collect()
+}
+
+fn retention(max_events: u64, dir: &std::path::Path) -> Settings {
+    Settings {
+        audit_retention: Some(lockstep::engine::AuditRetention {
+            max_age: None,
+            max_events: Some(max_events),
+            keep_at_least: Duration::ZERO,
+            export_dir: dir.to_path_buf(),
+            every: Duration::from_millis(100),
+        }),
+        ..Settings::default()
+    }
+}
+
+/// Until the audit log and the export files stay as they are for half a second.
+async fn settled(addr: SocketAddr, dir: &std::path::Path) -> Vec<pb::AuditEvent> {
+    let files = || std::fs::read_dir(dir).unwrap().count();
+    let (t0, mut last) = (Instant::now(), (usize::MAX, 0));
+    loop {
+        let left = audit(addr).await;
+        let now = (left.len(), files());
+        if now == last || t0.elapsed() > Duration::from_secs(20) {
+            return left;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Two servers on one SQLite file, sharing the export directory (as the docs allow), both
+/// running retention while one takes commits: one run at a time across the processes, so
+/// every committed event is in exactly one file or still in the database, and every file
+/// is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_sqlite_file_share_retention() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    bootstrap_db(&db.url).await;
+    let url = db.url.clone();
+    let export = tempfile::tempdir().unwrap();
+    let a = serve_with_settings(
+        &url,
+        StoreOptions::default(),
+        Some(std::sync::Arc::new(db)),
+        Vec::new(),
+        retention(100, export.path()),
+    )
+    .await;
+    let _b = serve_with_settings(&url, StoreOptions::default(), None, Vec::new(), retention(100, export.path())).await;
+    let alice = token("k1", "alice");
+    let until = Instant::now() + Duration::from_secs(3);
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (addr, alice) = (a.addr, alice.clone());
+            tokio::spawn(async move {
+                let mut c = client(addr).await;
+                let mut seqs = Vec::new();
+                let mut i = 0;
+                while Instant::now() < until {
+                    let req = commit_req(vec![update(
+                        "UpdateItem",
+                        "Item",
+                        "doc",
+                        json!({ "title": format!("{w}-{i}") }),
+                        None,
+                    )]);
+                    match c.authorize_and_commit(authed(&alice, req)).await {
+                        Ok(r) => seqs.push(r.into_inner().audit_seq),
+                        Err(st) if st.code() == Code::Unavailable || st.code() == Code::Aborted => {}
+                        Err(st) => panic!("commit: {st:?}"),
+                    }
+                    i += 1;
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut committed = Vec::new();
+    for w in workers {
+        committed.extend(w.await.unwrap());
+    }
+    let left = settled(a.addr, export.path()).await;
+    let files = exported_events(export.path());
+    let mut seqs: Vec<u64> = files.iter().flat_map(|(_, v)| v.iter().map(|e| e["seq"].as_u64().unwrap())).collect();
+    let total = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), total, "an event exported twice");
+    let remaining: Vec<u64> = left.iter().map(|e| e.seq).collect();
+    let lost: Vec<&u64> =
+        committed.iter().filter(|s| seqs.binary_search(s).is_err() && !remaining.contains(s)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} commits lost, e.g. {:?}",
+        lost.len(),
+        committed.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert!(total > 0 && left.len() <= 130, "retention did not run: {total} exported, {} left", left.len());
+    println!(
+        "two servers: {} commits, {total} events exported in {} files, {} left",
+        committed.len(),
+        files.len(),
+        left.len()
+    );
+}
+
+async fn an_interrupted_drop_is_finished_without_a_second_copy(b: Backend) {
+    let Some(db) = TestDb::new(b).await else { return };
+    bootstrap_db(&db.url).await;
+    let url = db.url.clone();
+    let export = tempfile::tempdir().unwrap();
+    let db = std::sync::Arc::new(db);
+    let alice = token("k1", "alice");
+    // 40 commits, then a run "cut off" after writing its file: 20 events exported, none
+    // dropped.
+    {
+        let s =
+            serve_with_settings(&url, StoreOptions::default(), Some(db.clone()), Vec::new(), Settings::default()).await;
+        let mut c = client(s.addr).await;
+        for i in 0..40 {
+            let req = commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "title": format!("{i}") }), None)]);
+            c.authorize_and_commit(authed(&alice, req)).await.unwrap();
+        }
+        let mut txn = s.store.read().await.unwrap();
+        let events = txn.audit_events(0, 20).await.unwrap();
+        drop(txn);
+        let dir = lockstep::audit_export::AuditExport::open(export.path()).unwrap();
+        let mut f = dir.begin(events[0].seq).unwrap();
+        f.append(&events).unwrap();
+        f.finish().unwrap();
+    }
+    let first_file = exported_events(export.path());
+    assert_eq!(first_file.len(), 1);
+    let s =
+        serve_with_settings(&url, StoreOptions::default(), Some(db), Vec::new(), retention(10, export.path())).await;
+    let left = settled(s.addr, export.path()).await;
+    let files = exported_events(export.path());
+    assert!(files.len() >= 2, "retention did not run: {:?}", files.iter().map(|f| &f.0).collect::<Vec<_>>());
+    assert_eq!(files[0], first_file[0], "the first file was rewritten");
+    let mut seqs: Vec<u64> = files.iter().flat_map(|(_, v)| v.iter().map(|e| e["seq"].as_u64().unwrap())).collect();
+    let total = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), total, "events exported twice: {:?}", files.iter().map(|f| &f.0).collect::<Vec<_>>());
+    let remaining: Vec<u64> = left.iter().map(|e| e.seq).collect();
+    assert!(remaining.iter().all(|r| seqs.binary_search(r).is_err()), "an event both exported and still here");
+    let all_details: Vec<String> = left
+        .iter()
+        .map(|e| e.detail.clone())
+        .chain(files.iter().flat_map(|(_, v)| v.iter().map(|e| e["detail"].as_str().unwrap_or("").to_owned())))
+        .collect();
+    assert!(
+        all_details.iter().any(|d| d.contains("already exported to") && d.contains(&first_file[0].0)),
+        "the finished drop is not audited: {all_details:#?}"
+    );
+}
+
+crate::on_both_backends!(an_interrupted_drop_is_finished_without_a_second_copy);
