@@ -359,6 +359,10 @@ impl Engine {
             );
             match outcome {
                 Ok(answer) => return answer,
+                // A single-statement read asking to be read in a transaction: at once.
+                Err(StoreError::Retry(m)) if m == crate::store::RESTART_IN_SNAPSHOT && tries < MAX_ATTEMPTS => {
+                    metrics::counter!(telemetry::RETRIES, "cause" => "read_in_transaction").increment(1);
+                }
                 Err(StoreError::Retry(m)) if tries < MAX_ATTEMPTS => {
                     tracing::debug!(attempt = tries, reason = %m, "transient conflict; retrying");
                     metrics::counter!(telemetry::RETRIES, "cause" => retry_cause(&m)).increment(1);

@@ -14,6 +14,10 @@ use crate::model::{
 use async_trait::async_trait;
 use std::sync::Arc;
 
+/// The message of the `StoreError::Retry` with which a `read_single` transaction asks to
+/// be read again in a transaction (no conflict: retried at once, not counted).
+pub const RESTART_IN_SNAPSHOT: &str = "a decision needed a second read: read again in one snapshot";
+
 /// Why a store operation failed, in the terms the use cases need.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -51,6 +55,14 @@ pub trait Store: Send + Sync + 'static {
     /// Starts a read-only transaction: one consistent snapshot of the latest committed
     /// state. Readers never block writers or each other.
     async fn read(&self) -> StoreResult<Box<dyn Txn>>;
+    /// A read-only transaction for a decision that announces what it reads
+    /// (`Txn::prefetch_ancestors`): where the store can, that first statement runs alone,
+    /// without BEGIN (PostgreSQL: one statement, one snapshot). Should the decision need a
+    /// second statement, it fails with `StoreError::Retry(RESTART_IN_SNAPSHOT)` and the
+    /// call is read again with `read`.
+    async fn read_single(&self) -> StoreResult<Box<dyn Txn>> {
+        self.read().await
+    }
     /// Checks that the database answers (for health reporting).
     async fn ping(&self) -> StoreResult<()>;
     /// Entity types kept in the application's tables (empty: none).

@@ -373,3 +373,108 @@ async fn unlink_races_writes(b: Backend) {
 }
 
 crate::on_both_backends!(cross_instance_revocations, unlink_races_writes);
+
+/// Decisions race revocations too: callers ask Authorize over and over (each token verified
+/// once, so the decision is read in the statement that reads the key — on PostgreSQL that
+/// statement alone, without BEGIN) while a revocation commits. No call that starts after the
+/// revocation returned may be allowed. Returns (allowed before, denied after).
+async fn authorize_race<R>(
+    addr: SocketAddr,
+    subject: &'static str,
+    action: &'static str,
+    resource: (&'static str, &'static str),
+    revoke: R,
+) -> (usize, usize)
+where
+    R: std::future::Future<Output = ()>,
+{
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let (stop, tok) = (stop.clone(), token("k1", subject));
+            tokio::spawn(async move {
+                let mut c = client(addr).await;
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let req = pb::AuthorizeRequest {
+                        action: action.into(),
+                        resource: uid(resource.0, resource.1),
+                        context: None,
+                    };
+                    let started = std::time::Instant::now();
+                    let allowed = match c.authorize(authed(&tok, req)).await {
+                        Ok(r) => r.into_inner().decision == pb::Decision::Allow as i32,
+                        Err(st) if st.code() == tonic::Code::Unauthenticated => false,
+                        Err(st) => panic!("authorize: {st:?}"),
+                    };
+                    seen.push((started, allowed));
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    revoke.await;
+    let returned = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut before, mut after, mut violations) = (0, 0, 0);
+    for w in workers {
+        for (started, allowed) in w.await.unwrap() {
+            match (started > returned, allowed) {
+                (false, true) => before += 1,
+                (true, true) => violations += 1,
+                (true, false) => after += 1,
+                _ => {}
+            }
+        }
+    }
+    println!(
+        "authorize race ({subject} {action}): {before} allowed before, {after} denied after, {violations} violations"
+    );
+    assert_eq!(violations, 0, "Authorize allowed after the revocation returned");
+    assert!(before > 0 && after > 0, "the race did not happen: {before} before, {after} after");
+    (before, after)
+}
+
+async fn authorize_races_revocations(b: Backend) {
+    // Logout of the subject.
+    let Some(s) = start(b).await else { return };
+    authorize_race(s.addr, "alice", "ReadItem", ("Item", "doc"), async {
+        let mut c = client(s.addr).await;
+        let req = pb::RevokeSubjectRequest { subject: uid("User", "alice") };
+        c.revoke_subject(authed(&token("k2", "root"), req)).await.unwrap();
+    })
+    .await;
+    // Removal from the group that grants (the principal's ancestors).
+    let Some(s) = start(b).await else { return };
+    authorize_race(s.addr, "bob", "UpdateItem", ("Item", "shared"), async {
+        let mut c = client(s.addr).await;
+        let m = pb::Mutation {
+            action: "UpdateUser".into(),
+            resource: uid("User", "bob"),
+            change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
+                merge_patch: None,
+                add_parents: vec![],
+                remove_parents: vec![pb::EntityRef { r#type: "Group".into(), id: "writers".into() }],
+                tags_merge_patch: None,
+            })),
+            if_version: None,
+        };
+        c.authorize_and_commit(authed(&token("k2", "root"), commit_req(vec![m]))).await.unwrap();
+    })
+    .await;
+    // A policy change (the decision's first read finds a policy version not compiled yet, and
+    // the call is read again in a transaction).
+    let Some(s) = start(b).await else { return };
+    authorize_race(s.addr, "alice", "ReadItem", ("Item", "doc"), async {
+        let mut a = admin(s.addr).await;
+        let without_owner: String =
+            POLICIES.split(";\n").filter(|p| !p.contains("owner-manages")).collect::<Vec<_>>().join(";\n");
+        let req = pb::PutPoliciesRequest { policies: without_owner, schema: SCHEMA.into(), ..Default::default() };
+        a.put_policies(authed(&token("k2", "root"), req)).await.unwrap();
+    })
+    .await;
+}
+
+crate::on_all_backends!(authorize_races_revocations);
