@@ -250,17 +250,7 @@ async fn group_removal_races_writes(b: Backend) {
     let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "bob")).collect();
     let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "shared", w, i), async {
         let mut c = client(s.addr).await;
-        let m = pb::Mutation {
-            action: "UpdateUser".into(),
-            resource: uid("User", "bob"),
-            change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
-                merge_patch: None,
-                add_parents: vec![],
-                remove_parents: vec![pb::EntityRef { r#type: "Group".into(), id: "writers".into() }],
-                tags_merge_patch: None,
-            })),
-            if_version: None,
-        };
+        let m = bob_leaves_writers();
         c.authorize_and_commit(authed(&token("k2", "root"), commit_req(vec![m]))).await.unwrap().into_inner().audit_seq
     })
     .await;
@@ -450,17 +440,7 @@ async fn authorize_races_revocations(b: Backend) {
     let Some(s) = start(b).await else { return };
     authorize_race(s.addr, "bob", "UpdateItem", ("Item", "shared"), async {
         let mut c = client(s.addr).await;
-        let m = pb::Mutation {
-            action: "UpdateUser".into(),
-            resource: uid("User", "bob"),
-            change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
-                merge_patch: None,
-                add_parents: vec![],
-                remove_parents: vec![pb::EntityRef { r#type: "Group".into(), id: "writers".into() }],
-                tags_merge_patch: None,
-            })),
-            if_version: None,
-        };
+        let m = bob_leaves_writers();
         c.authorize_and_commit(authed(&token("k2", "root"), commit_req(vec![m]))).await.unwrap();
     })
     .await;
@@ -478,3 +458,18 @@ async fn authorize_races_revocations(b: Backend) {
 }
 
 crate::on_all_backends!(authorize_races_revocations);
+
+/// Root's mutation removing bob from `Group::"writers"`.
+fn bob_leaves_writers() -> pb::Mutation {
+    pb::Mutation {
+        action: "UpdateUser".into(),
+        resource: uid("User", "bob"),
+        change: Some(pb::mutation::Change::Update(pb::UpdateEntity {
+            merge_patch: None,
+            add_parents: vec![],
+            remove_parents: vec![pb::EntityRef { r#type: "Group".into(), id: "writers".into() }],
+            tags_merge_patch: None,
+        })),
+        if_version: None,
+    }
+}
