@@ -19,7 +19,12 @@ pub type Digests = HashMap<u64, [u8; 32]>;
 /// An event's digest as exported (its JSON line): what the database holds is compared with
 /// what a file holds before the database's copy is dropped on the file's word.
 pub fn digest(e: &AuditEvent) -> [u8; 32] {
-    Sha256::digest(serde_json::to_vec(e).unwrap_or_default()).into()
+    Sha256::digest(line(e).unwrap_or_default()).into()
+}
+
+/// An event as one line of a file (without its newline).
+fn line(e: &AuditEvent) -> std::io::Result<Vec<u8>> {
+    serde_json::to_vec(e).map_err(std::io::Error::other)
 }
 
 /// The directory the files go to.
@@ -62,35 +67,39 @@ impl AuditExport {
         Ok(())
     }
 
-    /// The finished file whose seq range holds `seq`, if any, with the digest of each of
-    /// its events (`digest`) by seq: a run cut off while dropping a file's events leaves
-    /// the rest in the database, already exported. None when no file covers `seq` or the
-    /// one that does cannot be read whole.
-    pub fn covering(&self, seq: u64) -> std::io::Result<Option<(String, Digests)>> {
+    /// The name of the finished file whose seq range holds `seq`, if any: a run cut off
+    /// while dropping a file's events leaves the rest in the database, already exported.
+    pub fn covering(&self, seq: u64) -> std::io::Result<Option<String>> {
         for entry in std::fs::read_dir(&self.dir)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
             let Some(range) = name.strip_prefix("audit-").and_then(|n| n.strip_suffix(".jsonl.gz")) else {
                 continue;
             };
             let Some((first, last)) = range.split_once('-') else { continue };
-            let (Ok(first), Ok(last)) = (first.parse::<u64>(), last.parse::<u64>()) else { continue };
-            if !(first..=last).contains(&seq) {
-                continue;
+            if let (Ok(first), Ok(last)) = (first.parse::<u64>(), last.parse::<u64>())
+                && (first..=last).contains(&seq)
+            {
+                return Ok(Some(name));
             }
-            let file = std::fs::File::open(self.dir.join(&name))?;
-            let mut digests = HashMap::new();
-            for line in BufReader::new(MultiGzDecoder::new(file)).lines() {
-                #[derive(serde::Deserialize)]
-                struct Seq {
-                    seq: u64,
-                }
-                let Ok(line) = line else { return Ok(None) };
-                let Ok(Seq { seq }) = serde_json::from_str::<Seq>(&line) else { return Ok(None) };
-                digests.insert(seq, Sha256::digest(line.as_bytes()).into());
-            }
-            return Ok(Some((name, digests)));
         }
         Ok(None)
+    }
+
+    /// The digest of each event of file `name` (`digest`) by seq; None when it cannot be
+    /// read whole.
+    pub fn digests(&self, name: &str) -> std::io::Result<Option<Digests>> {
+        #[derive(serde::Deserialize)]
+        struct Seq {
+            seq: u64,
+        }
+        let file = std::fs::File::open(self.dir.join(name))?;
+        let mut digests = HashMap::new();
+        for line in BufReader::new(MultiGzDecoder::new(file)).lines() {
+            let Ok(line) = line else { return Ok(None) };
+            let Ok(Seq { seq }) = serde_json::from_str::<Seq>(&line) else { return Ok(None) };
+            digests.insert(seq, Sha256::digest(line.as_bytes()).into());
+        }
+        Ok(Some(digests))
     }
 
     /// Starts the file whose first event has seq `first`.
@@ -112,7 +121,7 @@ impl ExportFile {
     pub fn append(&mut self, events: &[AuditEvent]) -> std::io::Result<()> {
         let gz = self.gz.as_mut().ok_or_else(|| std::io::Error::other("export file already finished"))?;
         for e in events {
-            serde_json::to_writer(&mut *gz, e).map_err(std::io::Error::other)?;
+            gz.write_all(&line(e)?)?;
             gz.write_all(b"\n")?;
             self.last = e.seq;
         }

@@ -75,13 +75,11 @@ fn logging(cli: &lockstep::cli::Cli) -> anyhow::Result<Option<lockstep::otlp::Ex
         };
     let fmt = fmt.with_filter(filter.and(filter_fn(|m| m.target() != SPANS)));
 
-    let export = match &cli.command {
-        Command::Serve(a) | Command::Demo(a) => match &a.otlp_endpoint {
-            Some(endpoint) => Some(lockstep::otlp::Export::start(endpoint, a.otlp_sample_ratio)?),
-            None => None,
-        },
+    let endpoint = match &cli.command {
+        Command::Serve(a) | Command::Demo(a) => a.otlp_endpoint.as_deref().map(|e| (e, a.otlp_sample_ratio)),
         _ => None,
     };
+    let export = endpoint.map(|(e, ratio)| lockstep::otlp::Export::start(e, ratio)).transpose()?;
     let spans = export.as_ref().map(|e| {
         tracing_opentelemetry::layer()
             .with_tracer(e.tracer())
@@ -89,9 +87,7 @@ fn logging(cli: &lockstep::cli::Cli) -> anyhow::Result<Option<lockstep::otlp::Ex
             .with_filter(Targets::new().with_target(SPANS, tracing::Level::INFO))
     });
     tracing_subscriber::registry().with(fmt).with(spans).init();
-    if let Some(Command::Serve(a) | Command::Demo(a)) = Some(&cli.command)
-        && let Some(endpoint) = &a.otlp_endpoint
-    {
+    if let Some((endpoint, _)) = endpoint {
         tracing::info!(endpoint = %lockstep::config_file::redact_url(endpoint), "spans exported over OTLP");
     }
     Ok(export)

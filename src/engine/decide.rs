@@ -21,38 +21,29 @@ impl Engine {
             f.resource = Some(resource.to_string());
         });
         let parsed = token::parse(raw, &self.settings)?;
-        // Once a single-statement read asked for a second statement, the call is read again
-        // in a transaction (one snapshot for every statement).
-        let in_transaction = std::sync::atomic::AtomicBool::new(false);
+        // The first attempt may read in one statement; any attempt after it (a decision that
+        // needed a second read, a key fetched on demand) reads in a transaction.
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let decision = self
             .run(opts, || async {
                 let hint = self.verified.hint(&parsed);
+                let first = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0;
                 // A token verified before: the store may read the principal and the resource
                 // with their ancestors in the statement that reads the key and call state —
                 // on PostgreSQL that statement alone, without BEGIN (`read_single`).
-                let single = hint.is_some() && !in_transaction.load(std::sync::atomic::Ordering::Relaxed);
-                let mut txn = if single { self.store.read_single().await? } else { self.store.read().await? };
+                let mut txn =
+                    if first && hint.is_some() { self.store.read_single().await? } else { self.store.read().await? };
                 if let Some((principal, _)) = &hint {
                     txn.prefetch_ancestors(&[principal.clone(), resource.clone()]);
                 }
-                let decided = async {
-                    let (token, state) = self.authenticate_hinted(&mut *txn, &parsed, now_micros(), hint).await?;
-                    let policies = self.policies_at(&mut *txn, state).await?;
-                    let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
-                    let ctx = build_context(&policies, &action, context, &token, None, &policy::SERVER_CONTEXT)?;
-                    Ok(policies
-                        .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
-                        .map_err(Error::Internal))
-                }
-                .await;
-                match decided {
-                    Ok(decision) => Ok((txn, decision)),
-                    Err(Error::Retry(m)) if m == crate::store::RESTART_IN_SNAPSHOT => {
-                        in_transaction.store(true, std::sync::atomic::Ordering::Relaxed);
-                        Err(Error::Retry(m))
-                    }
-                    Err(e) => Err(e),
-                }
+                let (token, state) = self.authenticate_hinted(&mut *txn, &parsed, now_micros(), hint).await?;
+                let policies = self.policies_at(&mut *txn, state).await?;
+                let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
+                let ctx = build_context(&policies, &action, context, &token, None, &policy::SERVER_CONTEXT)?;
+                let decision = policies
+                    .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
+                    .map_err(Error::Internal);
+                Ok((txn, decision))
             })
             .await?;
         note_decision(decision.allowed, "authorize");

@@ -57,13 +57,7 @@ impl Engine {
         // The space the drops freed goes back to the file system (SQLite), a bounded
         // number of pages per transaction so that commits keep their turn at the writer.
         for _ in 0..RECLAIM_ROUNDS {
-            let freed = self
-                .run(CallOptions::default(), || async {
-                    let mut txn = self.store.write().await?;
-                    let n = txn.reclaim_pages(RECLAIM_PAGES).await?;
-                    Ok((txn, Ok(n)))
-                })
-                .await?;
+            let freed = self.store.reclaim_pages(RECLAIM_PAGES).await?;
             run.pages_reclaimed += freed;
             if freed < u64::from(RECLAIM_PAGES) {
                 break;
@@ -100,8 +94,9 @@ impl Engine {
             // A file holding the oldest event: an earlier run wrote it and was cut off while
             // dropping its events. Those of them still here, unchanged, go without a second
             // copy (once per file and run).
-            if let Some((name, digests)) = export.covering(oldest).map_err(|e| export_failed(export, &e))?
+            if let Some(name) = export.covering(oldest).map_err(|e| export_failed(export, &e))?
                 && recovered.insert(name.clone())
+                && let Some(digests) = export.digests(&name).map_err(|e| export_failed(export, &e))?
                 && self.drop_already_exported(&name, &digests, oldest, target, run).await? > 0
             {
                 continue;
@@ -110,13 +105,7 @@ impl Engine {
             let mut file = None;
             let mut seqs: Vec<u64> = Vec::new();
             while (seqs.len() as u64) < FILE_EVENTS && cursor < target {
-                let page = self
-                    .run(opts, || async {
-                        let mut txn = self.store.read().await?;
-                        let events = txn.audit_events(cursor, PAGE_EVENTS).await?;
-                        Ok((txn, Ok(events)))
-                    })
-                    .await?;
+                let page = self.audit_page(cursor).await?;
                 let page: Vec<AuditEvent> = page.into_iter().filter(|e| e.seq <= target).collect();
                 let Some(last) = page.last().map(|e| e.seq) else { break };
                 let f = match &mut file {
@@ -143,6 +132,16 @@ impl Engine {
             run.files.push(name);
         }
         Ok(())
+    }
+
+    /// The next `PAGE_EVENTS` events after seq `after`.
+    async fn audit_page(&self, after: u64) -> Result<Vec<AuditEvent>> {
+        self.run(CallOptions::default(), || async {
+            let mut txn = self.store.read().await?;
+            let events = txn.audit_events(after, PAGE_EVENTS).await?;
+            Ok((txn, Ok(events)))
+        })
+        .await
     }
 
     /// Drops exactly `seqs` (each in a durable file), a batch per transaction; the last
@@ -182,13 +181,7 @@ impl Engine {
         let mut cursor = oldest - 1;
         let mut seqs = Vec::new();
         while cursor < last {
-            let page = self
-                .run(CallOptions::default(), || async {
-                    let mut txn = self.store.read().await?;
-                    let events = txn.audit_events(cursor, PAGE_EVENTS).await?;
-                    Ok((txn, Ok(events)))
-                })
-                .await?;
+            let page = self.audit_page(cursor).await?;
             let Some(end) = page.last().map(|e| e.seq) else { break };
             seqs.extend(
                 page.iter()

@@ -156,6 +156,8 @@ enum Ticket {
 /// What is known of a call when its answer is complete (see `CallEnd::finish`).
 struct CallEnd {
     method: String,
+    /// The service and method of its metrics (`(unknown)` for a method not served).
+    labels: (String, String),
     start: Instant,
     facts: Arc<Mutex<CallFacts>>,
     peer: Option<IpAddr>,
@@ -171,8 +173,7 @@ impl CallEnd {
         // The path is the caller's: a method that does not exist (UNIMPLEMENTED) gets no
         // series of its own, so that random paths cannot grow the metrics without bound,
         // and the log gets at most 128 characters of it.
-        let (service, method) =
-            if known_method(&self.method) { split_path(&self.method) } else { ("(unknown)", "(unknown)") };
+        let (service, method) = self.labels;
         // (A path is the caller's text: anything but printable ASCII is shown escaped, so
         // that no control or bidirectional character reaches a terminal or a log viewer.)
         let shown: String = self
@@ -183,9 +184,9 @@ impl CallEnd {
             .collect();
         let code_name = code_name(code);
         otlp::record_status(&self.span, code);
-        metrics::counter!(telemetry::CALLS, "service" => service.to_owned(), "method" => method.to_owned(), "code" => code_name)
+        metrics::counter!(telemetry::CALLS, "service" => service.clone(), "method" => method.clone(), "code" => code_name)
             .increment(1);
-        metrics::histogram!(telemetry::CALL_SECONDS, "service" => service.to_owned(), "method" => method.to_owned())
+        metrics::histogram!(telemetry::CALL_SECONDS, "service" => service, "method" => method)
             .record(elapsed.as_secs_f64());
         if code == Code::Unauthenticated {
             self.admission.note_unauthenticated(self.peer);
@@ -300,8 +301,10 @@ where
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|i| i.remote_addr())
             .map(|a| a.ip());
+        let labels = (service.to_owned(), name.to_owned());
         let end = CallEnd {
             method,
+            labels,
             start: Instant::now(),
             facts: facts.clone(),
             peer,

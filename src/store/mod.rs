@@ -85,6 +85,12 @@ pub trait Store: Send + Sync + 'static {
     async fn retention_lock(&self) -> StoreResult<Option<Box<dyn std::any::Any + Send>>> {
         Ok(Some(Box::new(())))
     }
+    /// Gives up to `max_pages` free pages back to the file system (SQLite's incremental
+    /// vacuum, in a write transaction of its own); returns how many went. PostgreSQL's
+    /// autovacuum does this itself: nothing to do there.
+    async fn reclaim_pages(&self, _max_pages: u32) -> StoreResult<u64> {
+        Ok(0)
+    }
     /// Connections in the pool and how many of them are idle (PostgreSQL).
     fn pool_connections(&self) -> Option<(u32, u32)> {
         None
@@ -282,12 +288,6 @@ pub trait Txn: Send {
     /// append-only trigger allows deletes under to the last of them, then deletes them.
     /// Returns how many went.
     async fn trim_audit(&mut self, seqs: &[u64]) -> StoreResult<u64>;
-    /// Gives up to `max_pages` free pages back to the file system (SQLite's incremental
-    /// vacuum, in a write transaction); returns how many went. PostgreSQL's autovacuum does
-    /// this itself: nothing to do there.
-    async fn reclaim_pages(&mut self, _max_pages: u32) -> StoreResult<u64> {
-        Ok(0)
-    }
 
     // --- housekeeping --------------------------------------------------------------------
     /// Deletes revoked-token rows whose token has expired and idempotency records older

@@ -171,13 +171,11 @@ impl Store for PgStore {
     }
 
     async fn read_single(&self) -> StoreResult<Box<dyn Txn>> {
-        // A connection without BEGIN: see `PgTxn::bare`.
+        // A connection without BEGIN: see `Db::Unbegun`.
         let started = std::time::Instant::now();
         let conn = self.pool.acquire().await.map_err(map_err)?;
         metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
-        let mut txn = self.txn_parts(false);
-        txn.bare = Some(conn);
-        Ok(Box::new(txn))
+        Ok(Box::new(self.txn(Db::Unbegun(conn), false)))
     }
 
     async fn retention_lock(&self) -> StoreResult<Option<Box<dyn std::any::Any + Send>>> {
@@ -285,20 +283,12 @@ impl PgStore {
         .map_err(|e| StoreError::Internal(format!("BEGIN's task failed: {e}")))?
         .map_err(map_err)?;
         metrics::histogram!(crate::telemetry::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
-        Ok(self.txn(tx, write))
+        Ok(self.txn(Db::Open(tx), write))
     }
 
-    fn txn(&self, tx: Transaction<'static, Postgres>, write: bool) -> PgTxn {
-        let mut txn = self.txn_parts(write);
-        txn.tx = Some(tx);
-        txn
-    }
-
-    fn txn_parts(&self, write: bool) -> PgTxn {
+    fn txn(&self, db: Db, write: bool) -> PgTxn {
         PgTxn {
-            tx: None,
-            bare: None,
-            bare_used: false,
+            db,
             write,
             pool: self.pool.clone(),
             pending: None,
@@ -314,9 +304,28 @@ impl PgStore {
     }
 }
 
-/// The connection of a begun transaction (every statement but a lazy read's first).
-fn conn<'a>(tx: &'a mut Option<Transaction<'static, Postgres>>) -> StoreResult<&'a mut PgConnection> {
-    tx.as_deref_mut().ok_or_else(|| StoreError::Internal("a statement outside the transaction".into()))
+/// Where a transaction's statements go.
+enum Db {
+    /// A lazy read (`Store::read_single`) before its BEGIN: its first statement, when it is
+    /// the announced `key_and_read_context`, runs alone (one statement: one snapshot); any
+    /// other statement begins the transaction first.
+    Unbegun(sqlx::pool::PoolConnection<Postgres>),
+    /// A lazy read whose one statement ran: a second one would see another snapshot, so the
+    /// call is read again in a transaction (`RESTART_IN_SNAPSHOT`).
+    Spent(sqlx::pool::PoolConnection<Postgres>),
+    Open(Transaction<'static, Postgres>),
+    /// While a lazy read's BEGIN runs, and after it failed.
+    Gone,
+}
+
+impl Db {
+    /// The connection of the begun transaction (every statement but a lazy read's first).
+    fn tx(&mut self) -> StoreResult<&mut PgConnection> {
+        match self {
+            Db::Open(tx) => Ok(tx),
+            _ => Err(StoreError::Internal("a statement outside the transaction".into())),
+        }
+    }
 }
 
 /// A table as messages name it (`public.items`).
@@ -505,15 +514,7 @@ fn mapped_select(tm: &TypeMap) -> String {
 
 /// One transaction of the PostgreSQL store.
 struct PgTxn {
-    /// The transaction; None while a lazy read (`Store::read_single`) has not begun one.
-    tx: Option<Transaction<'static, Postgres>>,
-    /// A lazy read's connection before its BEGIN: its first statement, when it is the
-    /// announced `key_and_read_context`, runs alone (one statement: one snapshot); any
-    /// other statement begins the transaction first.
-    bare: Option<sqlx::pool::PoolConnection<Postgres>>,
-    /// The lazy read's one statement ran: a second one would see another snapshot, so the
-    /// call is read again in a transaction (`RESTART_IN_SNAPSHOT`).
-    bare_used: bool,
+    db: Db,
     /// Write transactions take the locks of the protocol; read-only ones take none.
     write: bool,
     /// For settling a commit whose acknowledgement was lost (see `commit`).
@@ -631,7 +632,7 @@ impl PgTxn {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(&uid.id)
                 .bind(entity_lock_key(uid))
-                .execute(conn(&mut self.tx)?)
+                .execute(self.db.tx()?)
                 .await
                 .map_err(map_err)?;
         }
@@ -655,7 +656,7 @@ impl PgTxn {
         }
         let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(mapped_select(tm)))
             .bind(ids)
-            .fetch_all(conn(&mut self.tx)?)
+            .fetch_all(self.db.tx()?)
             .await
             .map_err(map_err)?;
         rows.into_iter()
@@ -673,7 +674,7 @@ impl PgTxn {
         if let Some(id) = id {
             q = q.bind(id.to_owned());
         }
-        Ok(q.execute(conn(&mut self.tx)?).await.map_err(map_err)?.rows_affected())
+        Ok(q.execute(self.db.tx()?).await.map_err(map_err)?.rows_affected())
     }
 
     async fn mapped_insert(&mut self, tm: &TypeMap, e: &EntityRecord) -> StoreResult<()> {
@@ -731,11 +732,7 @@ impl PgTxn {
                     mapped::qt(table, Some("public")),
                     mapped::q(child)
                 );
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(&uid.id)
-                    .execute(conn(&mut self.tx)?)
-                    .await
-                    .map_err(map_err)?;
+                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&uid.id).execute(self.db.tx()?).await.map_err(map_err)?;
             }
         }
         let sql = format!(
@@ -743,7 +740,7 @@ impl PgTxn {
             mapped::qt(&tm.table, Some("public")),
             mapped::q(&tm.id_column)
         );
-        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&uid.id).execute(conn(&mut self.tx)?).await.map_err(map_err)?;
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&uid.id).execute(self.db.tx()?).await.map_err(map_err)?;
         self.read.remove(uid);
         Ok(())
     }
@@ -789,7 +786,7 @@ impl PgTxn {
     /// A link changed: the next transaction recompiles the policy set with the links.
     async fn bump_links_generation(&mut self) -> StoreResult<()> {
         sqlx::query("UPDATE policy_links_meta SET generation = generation + 1 WHERE id = 1")
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(())
@@ -813,7 +810,7 @@ impl PgTxn {
              FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) AS s",
         )
         .bind(keys)
-        .execute(conn(&mut self.tx)?)
+        .execute(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok(())
@@ -843,7 +840,7 @@ impl PgTxn {
         .bind(&args.resource.id)
         .bind(keys)
         .bind(args.with_parents)
-        .fetch_all(conn(&mut self.tx)?)
+        .fetch_all(self.db.tx()?)
         .await
         .map_err(map_err)?;
         let mut rows = rows.into_iter();
@@ -875,11 +872,13 @@ impl PgTxn {
         // In a transaction (REPEATABLE READ) or alone (a lazy read, autocommit): either way
         // one snapshot — the subqueries and the STABLE `read_ancestors_at` share the
         // statement's.
-        let bare = self.tx.is_none();
-        let conn: &mut PgConnection = match (&mut self.tx, &mut self.bare) {
-            (Some(tx), _) => tx,
-            (None, Some(c)) => c,
-            (None, None) => return Err(StoreError::Internal("a statement after the transaction ended".into())),
+        if !matches!(self.db, Db::Unbegun(_)) {
+            self.flush().await?;
+        }
+        let conn: &mut PgConnection = match &mut self.db {
+            Db::Open(tx) => tx,
+            Db::Unbegun(c) => c,
+            _ => return Err(StoreError::Internal("a statement outside the transaction".into())),
         };
         let rows = sqlx::query_as::<_, ContextRow>(concat!(
             "WITH st AS (SELECT ",
@@ -898,7 +897,10 @@ impl PgTxn {
         .fetch_all(conn)
         .await
         .map_err(map_err)?;
-        self.bare_used |= bare;
+        self.db = match std::mem::replace(&mut self.db, Db::Gone) {
+            Db::Unbegun(c) => Db::Spent(c),
+            other => other,
+        };
         let mut rows = rows.into_iter().peekable();
         let Some(first) = rows.peek() else { return Ok(None) };
         let state = call_state((first.revoked_at_secs, first.token_revoked, first.version, first.generation));
@@ -917,7 +919,7 @@ impl PgTxn {
     /// asks for the call to be read again in one); a deferred update (see `deferred`) is
     /// sent on its own.
     async fn flush(&mut self) -> StoreResult<()> {
-        if self.tx.is_none() {
+        if !matches!(self.db, Db::Open(_)) {
             self.begin_lazy().await?;
         }
         let Some(d) = self.deferred.take() else { return Ok(()) };
@@ -930,7 +932,7 @@ impl PgTxn {
         .bind(&d.parents)
         .bind(d.version)
         .bind(&d.tags)
-        .execute(conn(&mut self.tx)?)
+        .execute(self.db.tx()?)
         .await
         .map_err(map_err)?;
         if done.rows_affected() != 1 {
@@ -941,11 +943,17 @@ impl PgTxn {
 
     /// BEGIN on a lazy read's connection, in a task of its own (as `PgStore::begin`).
     async fn begin_lazy(&mut self) -> StoreResult<()> {
-        if self.bare_used {
-            return Err(StoreError::Retry(super::RESTART_IN_SNAPSHOT.into()));
-        }
-        let Some(conn) = self.bare.take() else {
-            return Err(StoreError::Internal("a statement after the transaction ended".into()));
+        let conn = match std::mem::replace(&mut self.db, Db::Gone) {
+            Db::Unbegun(c) => c,
+            Db::Spent(c) => {
+                self.db = Db::Spent(c);
+                return Err(StoreError::Retry(super::RESTART_IN_SNAPSHOT.into()));
+            }
+            Db::Open(tx) => {
+                self.db = Db::Open(tx);
+                return Ok(());
+            }
+            Db::Gone => return Err(StoreError::Internal("a statement outside the transaction".into())),
         };
         let tx = tokio::spawn(async move {
             use sqlx::SqlSafeStr as _;
@@ -958,14 +966,14 @@ impl PgTxn {
         .await
         .map_err(|e| StoreError::Internal(format!("BEGIN's task failed: {e}")))?
         .map_err(map_err)?;
-        self.tx = Some(tx);
+        self.db = Db::Open(tx);
         Ok(())
     }
 
     async fn lock_exclusive(&mut self, key: &str) -> StoreResult<()> {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
             .bind(key)
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(())
@@ -1049,7 +1057,7 @@ impl Txn for PgTxn {
         self.flush().await?;
         let row = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys WHERE kid = $1")
             .bind(kid)
-            .fetch_optional(conn(&mut self.tx)?)
+            .fetch_optional(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(row.map(KeyRecord::from))
@@ -1058,7 +1066,7 @@ impl Txn for PgTxn {
     async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>> {
         self.flush().await?;
         let rows = sqlx::query_as::<_, KeyRow>("SELECT * FROM keys ORDER BY added_at, kid")
-            .fetch_all(conn(&mut self.tx)?)
+            .fetch_all(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(rows.into_iter().map(KeyRecord::from).collect())
@@ -1087,7 +1095,7 @@ impl Txn for PgTxn {
         .bind(k.max_lifetime_secs)
         .bind(k.signing)
         .bind(&k.private_key)
-        .execute(conn(&mut self.tx)?)
+        .execute(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok(())
@@ -1095,13 +1103,13 @@ impl Txn for PgTxn {
 
     async fn update_key(&mut self, k: &KeyRecord) -> StoreResult<()> {
         self.flush().await?;
-        sqlx::query("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE").execute(conn(&mut self.tx)?).await.map_err(map_err)?;
+        sqlx::query("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE").execute(self.db.tx()?).await.map_err(map_err)?;
         sqlx::query("UPDATE keys SET jwk = $2, retired = $3, signing = $4 WHERE kid = $1")
             .bind(&k.kid)
             .bind(&k.jwk)
             .bind(k.retired)
             .bind(k.signing)
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(())
@@ -1109,11 +1117,11 @@ impl Txn for PgTxn {
 
     async fn revoke_key(&mut self, kid: &str, now: i64) -> StoreResult<bool> {
         self.flush().await?;
-        sqlx::query("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE").execute(conn(&mut self.tx)?).await.map_err(map_err)?;
+        sqlx::query("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE").execute(self.db.tx()?).await.map_err(map_err)?;
         let done = sqlx::query("UPDATE keys SET revoked = TRUE, revoked_at = coalesce(revoked_at, $2) WHERE kid = $1")
             .bind(kid)
             .bind(now)
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected() > 0)
@@ -1130,7 +1138,7 @@ impl Txn for PgTxn {
             Some(s) => self.lock_exclusive(&subject_lock_key(s)).await?,
             None => {
                 sqlx::query("LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE")
-                    .execute(conn(&mut self.tx)?)
+                    .execute(self.db.tx()?)
                     .await
                     .map_err(map_err)?;
             }
@@ -1142,7 +1150,7 @@ impl Txn for PgTxn {
         .bind(token_id)
         .bind(expires_at)
         .bind(now)
-        .execute(conn(&mut self.tx)?)
+        .execute(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok(())
@@ -1170,7 +1178,7 @@ impl Txn for PgTxn {
             .bind(&subject.ty)
             .bind(&subject.id)
             .bind(token_id)
-            .fetch_one(conn(&mut self.tx)?)
+            .fetch_one(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(call_state(row))
@@ -1182,9 +1190,8 @@ impl Txn for PgTxn {
         subject: &Uid,
         token_id: &str,
     ) -> StoreResult<Option<(KeyRecord, CallState)>> {
-        // A lazy read's first statement, announced: alone, without BEGIN.
-        if self.tx.is_none()
-            && !self.bare_used
+        // Announced: with the ancestors, in one statement (a lazy read's, without BEGIN).
+        if !self.write
             && let Some(uids) = self.prefetch_read.take()
         {
             return self.key_and_read_context(kid, subject, token_id, uids).await;
@@ -1194,11 +1201,6 @@ impl Txn for PgTxn {
             && let Some(args) = self.prefetch.take()
         {
             return self.key_and_write_context(kid, subject, token_id, args).await;
-        }
-        if !self.write
-            && let Some(uids) = self.prefetch_read.take()
-        {
-            return self.key_and_read_context(kid, subject, token_id, uids).await;
         }
         // One statement: the key (its table lock taken when the statement is planned, as
         // by `key`), and in a write transaction `call_state_locked` — the subject's locks,
@@ -1215,7 +1217,7 @@ impl Txn for PgTxn {
             .bind(&subject.ty)
             .bind(&subject.id)
             .bind(token_id)
-            .fetch_optional(conn(&mut self.tx)?)
+            .fetch_optional(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(row.map(|r| {
@@ -1234,7 +1236,7 @@ impl Txn for PgTxn {
         .bind(&subject.ty)
         .bind(&subject.id)
         .bind(at_secs)
-        .execute(conn(&mut self.tx)?)
+        .execute(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok(())
@@ -1245,7 +1247,7 @@ impl Txn for PgTxn {
         let (version, links): (Option<i64>, i64) = sqlx::query_as(
             "SELECT (SELECT max(version) FROM policies), (SELECT generation FROM policy_links_meta WHERE id = 1)",
         )
-        .fetch_one(conn(&mut self.tx)?)
+        .fetch_one(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok(policy_state_of(version, links))
@@ -1254,7 +1256,7 @@ impl Txn for PgTxn {
     async fn policy_links(&mut self) -> StoreResult<Vec<TemplateLink>> {
         self.flush().await?;
         let rows = sqlx::query_as::<_, LinkRow>("SELECT * FROM policy_links ORDER BY link_id")
-            .fetch_all(conn(&mut self.tx)?)
+            .fetch_all(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(rows.into_iter().map(TemplateLink::from).collect())
@@ -1262,10 +1264,7 @@ impl Txn for PgTxn {
 
     async fn insert_link(&mut self, l: &TemplateLink, now: i64) -> StoreResult<()> {
         self.flush().await?;
-        sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE")
-            .execute(conn(&mut self.tx)?)
-            .await
-            .map_err(map_err)?;
+        sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(self.db.tx()?).await.map_err(map_err)?;
         sqlx::query(
             "INSERT INTO policy_links (link_id, template_id, principal_type, principal_id, resource_type, resource_id, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -1277,7 +1276,7 @@ impl Txn for PgTxn {
         .bind(l.resource.as_ref().map(|u| u.ty.as_str()))
         .bind(l.resource.as_ref().map(|u| u.id.as_str()))
         .bind(now)
-        .execute(conn(&mut self.tx)?)
+        .execute(self.db.tx()?)
         .await
         .map_err(map_err)?;
         self.bump_links_generation().await?;
@@ -1286,13 +1285,10 @@ impl Txn for PgTxn {
 
     async fn delete_link(&mut self, link_id: &str) -> StoreResult<Option<TemplateLink>> {
         self.flush().await?;
-        sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE")
-            .execute(conn(&mut self.tx)?)
-            .await
-            .map_err(map_err)?;
+        sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(self.db.tx()?).await.map_err(map_err)?;
         let row = sqlx::query_as::<_, LinkRow>("DELETE FROM policy_links WHERE link_id = $1 RETURNING *")
             .bind(link_id)
-            .fetch_optional(conn(&mut self.tx)?)
+            .fetch_optional(self.db.tx()?)
             .await
             .map_err(map_err)?;
         if row.is_some() {
@@ -1307,7 +1303,7 @@ impl Txn for PgTxn {
             "SELECT version, policies, schema, created_at FROM policies WHERE version = $1",
         )
         .bind(to_i64(version))
-        .fetch_optional(conn(&mut self.tx)?)
+        .fetch_optional(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok(row.map(PolicyRecord::from))
@@ -1315,10 +1311,7 @@ impl Txn for PgTxn {
 
     async fn insert_policies(&mut self, policies: &str, schema: &str, now: i64) -> StoreResult<u64> {
         self.flush().await?;
-        sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE")
-            .execute(conn(&mut self.tx)?)
-            .await
-            .map_err(map_err)?;
+        sqlx::query("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE").execute(self.db.tx()?).await.map_err(map_err)?;
         let v: i64 = sqlx::query_scalar(
             "INSERT INTO policies (version, policies, schema, created_at)
              SELECT coalesce(max(version), 0) + 1, $1, $2, $3 FROM policies RETURNING version",
@@ -1326,7 +1319,7 @@ impl Txn for PgTxn {
         .bind(policies)
         .bind(schema)
         .bind(now)
-        .fetch_one(conn(&mut self.tx)?)
+        .fetch_one(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok(to_u64(v))
@@ -1337,7 +1330,7 @@ impl Txn for PgTxn {
         let rows = sqlx::query_as::<_, PolicyRow>(
             "SELECT version, policies, schema, created_at FROM policies ORDER BY version",
         )
-        .fetch_all(conn(&mut self.tx)?)
+        .fetch_all(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok(rows.into_iter().map(PolicyRecord::from).collect())
@@ -1360,7 +1353,7 @@ impl Txn for PgTxn {
         let row = sqlx::query_as::<_, EntityRow>(sql)
             .bind(&uid.ty)
             .bind(&uid.id)
-            .fetch_optional(conn(&mut self.tx)?)
+            .fetch_optional(self.db.tx()?)
             .await
             .map_err(map_err)?;
         row.map(EntityRecord::try_from).transpose()
@@ -1386,7 +1379,7 @@ impl Txn for PgTxn {
             )
             .bind(keys)
             .bind(self.write)
-            .fetch_all(conn(&mut self.tx)?)
+            .fetch_all(self.db.tx()?)
             .await
             .map_err(map_err)?;
             return rows.into_iter().map(EntityRecord::try_from).collect();
@@ -1412,7 +1405,7 @@ impl Txn for PgTxn {
                 )
                 .bind(types)
                 .bind(ids)
-                .fetch_all(conn(&mut self.tx)?)
+                .fetch_all(self.db.tx()?)
                 .await
                 .map_err(map_err)?;
                 for r in rows {
@@ -1470,7 +1463,7 @@ impl Txn for PgTxn {
         .bind(&resource.id)
         .bind(keys)
         .bind(with_parents)
-        .fetch_all(conn(&mut self.tx)?)
+        .fetch_all(self.db.tx()?)
         .await
         .map_err(map_err)?;
         let mut current = None;
@@ -1513,7 +1506,7 @@ impl Txn for PgTxn {
         .bind(serde_json::to_string(&e.parents).map_err(json_err)?)
         .bind(to_i64(e.version))
         .bind(serde_json::to_string(&e.tags).map_err(json_err)?)
-        .execute(conn(&mut self.tx)?)
+        .execute(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok(())
@@ -1547,7 +1540,7 @@ impl Txn for PgTxn {
         sqlx::query("DELETE FROM entities WHERE etype = $1 AND eid = $2")
             .bind(&uid.ty)
             .bind(&uid.id)
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(())
@@ -1555,14 +1548,14 @@ impl Txn for PgTxn {
 
     async fn savepoint(&mut self) -> StoreResult<()> {
         self.flush().await?;
-        sqlx::query("SAVEPOINT lockstep_mutations").execute(conn(&mut self.tx)?).await.map_err(map_err)?;
+        sqlx::query("SAVEPOINT lockstep_mutations").execute(self.db.tx()?).await.map_err(map_err)?;
         Ok(())
     }
 
     async fn rollback_to_savepoint(&mut self) -> StoreResult<()> {
         // A deferred update was made after the savepoint: undone by not sending it.
         self.deferred = None;
-        sqlx::query("ROLLBACK TO SAVEPOINT lockstep_mutations").execute(conn(&mut self.tx)?).await.map_err(map_err)?;
+        sqlx::query("ROLLBACK TO SAVEPOINT lockstep_mutations").execute(self.db.tx()?).await.map_err(map_err)?;
         Ok(())
     }
 
@@ -1584,7 +1577,7 @@ impl Txn for PgTxn {
         .bind(key)
         .bind(request_hash)
         .bind(now)
-        .execute(conn(&mut self.tx)?)
+        .execute(self.db.tx()?)
         .await
         .map_err(map_err)?;
         if claimed.rows_affected() == 1 {
@@ -1595,7 +1588,7 @@ impl Txn for PgTxn {
                 .bind(&subject.ty)
                 .bind(&subject.id)
                 .bind(key)
-                .fetch_optional(conn(&mut self.tx)?)
+                .fetch_optional(self.db.tx()?)
                 .await
                 .map_err(map_err)?;
         match row {
@@ -1612,7 +1605,7 @@ impl Txn for PgTxn {
             .bind(&subject.id)
             .bind(key)
             .bind(response)
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(())
@@ -1646,7 +1639,7 @@ impl Txn for PgTxn {
         if let Some(d) = &d {
             q = q.bind(&d.etype).bind(&d.eid).bind(&d.attributes).bind(&d.parents).bind(d.version).bind(&d.tags);
         }
-        let (seq, xid, pid, updated) = q.fetch_one(conn(&mut self.tx)?).await.map_err(map_err)?;
+        let (seq, xid, pid, updated) = q.fetch_one(self.db.tx()?).await.map_err(map_err)?;
         if let Some(d) = d
             && updated != 1
         {
@@ -1661,7 +1654,7 @@ impl Txn for PgTxn {
         let rows = sqlx::query_as::<_, AuditRow>("SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
             .bind(to_i64(after_seq))
             .bind(i64::from(limit))
-            .fetch_all(conn(&mut self.tx)?)
+            .fetch_all(self.db.tx()?)
             .await
             .map_err(map_err)?;
         rows.into_iter().map(AuditEvent::try_from).collect()
@@ -1673,7 +1666,7 @@ impl Txn for PgTxn {
             "SELECT (SELECT through_seq FROM audit_trim WHERE id = 1), (SELECT min(seq) FROM audit),
                     (SELECT max(seq) FROM audit)",
         )
-        .fetch_one(conn(&mut self.tx)?)
+        .fetch_one(self.db.tx()?)
         .await
         .map_err(map_err)?;
         Ok((to_u64(through), oldest.map(to_u64), newest.map(to_u64)))
@@ -1684,7 +1677,7 @@ impl Txn for PgTxn {
         let row: Option<(i64, i64)> =
             sqlx::query_as("SELECT seq, time FROM audit WHERE seq >= $1 ORDER BY seq LIMIT 1")
                 .bind(to_i64(seq))
-                .fetch_optional(conn(&mut self.tx)?)
+                .fetch_optional(self.db.tx()?)
                 .await
                 .map_err(map_err)?;
         Ok(row.map(|(s, t)| (to_u64(s), t)))
@@ -1695,13 +1688,13 @@ impl Txn for PgTxn {
         let Some(&last) = seqs.last() else { return Ok(0) };
         sqlx::query("UPDATE audit_trim SET through_seq = greatest(through_seq, $1) WHERE id = 1")
             .bind(to_i64(last))
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         let seqs: Vec<i64> = seqs.iter().map(|s| to_i64(*s)).collect();
         let done = sqlx::query("DELETE FROM audit WHERE seq = ANY($1)")
             .bind(seqs)
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected())
@@ -1711,12 +1704,12 @@ impl Txn for PgTxn {
         self.flush().await?;
         let tokens = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at_secs < $1")
             .bind(now_secs)
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         let keys = sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
             .bind(idempotency_before)
-            .execute(conn(&mut self.tx)?)
+            .execute(self.db.tx()?)
             .await
             .map_err(map_err)?;
         Ok((tokens.rows_affected(), keys.rows_affected()))
@@ -1733,14 +1726,14 @@ impl Txn for PgTxn {
     /// uncommitted one is not answered UNKNOWN when the database is back in time.
     async fn commit_before(self: Box<Self>, deadline: Option<Instant>) -> StoreResult<()> {
         let mut this = self;
-        if this.tx.is_none() {
+        if !matches!(this.db, Db::Open(_)) {
             // A lazy read that ran its one statement (or none): nothing to commit; the
             // connection goes back to the pool outside any transaction.
             return Ok(());
         }
         this.flush().await?;
-        let PgTxn { tx, write, pool, pending, .. } = *this;
-        let Some(mut tx) = tx else { return Ok(()) };
+        let PgTxn { db, write, pool, pending, .. } = *this;
+        let Db::Open(mut tx) = db else { return Ok(()) };
         let pending = match pending {
             Some(p) => Some(p),
             // Rare (housekeeping, a repeated idempotent request): one statement.

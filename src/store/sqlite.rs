@@ -199,19 +199,14 @@ impl Writer {
 async fn turnstile(path: &Path, wait: Duration) -> StoreResult<std::fs::File> {
     let unavailable =
         |e: std::io::Error| StoreError::Unavailable(format!("writers' turnstile {}: {e}", path.display()));
-    let open = |p: &Path| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(p);
-    let f = open(path).map_err(unavailable)?;
-    match f.try_lock() {
-        Ok(()) => return Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {}
-        Err(std::fs::TryLockError::Error(e)) => return Err(unavailable(e)),
+    if let Some(f) = try_lock_file(path).map_err(unavailable)? {
+        return Ok(f);
     }
-    drop(f);
     // Wait in a blocking thread on a file of its own: if this wait is abandoned, the lock
     // it may still get is released when that thread's file is dropped.
     let p = path.to_owned();
     let waiting = tokio::task::spawn_blocking(move || {
-        let f = open(&p)?;
+        let f = lock_file(&p)?;
         f.lock()?;
         Ok::<_, std::io::Error>(f)
     });
@@ -222,6 +217,22 @@ async fn turnstile(path: &Path, wait: Duration) -> StoreResult<std::fs::File> {
         Err(_) => Err(StoreError::Unavailable(
             "another process held the database past the busy timeout; nothing was committed, retry".into(),
         )),
+    }
+}
+
+/// Opens (creating it) a file that is only ever locked.
+fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)
+}
+
+/// An exclusive `flock` on `path` if nobody holds one (None when somebody does); released
+/// when the file is dropped, or by the kernel if the process dies.
+fn try_lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    let f = lock_file(path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 
@@ -406,19 +417,31 @@ impl Store for SqliteStore {
         let mut p = self.readers.path.clone().into_os_string();
         p.push(".retention");
         let path = PathBuf::from(p);
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StoreError::Unavailable(format!("retention lock {}: {e}", path.display())))?;
-        match f.try_lock() {
-            Ok(()) => Ok(Some(Box::new(f))),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => {
-                Err(StoreError::Unavailable(format!("retention lock {}: {e}", path.display())))
-            }
+        match try_lock_file(&path) {
+            Ok(f) => Ok(f.map(|f| Box::new(f) as Box<dyn std::any::Any + Send>)),
+            Err(e) => Err(StoreError::Unavailable(format!("retention lock {}: {e}", path.display()))),
         }
+    }
+
+    async fn reclaim_pages(&self, max_pages: u32) -> StoreResult<u64> {
+        // In a write transaction of its own (the writer's turn, as any commit).
+        let mut txn = self.write_txn().await?;
+        let freed = txn.with(|c| {
+            let incremental: i64 = c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+            let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            if incremental != 2 || free == 0 {
+                return Ok(0);
+            }
+            // The pragma frees a page per step: step it to the end.
+            let mut vacuum = c.prepare(&format!("PRAGMA incremental_vacuum({max_pages})"))?;
+            let mut rows = vacuum.query([])?;
+            while rows.next()?.is_some() {}
+            drop(rows);
+            let left: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            Ok(u64::try_from(free - left).unwrap_or(0))
+        })?;
+        Box::new(txn).commit().await?;
+        Ok(freed)
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -1424,23 +1447,6 @@ impl Txn for SqliteTxn {
                 n += delete.execute([to_i64(*s)])? as u64;
             }
             Ok(n)
-        })
-    }
-
-    async fn reclaim_pages(&mut self, max_pages: u32) -> StoreResult<u64> {
-        self.with(|c| {
-            let incremental: i64 = c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
-            let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-            if incremental != 2 || free == 0 {
-                return Ok(0);
-            }
-            // The pragma frees a page per step: step it to the end.
-            let mut vacuum = c.prepare(&format!("PRAGMA incremental_vacuum({max_pages})"))?;
-            let mut rows = vacuum.query([])?;
-            while rows.next()?.is_some() {}
-            drop(rows);
-            let left: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-            Ok(u64::try_from(free - left).unwrap_or(0))
         })
     }
 
