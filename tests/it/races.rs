@@ -379,9 +379,13 @@ where
     R: std::future::Future<Output = ()>,
 {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Set once the revocation has returned; calls that start after it count themselves.
+    let returned_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started_after = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..WRITERS)
         .map(|_| {
             let (stop, tok) = (stop.clone(), token("k1", subject));
+            let (returned_flag, started_after) = (returned_flag.clone(), started_after.clone());
             tokio::spawn(async move {
                 let mut c = client(addr).await;
                 let mut seen = Vec::new();
@@ -392,6 +396,9 @@ where
                         context: None,
                     };
                     let started = std::time::Instant::now();
+                    if returned_flag.load(Ordering::SeqCst) {
+                        started_after.fetch_add(1, Ordering::SeqCst);
+                    }
                     let allowed = match c.authorize(authed(&tok, req)).await {
                         Ok(r) => r.into_inner().decision == pb::Decision::Allow as i32,
                         Err(st) if st.code() == tonic::Code::Unauthenticated => false,
@@ -406,7 +413,14 @@ where
     tokio::time::sleep(Duration::from_millis(300)).await;
     revoke.await;
     let returned = std::time::Instant::now();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    returned_flag.store(true, Ordering::SeqCst);
+    // Until enough calls started after the return (however slow the machine), 20 s at most.
+    let t0 = std::time::Instant::now();
+    while (started_after.load(Ordering::SeqCst) < 2 * WRITERS || t0.elapsed() < Duration::from_millis(300))
+        && t0.elapsed() < Duration::from_secs(20)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut before, mut after, mut violations) = (0, 0, 0);
     for w in workers {
