@@ -1,13 +1,17 @@
--- One AuthorizeAndCommit as the PostgreSQL store issues it (src/store/postgres.rs):
--- user u<n> updates its own item i<n>, one mutation, no idempotency key, policy set
--- cached (JSON built with json_build_object: pgbench reads `:` as a variable). Kept in step with the store by tests/it/bench_sql.rs, which compares the
--- statements below with the ones in the store's source.
+-- One AuthorizeAndCommit as the PostgreSQL store issues it (src/store/postgres/txn.rs):
+-- user u<n> updates its own item i<n>, one mutation, no idempotency key, token verified
+-- before, policy set cached (JSON built with json_build_object: pgbench reads `:` as a
+-- variable). Two round trips, as the store pipelines them: BEGIN, the locks and the read;
+-- then the entity update with the audit insert, and COMMIT. Kept in step with the store by
+-- tests/it/bench_sql.rs, which compares the statements below with the store's source.
+-- pgbench -M prepared (pipelines need the extended protocol).
 \set n random(0, :subjects - 1)
+\startpipeline
 BEGIN;
-SELECT * FROM keys WHERE kid = 'bench';
-SELECT * FROM call_state_locked('User', 'u' || :n::text, 'jti-' || :n::text);
-SELECT etype, eid, attributes, parents, version, tags FROM read_entity_locked('Item', 'i' || :n::text);
-SELECT etype, eid, attributes, parents, version, tags FROM read_ancestors(ARRAY['User' || chr(31) || 'u' || :n::text], true);
-UPDATE entities SET attributes = json_build_object('hot', false, 'n', 1, 'owner', json_build_object('__entity', json_build_object('id', 'u' || :n::text, 'type', 'User')))::text, parents = '[]', version = version + 1, tags = '{}' WHERE etype = 'Item' AND eid = 'i' || :n::text;
-INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail) VALUES (0, 1, 'User', 'u' || :n::text, 'jti-' || :n::text, json_build_array(json_build_object('action', 'UpdateItem', 'resource', json_build_object('type', 'Item', 'id', 'i' || :n::text), 'change', json_build_object('kind', 'update', 'merge_patch', json_build_object('n', 1), 'add_parents', json_build_array(), 'remove_parents', json_build_array()), 'if_version', NULL))::text, json_build_array(json_build_object('uid', json_build_object('type', 'Item', 'id', 'i' || :n::text), 'attributes', json_build_object('hot', false, 'n', 1), 'parents', json_build_array(), 'version', 2))::text, '') RETURNING seq, pg_current_xact_id()::text, pg_backend_pid();
+SELECT pg_advisory_xact_lock_shared(hashtextextended('lockstep' || chr(31) || 'entity' || chr(31) || 'User' || chr(31) || 'u' || :n::text, 0)), pg_advisory_xact_lock_shared(hashtextextended('lockstep' || chr(31) || 'subject' || chr(31) || 'User' || chr(31) || 'u' || :n::text, 0)), pg_advisory_xact_lock(hashtextextended('lockstep' || chr(31) || 'entity' || chr(31) || 'Item' || chr(31) || 'i' || :n::text, 0));
+WITH r AS (SELECT * FROM entities WHERE etype = 'Item' AND eid = 'i' || :n::text), p AS (SELECT * FROM entities WHERE etype = 'User' AND eid = 'u' || :n::text), more AS (SELECT '{}'::text[]::text[] || ARRAY( SELECT (j ->> 'type') || chr(31) || (j ->> 'id') FROM (SELECT parents FROM p WHERE parents <> '[]' UNION ALL SELECT parents FROM r WHERE true AND parents <> '[]') s, jsonb_array_elements(s.parents::jsonb) AS j) AS ks) SELECT k.*, (SELECT revoked_at_secs FROM subjects WHERE etype = 'User' AND eid = 'u' || :n::text) AS revoked_at_secs, EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = 'jti-' || :n::text) AS token_revoked, (SELECT max(version) FROM policies) AS version, (SELECT generation FROM policy_links_meta WHERE id = 1) AS generation, pg_current_xact_id()::text AS xid, pg_backend_pid() AS pid, e.r_resource, e.r_etype, e.r_eid, e.r_attributes, e.r_parents, e.r_version, e.r_tags FROM keys k LEFT JOIN LATERAL ( SELECT true AS r_resource, r.etype AS r_etype, r.eid AS r_eid, r.attributes AS r_attributes, r.parents AS r_parents, r.version AS r_version, r.tags AS r_tags FROM r UNION ALL SELECT false, p.etype, p.eid, p.attributes, p.parents, p.version, p.tags FROM p UNION ALL SELECT false, a.etype, a.eid, a.attributes, a.parents, a.version, a.tags FROM more, LATERAL read_ancestors(more.ks, true) AS a WHERE cardinality(more.ks) > 0 ) AS e ON true WHERE k.kid = 'bench';
+\endpipeline
+\startpipeline
+WITH u AS (UPDATE entities SET attributes = json_build_object('hot', false, 'n', 1, 'owner', json_build_object('__entity', json_build_object('id', 'u' || :n::text, 'type', 'User')))::text, parents = '[]', version = version + 1, tags = '{}' WHERE etype = 'Item' AND eid = 'i' || :n::text RETURNING 1) INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail) VALUES (0, 1, 'User', 'u' || :n::text, 'jti-' || :n::text, json_build_array(json_build_object('action', 'UpdateItem', 'resource', json_build_object('type', 'Item', 'id', 'i' || :n::text), 'change', json_build_object('kind', 'update', 'merge_patch', json_build_object('n', 1), 'add_parents', json_build_array(), 'remove_parents', json_build_array()), 'if_version', NULL))::text, json_build_array(json_build_object('uid', json_build_object('type', 'Item', 'id', 'i' || :n::text), 'attributes', json_build_object('hot', false, 'n', 1), 'parents', json_build_array(), 'version', 2))::text, '') RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), 1 / (SELECT count(*) FROM u);
 COMMIT;
+\endpipeline

@@ -33,7 +33,15 @@ impl Engine {
                 m.resource.to_string()
             });
         });
-        let result = self.run(opts, || self.authorize_and_commit_once(&parsed, req, &hash)).await;
+        // Where the store puts the audit seq when it learns it with the COMMIT.
+        let seq = AuditSeq::default();
+        let result = self.run(opts, || self.authorize_and_commit_once(&parsed, req, &hash, &seq)).await;
+        let result = result.map(|mut r| {
+            if req.idempotency_key.is_empty() {
+                r.audit_seq = seq.get();
+            }
+            r
+        });
         match &result {
             Ok(r) => {
                 note_decision(true, "commit");
@@ -51,6 +59,7 @@ impl Engine {
         parsed: &token::ParsedToken,
         req: &CommitRequest,
         request_hash: &[u8],
+        seq: &AuditSeq,
     ) -> Result<Prepared<CommitResult>> {
         let mut txn = self.store.write().await?;
         let now = now_micros();
@@ -121,7 +130,7 @@ impl Engine {
                         decision.determining_policies.join(", ")
                     );
                     let deny = event(AuditKind::Deny, Some(&token), detail).mutations(req.mutations.clone());
-                    txn.append_audit(&deny, now).await?;
+                    txn.append_audit_last(&deny, now, &AuditSeq::default()).await?;
                     let message = match explain {
                         Some(why) => format!("{what} is not permitted: {why}; nothing was committed"),
                         None => format!("{what} is not permitted, or its entity does not exist; nothing was committed"),
@@ -138,12 +147,15 @@ impl Engine {
         let event = event(AuditKind::Commit, Some(&token), String::new())
             .mutations(req.mutations.clone())
             .entities(entities.clone());
+        if key.is_empty() {
+            // The last write: its seq is known once committed (filled in by the caller).
+            txn.append_audit_last(&event, now, seq).await?;
+            return Ok((txn, Ok(CommitResult { entities, audit_seq: 0, determining_policies: determining })));
+        }
         let audit_seq = txn.append_audit(&event, now).await?;
         let result = CommitResult { entities, audit_seq, determining_policies: determining };
-        if !key.is_empty() {
-            let response = serde_json::to_string(&result).map_err(|e| Error::Internal(e.to_string()))?;
-            txn.complete_idempotency_key(&token.principal, key, &response).await?;
-        }
+        let response = serde_json::to_string(&result).map_err(|e| Error::Internal(e.to_string()))?;
+        txn.complete_idempotency_key(&token.principal, key, &response).await?;
         Ok((txn, Ok(result)))
     }
 

@@ -38,7 +38,7 @@ use crate::model::{
     Mutation, NewAuditEvent, PolicyRecord, PolicyState, TemplateLink, Uid, now_micros,
 };
 use crate::policy::{self, CompiledPolicies, WriteKind};
-use crate::store::{Store, StoreError, Txn};
+use crate::store::{AuditSeq, Store, StoreError, Txn};
 use crate::telemetry;
 use crate::token::{self, VerifiedToken};
 use serde_json::{Map, Value, json};

@@ -18,6 +18,21 @@ use std::sync::Arc;
 /// be read again in a transaction (no conflict: retried at once, not counted).
 pub const RESTART_IN_SNAPSHOT: &str = "a decision needed a second read: read again in one snapshot";
 
+/// Where `Txn::append_audit_last` puts the seq of its event (the last attempt's: a retry
+/// writes it again).
+#[derive(Clone, Debug, Default)]
+pub struct AuditSeq(Arc<std::sync::atomic::AtomicU64>);
+
+impl AuditSeq {
+    pub fn set(&self, seq: u64) {
+        self.0.store(seq, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// Why a store operation failed, in the terms the use cases need.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -278,6 +293,13 @@ pub trait Txn: Send {
     /// Appends an event; returns its `seq`, which is larger than that of every event
     /// committed before this transaction.
     async fn append_audit(&mut self, event: &NewAuditEvent, now: i64) -> StoreResult<u64>;
+    /// Appends the transaction's last write, an event after which only the commit comes:
+    /// a store may send it with COMMIT (PostgreSQL: one round trip for both), so its `seq`
+    /// is in `seq` once the commit has returned (at the latest).
+    async fn append_audit_last(&mut self, event: &NewAuditEvent, now: i64, seq: &AuditSeq) -> StoreResult<()> {
+        seq.set(self.append_audit(event, now).await?);
+        Ok(())
+    }
     async fn audit_events(&mut self, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditEvent>>;
     /// The audit log's extent: (how far events were dropped by retention, the oldest and
     /// the newest seq present).
