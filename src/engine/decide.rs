@@ -1,6 +1,7 @@
 //! Decisions without a write: Authorize, GetEntity (an authorized read), ListAuditEvents.
 
 use super::*;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 impl Engine {
     /// A decision only, against one read snapshot of the latest committed state.
@@ -21,24 +22,11 @@ impl Engine {
             f.resource = Some(resource.to_string());
         });
         let parsed = token::parse(raw, &self.settings)?;
-        // The first attempt may read in one statement; any attempt after it (a decision that
-        // needed a second read, a key fetched on demand) reads in a transaction.
-        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let attempts = AtomicU32::new(0);
         let decision = self
             .run(opts, || async {
-                let hint = self.verified.hint(&parsed);
-                let first = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0;
-                // A token verified before: the store may read the principal and the resource
-                // with their ancestors in the statement that reads the key and call state —
-                // on PostgreSQL that statement alone, without BEGIN (`read_single`).
-                let mut txn =
-                    if first && hint.is_some() { self.store.read_single().await? } else { self.store.read().await? };
-                if let Some((principal, _)) = &hint {
-                    txn.prefetch_ancestors(&[principal.clone(), resource.clone()]);
-                }
-                let (token, state) = self.authenticate_hinted(&mut *txn, &parsed, now_micros(), hint).await?;
-                let policies = self.policies_at(&mut *txn, state).await?;
-                let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
+                let first = attempts.fetch_add(1, Ordering::Relaxed) == 0;
+                let (txn, token, policies, loaded) = self.read_around(&parsed, resource, first).await?;
                 let ctx = build_context(&policies, &action, context, &token, None, &policy::SERVER_CONTEXT)?;
                 let decision = policies
                     .evaluate(&token.principal, &action, resource, ctx, &loaded.iter().collect::<Vec<_>>())
@@ -60,24 +48,45 @@ impl Engine {
             f.resource = Some(uid.to_string());
         });
         let parsed = token::parse(raw, &self.settings)?;
+        let attempts = AtomicU32::new(0);
         self.run(opts, || async {
-            let mut txn = self.store.read().await?;
-            let (token, state) = self.authenticate(&mut *txn, &parsed, now_micros()).await?;
-            let policies = self.policies_at(&mut *txn, state).await?;
+            let first = attempts.fetch_add(1, Ordering::Relaxed) == 0;
+            let (txn, token, policies, loaded) = self.read_around(&parsed, uid, first).await?;
             let denied = || Error::Denied(format!("reading {uid} is not permitted, or it does not exist"));
-            let Some(entity) = txn.entity(uid).await? else { return Err(denied()) };
-            let mut wanted = vec![token.principal.clone()];
-            wanted.extend(entity.parents.iter().cloned());
-            let loaded = txn.entities_with_ancestors(&wanted).await?;
-            let mut all: Vec<&EntityRecord> = loaded.iter().collect();
-            all.push(&entity);
+            let Some(entity) = loaded.iter().find(|e| e.uid == *uid).cloned() else { return Ok((txn, Err(denied()))) };
             let ctx = build_context(&policies, &action, &Map::new(), &token, None, &policy::SERVER_CONTEXT)?;
-            let decision = policies.evaluate(&token.principal, &action, uid, ctx, &all).map_err(Error::Internal)?;
+            let decision = policies
+                .evaluate(&token.principal, &action, uid, ctx, &loaded.iter().collect::<Vec<_>>())
+                .map_err(Error::Internal)?;
             note_decision(decision.allowed, "get");
             let answer = if decision.allowed { Ok(entity) } else { Err(denied()) };
             Ok((txn, answer))
         })
         .await
+    }
+
+    /// What a read-only decision about `resource` reads, in one snapshot: the token
+    /// verified against its key and the call state, the policy set, and the principal and
+    /// the resource with their ancestors. A token verified before names its principal, so
+    /// on a call's first attempt the store may read all of it in the statement that reads
+    /// the key — on PostgreSQL that statement alone, without BEGIN (`read_single`); any
+    /// later attempt (a decision that needed a second read, a key fetched on demand) reads
+    /// in a transaction.
+    async fn read_around(
+        &self,
+        parsed: &token::ParsedToken,
+        resource: &Uid,
+        first: bool,
+    ) -> Result<(Box<dyn Txn>, Arc<VerifiedToken>, Arc<CompiledPolicies>, Vec<EntityRecord>)> {
+        let hint = self.verified.hint(parsed);
+        let mut txn = if first && hint.is_some() { self.store.read_single().await? } else { self.store.read().await? };
+        if let Some((principal, _)) = &hint {
+            txn.prefetch_ancestors(&[principal.clone(), resource.clone()]);
+        }
+        let (token, state) = self.authenticate_hinted(&mut *txn, parsed, now_micros(), hint).await?;
+        let policies = self.policies_at(&mut *txn, state).await?;
+        let loaded = txn.entities_with_ancestors(&[token.principal.clone(), resource.clone()]).await?;
+        Ok((txn, token, policies, loaded))
     }
 
     /// A page of the audit log (Lockstep::Action::"ReadAudit").

@@ -255,6 +255,27 @@ const WRITE_CONTEXT: &str = concat!(
      WHERE k.kid = $1"
 );
 
+/// What a read-only decision reads, in one statement (one snapshot, with or without
+/// BEGIN): the key, the call state, the entities `$5`/`$6` (types, ids) by primary key,
+/// and, only when they have parents, those with their ancestors by the STABLE
+/// `read_ancestors_at` (migration 0010), which reads with the statement's snapshot.
+const READ_CONTEXT: &str = concat!(
+    "WITH st AS (SELECT ",
+    read_call_state!(),
+    "),
+          f AS (SELECT e.* FROM entities e
+                JOIN unnest($5::text[], $6::text[]) AS x(t, i) ON e.etype = x.t AND e.eid = x.i),
+          more AS (SELECT ARRAY(SELECT DISTINCT (j ->> 'type') || chr(31) || (j ->> 'id')
+                                FROM f, jsonb_array_elements(f.parents::jsonb) AS j WHERE f.parents <> '[]') AS ks)
+     SELECT k.*, st.*, NULL::boolean AS r_resource, a.etype AS r_etype, a.eid AS r_eid,
+            a.attributes AS r_attributes, a.parents AS r_parents, a.version AS r_version, a.tags AS r_tags
+     FROM keys k CROSS JOIN st LEFT JOIN LATERAL (
+         SELECT * FROM f
+         UNION ALL SELECT r.* FROM more, LATERAL read_ancestors_at(more.ks) AS r WHERE cardinality(more.ks) > 0
+     ) AS a ON true
+     WHERE k.kid = $1"
+);
+
 /// BEGIN, when it has not been sent: awaited together with the transaction's first
 /// statement, so both go in one round trip (tokio-postgres sends requests in the order
 /// they are first polled, and `try_join!` polls in order).
@@ -570,21 +591,14 @@ impl PgTxn {
         token_id: &str,
         uids: Vec<Uid>,
     ) -> StoreResult<Option<(KeyRecord, CallState)>> {
-        let keys: Vec<String> = uids.iter().map(ancestor_key).collect();
-        let s = q(concat!(
-            "WITH st AS (SELECT ",
-            read_call_state!(),
-            ")
-             SELECT k.*, st.*, NULL::boolean AS r_resource, a.etype AS r_etype, a.eid AS r_eid,
-                    a.attributes AS r_attributes, a.parents AS r_parents, a.version AS r_version, a.tags AS r_tags
-             FROM keys k CROSS JOIN st LEFT JOIN LATERAL read_ancestors_at($5) AS a ON true
-             WHERE k.kid = $1"
-        ))
-        .bind(kid)
-        .bind(subject.ty.as_str())
-        .bind(subject.id.as_str())
-        .bind(token_id)
-        .bind(keys);
+        let (types, ids) = split(&uids);
+        let s = q(READ_CONTEXT)
+            .bind(kid)
+            .bind(subject.ty.as_str())
+            .bind(subject.id.as_str())
+            .bind(token_id)
+            .bind(types)
+            .bind(ids);
         // In a transaction (REPEATABLE READ) or alone (a lazy read, autocommit): either way
         // one snapshot — the subqueries and the STABLE `read_ancestors_at` share the
         // statement's.
@@ -610,7 +624,7 @@ impl PgTxn {
                 loaded.push(e);
             }
         }
-        self.prefetched_read = Some((uids, loaded));
+        self.prefetched_read = Some((uids, first_of_each(loaded)));
         Ok(Some((key, state)))
     }
 
