@@ -7,8 +7,9 @@
 #     under READ COMMITTED: a floor of cost only);
 #   - the naive peer bench/naive/app.py (FastAPI + asyncpg, 2 uvicorn workers, racy),
 #     installed into bench/.venv, driven over HTTP by wrk (bench/naive/wrk.lua);
-#   - pgbench on bench/floor-decide.sql: a read-only decision's transaction;
-#   - Lockstep (`lockstep bench` on PostgreSQL, commit and authorize rows): read from
+#   - pgbench on bench/floor-decide.sql: a read-only decision's transaction (it reads the item's
+#     row too: the floor of Authorize and of GetEntity);
+#   - Lockstep (`lockstep bench` on PostgreSQL, commit, authorize and get rows): read from
 #     LOCKSTEP_OUTPUT when given (bench/run.sh passes its own run), else run here.
 # Prints one table with rates, p99s and the issue's ratios; writes $BENCH_OUT/floor.txt and
 # floor.csv. Figures only.
@@ -108,13 +109,13 @@ kill "$app_pid"; wait "$app_pid" 2>/dev/null || true; app_pid=""
 if [ -z "$ls_out" ]; then
   echo "== lockstep bench on postgres"
   q "$admin" -c "DROP DATABASE IF EXISTS ${db}_ls WITH (FORCE)" -c "CREATE DATABASE ${db}_ls"
-  "$bin" bench --database "$base/${db}_ls" --callers "${callers// /,}" --seconds "$secs" --calls commit,authorize \
+  "$bin" bench --database "$base/${db}_ls" --callers "${callers// /,}" --seconds "$secs" --calls commit,authorize,get \
     --subjects $subjects 2>/dev/null | tee "$work/lockstep.txt"
   q "$admin" -c "DROP DATABASE IF EXISTS ${db}_ls WITH (FORCE)"
   ls_out=$work/lockstep.txt
 fi
 while read -r call c r p50 p rest; do
-  case $call in commit|authorize) rate[ls_$call,$c]=$r; p99[ls_$call,$c]=$p ;; esac
+  case $call in commit|authorize|get) rate[ls_$call,$c]=$r; p99[ls_$call,$c]=$p ;; esac
 done < "$ls_out"
 q "$admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
 
@@ -128,7 +129,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) pri
              "naive|naive FastAPI+asyncpg, 2 workers (wrk, HTTP)" \
              "ls_commit|Lockstep AuthorizeAndCommit" \
              "decide|pgbench read-only decision tx (floor-decide.sql)" \
-             "ls_authorize|Lockstep Authorize"; do
+             "ls_authorize|Lockstep Authorize" \
+             "ls_get|Lockstep GetEntity"; do
     k=${row%%|*}; printf '%-58s' "${row#*|}"
     for c in $callers; do printf ' %9s %8s' "${rate[$k,$c]:--}" "${p99[$k,$c]:--}"; done; printf '\n'
   done
@@ -137,6 +139,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) pri
              "rate|ls_commit|naive|Lockstep commit / naive (>= 2)" \
              "rate|ls_commit|one|Lockstep commit / one-statement (stretch >= 0.5)" \
              "rate|ls_authorize|decide|Lockstep authorize / read-only decision (>= 0.8)" \
+             "rate|ls_get|decide|Lockstep get / read-only decision (>= 0.8)" \
              "p99|ls_commit|six|p99 Lockstep commit / p99 6-statement (<= 2)" \
              "p99|ls_authorize|decide|p99 Lockstep authorize / p99 read-only decision"; do
     IFS='|' read -r what a b label <<< "$row"
@@ -149,7 +152,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) pri
   done
 } > "$out/floor.txt"
 echo workload,callers,rate,p99_ms > "$out/floor.csv"
-for k in six one naive ls_commit decide ls_authorize; do
+for k in six one naive ls_commit decide ls_authorize ls_get; do
   for c in $callers; do echo "$k,$c,${rate[$k,$c]:-},${p99[$k,$c]:-}" >> "$out/floor.csv"; done
 done
 echo; cat "$out/floor.txt"

@@ -28,7 +28,7 @@ declare -A ls_rate ls_p99 raw_rate raw_p99
 for backend in sqlite postgres; do
   url=$sqlite; [ "$backend" = postgres ] && url="$base/$pgdb"
   echo "== lockstep bench on $backend"
-  "$bin" bench --database "$url" --callers 1,16,64 --seconds "$secs" --calls commit,authorize --subjects $subjects 2>/dev/null \
+  "$bin" bench --database "$url" --callers 1,16,64 --seconds "$secs" --calls commit,authorize,get --subjects $subjects 2>/dev/null \
     | tee "$work/$backend.txt"
   while read -r call callers rate p50 p99 p999 rest; do
     [ "$call" = commit ] || continue
