@@ -325,6 +325,28 @@ impl Engine {
             )));
         }
         self.check_value_sizes(&req.context, "context")?;
+        // Parents are bounded before anything is read or locked (each named parent is
+        // share-locked while the request is decided): per mutation, and over the request.
+        let mut named = 0usize;
+        for (i, m) in req.mutations.iter().enumerate() {
+            let n = match &m.change {
+                Change::Create { parents, .. } => parents.len(),
+                Change::Update { add_parents, remove_parents, .. } => add_parents.len() + remove_parents.len(),
+                Change::Delete => 0,
+            };
+            if n > MAX_PARENTS {
+                return Err(Error::InvalidArgument(format!(
+                    "mutation {i}: {n} parents named; an entity may have at most {MAX_PARENTS} parents"
+                )));
+            }
+            named += n;
+        }
+        if named > 4 * MAX_PARENTS {
+            return Err(Error::InvalidArgument(format!(
+                "{named} parents named in one request; at most {} in all",
+                4 * MAX_PARENTS
+            )));
+        }
         for (i, m) in req.mutations.iter().enumerate() {
             self.check_uid(&m.resource).map_err(|e| Error::InvalidArgument(format!("mutation {i}: {e}")))?;
             policy::action_uid(&m.action).map_err(|e| Error::InvalidArgument(format!("mutation {i}: {e}")))?;

@@ -118,6 +118,9 @@ enum Step {
     },
 }
 
+/// How many parents an entity may have (and a mutation may name).
+pub const MAX_PARENTS: usize = 1000;
+
 pub struct Engine {
     store: Arc<dyn Store>,
     settings: Settings,
@@ -657,8 +660,16 @@ impl Engine {
     pub(super) fn check_attributes(&self, e: &EntityRecord) -> Result<()> {
         self.check_value_sizes(&e.attributes, "the entity's attributes")?;
         self.check_value_sizes(&e.tags, "the entity's tags")?;
-        if e.parents.len() > 1000 {
-            return Err(Error::InvalidArgument("an entity may have at most 1000 parents".into()));
+        if e.parents.len() > MAX_PARENTS {
+            return Err(Error::InvalidArgument(format!("an entity may have at most {MAX_PARENTS} parents")));
+        }
+        for (what, map) in [("attributes", &e.attributes), ("tags", &e.tags)] {
+            if let Some(at) = map.iter().find_map(|(k, v)| mixed_escape(v, k, 0)) {
+                return Err(Error::InvalidArgument(format!(
+                    "{what}: `{at}` mixes `__entity` or `__extn` with other keys; an entity reference is \
+                     {{\"__entity\": {{\"type\": …, \"id\": …}}}} (or {{\"type\", \"id\"}}) alone"
+                )));
+            }
         }
         Ok(())
     }
@@ -788,6 +799,18 @@ pub fn apply_merge_patch(target: &mut Attributes, patch: &Attributes) {
             Value::Null => {
                 target.remove(k);
             }
+            // An entity reference or an extension value (`{"__entity": …}`, `{"__extn": …}`,
+            // or `{"type", "id"}` in place of one) is one value: replaced whole, never merged
+            // field by field (which would leave the old reference beside the new one).
+            Value::Object(p) if is_escape(p) || target.get(k).and_then(Value::as_object).is_some_and(is_escape) => {
+                let was_entity = target.get(k).and_then(Value::as_object).is_some_and(|o| o.contains_key("__entity"));
+                let short_uid = p.len() == 2
+                    && p.get("type").is_some_and(Value::is_string)
+                    && p.get("id").is_some_and(Value::is_string);
+                // `{"type", "id"}` in place of an entity reference is that reference.
+                let value = if was_entity && short_uid { json!({ "__entity": v }) } else { v.clone() };
+                target.insert(k.clone(), value);
+            }
             Value::Object(p) => {
                 let entry = target.entry(k.clone()).or_insert_with(|| Value::Object(Map::new()));
                 if !entry.is_object() {
@@ -801,6 +824,26 @@ pub fn apply_merge_patch(target: &mut Attributes, patch: &Attributes) {
                 target.insert(k.clone(), other.clone());
             }
         }
+    }
+}
+
+/// Whether an object is a Cedar JSON escape (`__entity`, `__extn`).
+fn is_escape(o: &Map<String, Value>) -> bool {
+    o.contains_key("__entity") || o.contains_key("__extn")
+}
+
+/// The path of the first object that mixes a Cedar JSON escape with other keys (Cedar
+/// would read the escape and drop the rest, so the value would not say what it shows).
+fn mixed_escape(v: &Value, path: &str, depth: usize) -> Option<String> {
+    match v {
+        Value::Object(o) if is_escape(o) && o.len() > 1 => Some(path.to_owned()),
+        Value::Object(o) if depth < 64 => {
+            o.iter().find_map(|(k, x)| mixed_escape(x, &format!("{path}.{k}"), depth + 1))
+        }
+        Value::Array(a) if depth < 64 => {
+            a.iter().enumerate().find_map(|(i, x)| mixed_escape(x, &format!("{path}[{i}]"), depth + 1))
+        }
+        _ => None,
     }
 }
 
@@ -861,5 +904,21 @@ mod tests {
         let p: Attributes = serde_json::from_value(json!({"a": "z", "c": {"f": null}, "n": [1]})).unwrap();
         apply_merge_patch(&mut t, &p);
         assert_eq!(Value::Object(t), json!({"a": "z", "c": {"d": "e"}, "n": [1]}));
+    }
+
+    #[test]
+    fn an_entity_reference_is_replaced_whole() {
+        let mut t: Attributes =
+            serde_json::from_value(json!({"owner": {"__entity": {"type": "User", "id": "alice"}}})).unwrap();
+        let p: Attributes = serde_json::from_value(json!({"owner": {"type": "User", "id": "bob"}})).unwrap();
+        apply_merge_patch(&mut t, &p);
+        assert_eq!(Value::Object(t.clone()), json!({"owner": {"__entity": {"type": "User", "id": "bob"}}}));
+        let p: Attributes =
+            serde_json::from_value(json!({"owner": {"__entity": {"type": "User", "id": "carol"}}})).unwrap();
+        apply_merge_patch(&mut t, &p);
+        assert_eq!(Value::Object(t), json!({"owner": {"__entity": {"type": "User", "id": "carol"}}}));
+        let mixed = json!({"a": [{"x": {"__entity": {"type": "User", "id": "a"}, "id": "b"}}]});
+        assert_eq!(mixed_escape(&mixed, "attrs", 0).as_deref(), Some("attrs.a[0].x"));
+        assert_eq!(mixed_escape(&json!({"__entity": {"type": "User", "id": "a"}}), "o", 0), None);
     }
 }

@@ -225,17 +225,21 @@ async fn revoke_key_races_writes(b: Backend) {
 
 /// Ownership transfer: root moves Item::"doc" from alice to mallory.
 async fn ownership_transfer_races_writes(b: Backend) {
+    transfer_race(b, json!({ "owner": { "__entity": { "type": "User", "id": "mallory" } } })).await;
+}
+
+/// The same transfer written with the short uid form (`{"type", "id"}`) the docs allow:
+/// it replaces the stored `{"__entity": …}` whole (a field-by-field merge kept alice).
+async fn ownership_transfer_in_short_form_races_writes(b: Backend) {
+    transfer_race(b, json!({ "owner": { "type": "User", "id": "mallory" } })).await;
+}
+
+async fn transfer_race(b: Backend, patch: serde_json::Value) {
     let Some(s) = start(b).await else { return };
     let tokens: Vec<String> = (0..WRITERS).map(|_| token("k1", "alice")).collect();
     let report = race(s.addr, move |w, i| write(&tokens[w], "Item", "doc", w, i), async {
         let mut c = client(s.addr).await;
-        let m = update(
-            "UpdateItem",
-            "Item",
-            "doc",
-            json!({ "owner": { "__entity": { "type": "User", "id": "mallory" } } }),
-            None,
-        );
+        let m = update("UpdateItem", "Item", "doc", patch, None);
         c.authorize_and_commit(authed(&token("k2", "root"), commit_req(vec![m]))).await.unwrap().into_inner().audit_seq
     })
     .await;
@@ -279,6 +283,7 @@ crate::on_all_backends!(
     revoke_subject_races_writes,
     revoke_key_races_writes,
     ownership_transfer_races_writes,
+    ownership_transfer_in_short_form_races_writes,
     group_removal_races_writes,
     policy_change_races_writes
 );

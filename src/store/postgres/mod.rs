@@ -112,6 +112,8 @@ pub struct PgStore {
     pool: Pool,
     /// How the pool connects: also for the connections that settle a COMMIT.
     connect: Arc<tokio_postgres::Config>,
+    /// How long one round trip may take (see `PgTxn::limit`).
+    limit: Duration,
     /// Entity types kept in the application's tables (see `mapped_*` in `txn`).
     mapping: Arc<Mapping>,
 }
@@ -170,6 +172,14 @@ impl PgStore {
         if connect.get_connect_timeout().is_none() {
             connect.connect_timeout(opts.acquire_timeout);
         }
+        // A peer gone without a reset (a failover, a dropped NAT entry) is noticed: idle
+        // connections by keepalives, busy ones by unacknowledged data and by `limit`.
+        connect
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3)
+            .tcp_user_timeout(opts.statement_timeout + Duration::from_secs(5));
         let migrate = async {
             let mut conn = PgConnection::connect_with(&migrations).await?;
             prepare_schema(&mut conn).await?;
@@ -190,7 +200,10 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the PostgreSQL pool: {e}"))?;
-        Ok(Self { pool, connect: Arc::new(connect), mapping: opts.mapping.clone() })
+        // A round trip carries at most three statements, each bounded by the statement
+        // timeout on the server; a connection silent for longer is given up.
+        let limit = opts.statement_timeout * 3 + Duration::from_secs(2);
+        Ok(Self { pool, connect: Arc::new(connect), limit, mapping: opts.mapping.clone() })
     }
 
     /// Settles the outcome of transaction `xid` (text of `pg_current_xact_id()`), last run
@@ -215,6 +228,7 @@ impl PgStore {
             db,
             write,
             connect: self.connect.clone(),
+            limit: self.limit,
             pending: None,
             mapping: self.mapping.clone(),
             read: HashMap::new(),

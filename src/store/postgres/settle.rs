@@ -139,21 +139,38 @@ pub(crate) async fn settle(config: &Config, p: &Pending, until: Instant, cause: 
 
 /// The audit seq of committed transaction `p` whose insert's answer was lost with its
 /// connection (the insert went with COMMIT): its row is the newest one it wrote
-/// (`xmin`; audit rows are never updated), found from the newest row backwards.
-pub(crate) async fn recover_seq(config: &Config, p: &Pending) -> StoreResult<u64> {
-    let unknown = |e: String| {
-        StoreError::Unknown(format!(
-            "transaction {} committed but its audit seq could not be read ({e}): `SELECT seq FROM lockstep.audit \
-             WHERE xmin = '{}'::xid8::xid` tells",
-            p.xid, p.xid
-        ))
-    };
-    let c = connect(config).await.map_err(|e| unknown(e.to_string()))?;
-    let row = c
-        .query_opt("SELECT seq FROM audit WHERE xmin = $1::text::xid8::xid ORDER BY seq DESC LIMIT 1", &[&p.xid])
+/// (`xmin`; audit rows are never updated), found from the newest row backwards. Asked
+/// again, with backoff, until `until`.
+pub(crate) async fn recover_seq(config: &Config, p: &Pending, until: Instant) -> StoreResult<u64> {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let asked = tokio::time::timeout_at(until, async {
+            let c = connect(config).await.map_err(|e| e.to_string())?;
+            let row = c
+                .query_opt(
+                    "SELECT seq FROM audit WHERE xmin = $1::text::xid8::xid ORDER BY seq DESC LIMIT 1",
+                    &[&p.xid],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let row = row.ok_or_else(|| "no audit row of it".to_owned())?;
+            row.try_get::<_, i64>(0).map_err(|e| e.to_string())
+        })
         .await
-        .map_err(|e| unknown(e.to_string()))?
-        .ok_or_else(|| unknown("no audit row of it".into()))?;
-    let seq: i64 = row.try_get(0).map_err(|e| unknown(e.to_string()))?;
-    Ok(to_u64(seq))
+        .unwrap_or_else(|_| Err("no answer in time".into()));
+        let last = match asked {
+            Ok(seq) => return Ok(to_u64(seq)),
+            Err(e) => e,
+        };
+        let pause = backoff.min(until.saturating_duration_since(Instant::now()));
+        if pause.is_zero() {
+            return Err(StoreError::Unknown(format!(
+                "transaction {} committed but its audit seq could not be read ({last}): `SELECT seq FROM \
+                 lockstep.audit WHERE xmin = '{}'::xid8::xid` tells",
+                p.xid, p.xid
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        backoff = (backoff * 2).min(Duration::from_millis(250));
+    }
 }

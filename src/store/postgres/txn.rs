@@ -23,6 +23,13 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_postgres::Row;
 
+/// How long a dropped transaction's ROLLBACK may take (behind the statement it was
+/// running) before its connection is closed instead of reused.
+const ROLLBACK_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// At least this long to read back the audit seq of a commit settled as committed.
+const MIN_RECOVER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// BEGIN of a write transaction, and of a read-only one.
 pub(super) const BEGIN_WRITE: &str = "BEGIN";
 pub(super) const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
@@ -52,6 +59,8 @@ pub(super) struct PgTxn {
     /// How to reach the database for settling a commit whose acknowledgement was lost
     /// (see `commit`).
     pub connect: Arc<tokio_postgres::Config>,
+    /// How long one round trip may take before its connection is given up (`unless_silent`).
+    pub limit: std::time::Duration,
     /// Who this transaction is, for settling its COMMIT: set by the first read of a
     /// write (`key_and_write_context`) or by the audit insert.
     pub pending: Option<Pending>,
@@ -159,6 +168,17 @@ fn entity_name(d: Option<&EntityRow>) -> String {
     d.map(|d| format!("{}::{:?}", d.etype, d.eid)).unwrap_or_default()
 }
 
+/// How a COMMIT (with the last write before it) ended.
+enum Ended {
+    /// Committed; the last audit insert's row when it went with the COMMIT.
+    Committed(Option<Row>),
+    /// The database refused the last write: the COMMIT behind it rolled back.
+    Refused(StoreError),
+    /// No answer, or a failed COMMIT: perhaps committed. The audit insert's row when it
+    /// came back.
+    Failed(Option<Row>, StoreError),
+}
+
 /// Advisory-lock key of a subject (its tokens' revocation state).
 pub(super) fn subject_lock_key(u: &Uid) -> String {
     format!("lockstep\u{1f}subject\u{1f}{}\u{1f}{}", u.ty, u.id)
@@ -209,6 +229,15 @@ fn first_of_each(rows: Vec<EntityRecord>) -> Vec<EntityRecord> {
     rows.into_iter().filter(|e| seen.insert(e.uid.clone())).collect()
 }
 
+/// The columns of a key (`KeyRow`), named: a column added to the table later (a newer
+/// release's migration) does not change the statements' result type.
+macro_rules! key_columns {
+    () => {
+        "k.kid, k.algorithm, k.secret, k.public_key_pem, k.issuer, k.audience, k.principal_type, k.revoked,
+         k.added_at, k.jwk, k.source, k.retired, k.required_typ, k.max_lifetime_secs, k.signing, k.private_key"
+    };
+}
+
 /// The call state of a read-only transaction as columns (`revoked_at_secs`,
 /// `token_revoked`, `version`, `generation`) of subject `$2`/`$3` and token `$4`.
 macro_rules! read_call_state {
@@ -227,6 +256,12 @@ const WRITE_LOCKS: &str = "SELECT pg_advisory_xact_lock_shared(hashtextextended(
         pg_advisory_xact_lock_shared(hashtextextended($2, 0)),
         pg_advisory_xact_lock(hashtextextended($3, 0))";
 
+/// `WRITE_LOCKS` of a write whose resource is its principal: that entity's lock exclusive
+/// only (asking for it shared, then exclusive, would deadlock two such writers), then the
+/// subject lock shared; the third argument is not used.
+const WRITE_LOCKS_SELF: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0)),
+        pg_advisory_xact_lock_shared(hashtextextended($2, 0)), $3::text";
+
 /// What that write is decided on, read by the statement after `WRITE_LOCKS` (at READ
 /// COMMITTED a new statement: a snapshot taken after the locks): the key, the call state,
 /// the transaction's id and backend (for settling its COMMIT), the resource (r_resource
@@ -241,7 +276,9 @@ const WRITE_CONTEXT: &str = concat!(
                      FROM (SELECT parents FROM p WHERE parents <> '[]'
                            UNION ALL SELECT parents FROM r WHERE $7 AND parents <> '[]') s,
                           jsonb_array_elements(s.parents::jsonb) AS j) AS ks)
-     SELECT k.*, ",
+     SELECT ",
+    key_columns!(),
+    ", ",
     read_call_state!(),
     ", pg_current_xact_id()::text AS xid, pg_backend_pid() AS pid,
             e.r_resource, e.r_etype, e.r_eid, e.r_attributes, e.r_parents, e.r_version, e.r_tags
@@ -267,7 +304,9 @@ const READ_CONTEXT: &str = concat!(
                 JOIN unnest($5::text[], $6::text[]) AS x(t, i) ON e.etype = x.t AND e.eid = x.i),
           more AS (SELECT ARRAY(SELECT DISTINCT (j ->> 'type') || chr(31) || (j ->> 'id')
                                 FROM f, jsonb_array_elements(f.parents::jsonb) AS j WHERE f.parents <> '[]') AS ks)
-     SELECT k.*, st.*, NULL::boolean AS r_resource, a.etype AS r_etype, a.eid AS r_eid,
+     SELECT ",
+    key_columns!(),
+    ", st.*, NULL::boolean AS r_resource, a.etype AS r_etype, a.eid AS r_eid,
             a.attributes AS r_attributes, a.parents AS r_parents, a.version AS r_version, a.tags AS r_tags
      FROM keys k CROSS JOIN st LEFT JOIN LATERAL (
          SELECT * FROM f
@@ -275,6 +314,19 @@ const READ_CONTEXT: &str = concat!(
      ) AS a ON true
      WHERE k.kid = $1"
 );
+
+/// A statement's error. A prepared plan whose result type changed under it (a table
+/// altered while the server runs) fails the statement: the connection's prepared
+/// statements are forgotten and the call tried again, prepared anew.
+fn failed(c: &Object, e: tokio_postgres::Error) -> StoreError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED)
+        && e.as_db_error().is_some_and(|d| d.message().contains("cached plan"))
+    {
+        c.statement_cache.clear();
+        return StoreError::Retry("a table changed under a prepared statement: prepared again".into());
+    }
+    map_err(e)
+}
 
 /// BEGIN, when it has not been sent: awaited together with the transaction's first
 /// statement, so both go in one round trip (tokio-postgres sends requests in the order
@@ -310,22 +362,52 @@ impl PgTxn {
 
     /// Runs one statement (with BEGIN, when not sent yet, in the same round trip).
     async fn rows(&mut self, s: Q<'_>) -> StoreResult<Vec<Row>> {
+        let limit = self.limit;
         let (c, begin) = self.conn()?;
-        let st = c.prepare_cached(&s.sql).await.map_err(map_err)?;
-        let params = s.params();
-        let begun = begun(c, begin);
-        let ((), rows) = tokio::try_join!(begun, c.query(&st, &params)).map_err(map_err)?;
-        Ok(rows)
+        let out = tokio::time::timeout(limit, async {
+            let st = c.prepare_cached(&s.sql).await.map_err(map_err)?;
+            let params = s.params();
+            let (b, rows) = tokio::join!(begun(c, begin), c.query(&st, &params));
+            b.map_err(map_err)?;
+            rows.map_err(|e| failed(c, e))
+        })
+        .await;
+        self.unless_silent(out)
     }
 
     /// Runs one statement; the number of rows it changed.
     async fn exec(&mut self, s: Q<'_>) -> StoreResult<u64> {
+        let limit = self.limit;
         let (c, begin) = self.conn()?;
-        let st = c.prepare_cached(&s.sql).await.map_err(map_err)?;
-        let params = s.params();
-        let begun = begun(c, begin);
-        let ((), n) = tokio::try_join!(begun, c.execute(&st, &params)).map_err(map_err)?;
-        Ok(n)
+        let out = tokio::time::timeout(limit, async {
+            let st = c.prepare_cached(&s.sql).await.map_err(map_err)?;
+            let params = s.params();
+            let (b, n) = tokio::join!(begun(c, begin), c.execute(&st, &params));
+            b.map_err(map_err)?;
+            n.map_err(|e| failed(c, e))
+        })
+        .await;
+        self.unless_silent(out)
+    }
+
+    /// The outcome of a round trip bounded by `limit`. A connection silent for longer (its
+    /// peer gone without a reset: a failover, a dropped NAT entry) is closed, not reused,
+    /// and the call answers UNAVAILABLE.
+    fn unless_silent<T>(&mut self, out: Result<StoreResult<T>, tokio::time::error::Elapsed>) -> StoreResult<T> {
+        match out {
+            Ok(r) => r,
+            Err(_) => {
+                if let Db::Begin(c, _) | Db::Lazy(c) | Db::Spent(c) | Db::Open(c) =
+                    std::mem::replace(&mut self.db, Db::Done)
+                {
+                    drop(Object::take(c));
+                }
+                Err(StoreError::Unavailable(format!(
+                    "the database did not answer within {} ms; nothing was committed",
+                    self.limit.as_millis()
+                )))
+            }
+        }
     }
 
     async fn opt(&mut self, s: Q<'_>) -> StoreResult<Option<Row>> {
@@ -543,8 +625,9 @@ impl PgTxn {
         // The principal (the subject's entity) is read with the resource; the rest of what
         // the write names is read with the ancestors (their locks first).
         let more: Vec<String> = args.also.iter().filter(|u| *u != subject).map(ancestor_key).collect();
-        let rows = {
-            let locks = q(WRITE_LOCKS)
+        let limit = self.limit;
+        let out = {
+            let locks = q(if args.resource == *subject { WRITE_LOCKS_SELF } else { WRITE_LOCKS })
                 .bind(entity_lock_key(subject))
                 .bind(subject_lock_key(subject))
                 .bind(entity_lock_key(&args.resource));
@@ -558,14 +641,21 @@ impl PgTxn {
                 .bind(args.with_parents)
                 .bind(more);
             let (c, begin) = self.conn()?;
-            let lock_st = c.prepare_cached(&locks.sql).await.map_err(map_err)?;
-            let read_st = c.prepare_cached(&read.sql).await.map_err(map_err)?;
-            let (lp, rp) = (locks.params(), read.params());
-            let begun = begun(c, begin);
-            let ((), _, rows) =
-                tokio::try_join!(begun, c.execute(&lock_st, &lp), c.query(&read_st, &rp)).map_err(map_err)?;
-            rows
+            tokio::time::timeout(limit, async {
+                let lock_st = c.prepare_cached(&locks.sql).await.map_err(map_err)?;
+                let read_st = c.prepare_cached(&read.sql).await.map_err(map_err)?;
+                let (lp, rp) = (locks.params(), read.params());
+                let begun = begun(c, begin);
+                // All three complete (the server runs them in order): the first one that failed
+                // says why (after a failed lock, the read only reports an aborted transaction).
+                let (b, locked, rows) = tokio::join!(begun, c.execute(&lock_st, &lp), c.query(&read_st, &rp));
+                b.map_err(map_err)?;
+                locked.map_err(|e| failed(c, e))?;
+                rows.map_err(|e| failed(c, e))
+            })
+            .await
         };
+        let rows = self.unless_silent(out)?;
         let Some(first) = rows.first() else { return Ok(None) };
         let state = call_state_of(first)?;
         let key = KeyRecord::from(KeyRow::from_row(first)?);
@@ -606,8 +696,12 @@ impl PgTxn {
             Db::Lazy(c) => {
                 self.db = Db::Spent(c);
                 let Db::Spent(c) = &self.db else { unreachable!("set above") };
-                let st = c.prepare_cached(&s.sql).await.map_err(map_err)?;
-                c.query(&st, &s.params()).await.map_err(map_err)?
+                let out = tokio::time::timeout(self.limit, async {
+                    let st = c.prepare_cached(&s.sql).await.map_err(map_err)?;
+                    c.query(&st, &s.params()).await.map_err(|e| failed(c, e))
+                })
+                .await;
+                self.unless_silent(out)?
             }
             other => {
                 self.db = other;
@@ -704,7 +798,8 @@ impl Drop for PgTxn {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    if c.batch_execute("ROLLBACK").await.is_err() {
+                    let rolled_back = tokio::time::timeout(ROLLBACK_LIMIT, c.batch_execute("ROLLBACK")).await;
+                    if !matches!(rolled_back, Ok(Ok(()))) {
                         drop(Object::take(c));
                     }
                 });
@@ -718,13 +813,13 @@ impl Drop for PgTxn {
 impl Txn for PgTxn {
     async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>> {
         self.flush().await?;
-        let row = self.opt(q("SELECT * FROM keys WHERE kid = $1").bind(kid)).await?;
+        let row = self.opt(q(concat!("SELECT ", key_columns!(), " FROM keys k WHERE k.kid = $1")).bind(kid)).await?;
         Ok(row.as_ref().map(KeyRow::from_row).transpose()?.map(KeyRecord::from))
     }
 
     async fn list_keys(&mut self) -> StoreResult<Vec<KeyRecord>> {
         self.flush().await?;
-        let rows = self.rows(q("SELECT * FROM keys ORDER BY added_at, kid")).await?;
+        let rows = self.rows(q(concat!("SELECT ", key_columns!(), " FROM keys k ORDER BY k.added_at, k.kid"))).await?;
         Ok(decode::<KeyRow>(&rows)?.into_iter().map(KeyRecord::from).collect())
     }
 
@@ -853,10 +948,14 @@ impl Txn for PgTxn {
         // then a read with a snapshot of its own, taken after them.
         let sql = if self.write {
             self.shared_held.extend([subject_lock_key(subject), entity_lock_key(subject)]);
-            "SELECT k.*, s.revoked_at_secs, s.token_revoked, s.version, s.generation
-             FROM keys k CROSS JOIN LATERAL call_state_locked($2, $3, $4) AS s WHERE k.kid = $1"
+            concat!(
+                "SELECT ",
+                key_columns!(),
+                ", s.revoked_at_secs, s.token_revoked, s.version, s.generation
+                 FROM keys k CROSS JOIN LATERAL call_state_locked($2, $3, $4) AS s WHERE k.kid = $1"
+            )
         } else {
-            concat!("SELECT k.*, ", read_call_state!(), " FROM keys k WHERE k.kid = $1")
+            concat!("SELECT ", key_columns!(), ", ", read_call_state!(), " FROM keys k WHERE k.kid = $1")
         };
         let row = self.opt(q(sql).bind(kid).bind(subject.ty.as_str()).bind(subject.id.as_str()).bind(token_id)).await?;
         row.map(|r| Ok((KeyRecord::from(KeyRow::from_row(&r)?), call_state_of(&r)?))).transpose()
@@ -889,7 +988,7 @@ impl Txn for PgTxn {
 
     async fn policy_links(&mut self) -> StoreResult<Vec<TemplateLink>> {
         self.flush().await?;
-        let rows = self.rows(q("SELECT * FROM policy_links ORDER BY link_id")).await?;
+        let rows = self.rows(q("SELECT link_id, template_id, principal_type, principal_id, resource_type, resource_id FROM policy_links ORDER BY link_id")).await?;
         Ok(decode::<LinkRow>(&rows)?.into_iter().map(TemplateLink::from).collect())
     }
 
@@ -916,7 +1015,7 @@ impl Txn for PgTxn {
     async fn delete_link(&mut self, link_id: &str) -> StoreResult<Option<TemplateLink>> {
         self.flush().await?;
         self.exec(q("LOCK TABLE policies IN ACCESS EXCLUSIVE MODE")).await?;
-        let row = self.opt(q("DELETE FROM policy_links WHERE link_id = $1 RETURNING *").bind(link_id)).await?;
+        let row = self.opt(q("DELETE FROM policy_links WHERE link_id = $1 RETURNING link_id, template_id, principal_type, principal_id, resource_type, resource_id").bind(link_id)).await?;
         if row.is_some() {
             self.bump_links_generation().await?;
         }
@@ -1243,9 +1342,10 @@ impl Txn for PgTxn {
         self.flush().await?;
         let rows = self
             .rows(
-                q("SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
-                    .bind(to_i64(after_seq))
-                    .bind(i64::from(limit)),
+                q("SELECT seq, time, kind, principal_type, principal_id, token_id, mutations, entities, detail
+                   FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(to_i64(after_seq))
+                .bind(i64::from(limit)),
             )
             .await?;
         decode::<super::super::AuditRow>(&rows)?.into_iter().map(AuditEvent::try_from).collect()
@@ -1315,43 +1415,53 @@ impl Txn for PgTxn {
         let last = this.last_audit.take();
         let deferred = this.deferred.take();
         let Db::Open(c) = std::mem::replace(&mut this.db, Db::Done) else { return Ok(()) };
-        let committed = match &last {
-            // The last write and COMMIT in one round trip. Should the insert fail, COMMIT
-            // ends the failed transaction (PostgreSQL answers ROLLBACK): nothing committed.
-            Some((a, _)) => {
-                let s = audit_statement(a, deferred.as_ref());
-                match c.prepare_cached(&s.sql).await {
-                    Err(e) => Err(e),
-                    Ok(st) => {
-                        let params = s.params();
-                        let (row, done) = tokio::join!(c.query_one(&st, &params), c.batch_execute("COMMIT"));
-                        match row {
-                            Err(e) if e.as_db_error().is_some() => {
-                                // Refused: the transaction was rolled back by COMMIT.
-                                this.db = Db::Open(c);
-                                return Err(refused(e, deferred.as_ref()));
-                            }
-                            Err(e) => Err(e),
-                            Ok(row) => {
-                                let s = this.audited(&row, deferred.as_ref())?;
-                                done.map(|()| Some(s))
-                            }
-                        }
-                    }
-                }
+        // The last write and COMMIT in one round trip. Should the insert fail, COMMIT ends
+        // the failed transaction (PostgreSQL answers ROLLBACK): nothing committed.
+        let ended = tokio::time::timeout(this.limit, async {
+            let Some((a, _)) = &last else {
+                return match c.batch_execute("COMMIT").await {
+                    Ok(()) => Ended::Committed(None),
+                    Err(e) => Ended::Failed(None, map_err(e)),
+                };
+            };
+            let s = audit_statement(a, deferred.as_ref());
+            let st = match c.prepare_cached(&s.sql).await {
+                Ok(st) => st,
+                Err(e) => return Ended::Failed(None, map_err(e)),
+            };
+            let params = s.params();
+            let (row, done) = tokio::join!(c.query_one(&st, &params), c.batch_execute("COMMIT"));
+            match (row, done) {
+                (Err(e), _) if e.as_db_error().is_some() => Ended::Refused(refused(e, deferred.as_ref())),
+                (Err(e), _) => Ended::Failed(None, map_err(e)),
+                (Ok(row), Ok(())) => Ended::Committed(Some(row)),
+                (Ok(row), Err(e)) => Ended::Failed(Some(row), map_err(e)),
             }
-            None => c.batch_execute("COMMIT").await.map(|()| None),
-        };
-        let outcome = match committed {
-            Ok(seq) => {
-                if let (Some(s), Some((_, cell))) = (seq, &last) {
-                    cell.set(s);
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Ended::Failed(None, StoreError::Unavailable("the database did not answer the COMMIT in time".into()))
+        });
+        let outcome = match ended {
+            Ended::Committed(row) => {
+                if let (Some(row), Some((_, cell))) = (row, &last) {
+                    cell.set(this.audited(&row, deferred.as_ref())?);
                 }
                 // Committed: the connection goes back to the pool as it is.
                 drop(c);
                 return Ok(());
             }
-            Err(e) => map_err(e),
+            Ended::Refused(e) => {
+                // Rolled back by the COMMIT behind it: the connection is sound.
+                drop(c);
+                return Err(e);
+            }
+            Ended::Failed(row, e) => {
+                if let Some(row) = row {
+                    this.audited(&row, deferred.as_ref())?;
+                }
+                e
+            }
         };
         // Not known to have committed: a connection in an unknown state is not reused.
         drop(Object::take(c));
@@ -1366,7 +1476,9 @@ impl Txn for PgTxn {
                         // Committed, its insert's answer perhaps lost with the connection.
                         match p.audit_seq {
                             Some(s) => cell.set(s),
-                            None => cell.set(recover_seq(&this.connect, &p).await?),
+                            None => {
+                                cell.set(recover_seq(&this.connect, &p, until.max(Instant::now() + MIN_RECOVER)).await?)
+                            }
                         }
                     }
                     Ok(())
