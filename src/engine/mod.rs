@@ -832,16 +832,22 @@ fn is_escape(o: &Map<String, Value>) -> bool {
     o.contains_key("__entity") || o.contains_key("__extn")
 }
 
-/// The path of the first object that mixes a Cedar JSON escape with other keys (Cedar
-/// would read the escape and drop the rest, so the value would not say what it shows).
+/// The path of the first object under `path` that mixes a Cedar JSON escape with other
+/// keys (Cedar would read the escape and drop the rest, so the value would not say what it
+/// shows).
 fn mixed_escape(v: &Value, path: &str, depth: usize) -> Option<String> {
+    mixed_below(v, depth).map(|p| format!("{path}{p}"))
+}
+
+/// `mixed_escape`'s search; the path is built only for what is found.
+fn mixed_below(v: &Value, depth: usize) -> Option<String> {
     match v {
-        Value::Object(o) if is_escape(o) && o.len() > 1 => Some(path.to_owned()),
+        Value::Object(o) if is_escape(o) && o.len() > 1 => Some(String::new()),
         Value::Object(o) if depth < 64 => {
-            o.iter().find_map(|(k, x)| mixed_escape(x, &format!("{path}.{k}"), depth + 1))
+            o.iter().find_map(|(k, x)| mixed_below(x, depth + 1).map(|p| format!(".{k}{p}")))
         }
         Value::Array(a) if depth < 64 => {
-            a.iter().enumerate().find_map(|(i, x)| mixed_escape(x, &format!("{path}[{i}]"), depth + 1))
+            a.iter().enumerate().find_map(|(i, x)| mixed_below(x, depth + 1).map(|p| format!("[{i}]{p}")))
         }
         _ => None,
     }

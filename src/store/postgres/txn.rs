@@ -120,7 +120,7 @@ impl AuditArgs {
 }
 
 /// The audit insert (with a deferred entity update in the same statement when there is
-/// one): returns seq, the transaction id, the backend and 1. An update that finds no row
+/// one): returns seq, the transaction id and the backend. An update that finds no row
 /// fails the statement (a division by zero): nothing of it commits, even when
 /// COMMIT was sent with it.
 fn audit_statement<'a>(a: &'a AuditArgs, d: Option<&'a EntityRow>) -> Q<'a> {
@@ -129,10 +129,10 @@ fn audit_statement<'a>(a: &'a AuditArgs, d: Option<&'a EntityRow>) -> Q<'a> {
                     WHERE etype = $9 AND eid = $10 RETURNING 1)
          INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), 1 / (SELECT count(*) FROM u)"
+         RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), 1 / (SELECT count(*) FROM u) AS one"
     } else {
         "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), 1::bigint"
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq, pg_current_xact_id()::text, pg_backend_pid()"
     };
     let mut s = q(sql)
         .bind(a.now)
@@ -258,9 +258,9 @@ const WRITE_LOCKS: &str = "SELECT pg_advisory_xact_lock_shared(hashtextextended(
 
 /// `WRITE_LOCKS` of a write whose resource is its principal: that entity's lock exclusive
 /// only (asking for it shared, then exclusive, would deadlock two such writers), then the
-/// subject lock shared; the third argument is not used.
+/// subject lock shared.
 const WRITE_LOCKS_SELF: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0)),
-        pg_advisory_xact_lock_shared(hashtextextended($2, 0)), $3::text";
+        pg_advisory_xact_lock_shared(hashtextextended($2, 0))";
 
 /// What that write is decided on, read by the statement after `WRITE_LOCKS` (at READ
 /// COMMITTED a new statement: a snapshot taken after the locks): the key, the call state,
@@ -627,10 +627,14 @@ impl PgTxn {
         let more: Vec<String> = args.also.iter().filter(|u| *u != subject).map(ancestor_key).collect();
         let limit = self.limit;
         let out = {
-            let locks = q(if args.resource == *subject { WRITE_LOCKS_SELF } else { WRITE_LOCKS })
-                .bind(entity_lock_key(subject))
-                .bind(subject_lock_key(subject))
-                .bind(entity_lock_key(&args.resource));
+            let locks = if args.resource == *subject {
+                q(WRITE_LOCKS_SELF).bind(entity_lock_key(subject)).bind(subject_lock_key(subject))
+            } else {
+                q(WRITE_LOCKS)
+                    .bind(entity_lock_key(subject))
+                    .bind(subject_lock_key(subject))
+                    .bind(entity_lock_key(&args.resource))
+            };
             let read = q(WRITE_CONTEXT)
                 .bind(kid)
                 .bind(subject.ty.as_str())
@@ -759,26 +763,26 @@ impl PgTxn {
     /// Sends the last audit event (with a deferred update) on its own; notes its seq.
     async fn send_last_audit(&mut self) -> StoreResult<()> {
         let Some((a, seq)) = self.last_audit.take() else { return Ok(()) };
+        seq.set(self.insert_audit(&a).await?);
+        Ok(())
+    }
+
+    /// The audit insert, with the deferred update when there is one (one statement).
+    async fn insert_audit(&mut self, a: &AuditArgs) -> StoreResult<u64> {
         let d = self.deferred.take();
-        let row = match self.one(audit_statement(&a, d.as_ref())).await {
+        let row = match self.one(audit_statement(a, d.as_ref())).await {
             Err(StoreError::Invalid(m)) if d.is_some() && m.contains("division by zero") => {
                 return Err(StoreError::Internal(format!("update of missing entity {}", entity_name(d.as_ref()))));
             }
             other => other?,
         };
-        let s = self.audited(&row, d.as_ref())?;
-        seq.set(s);
-        Ok(())
+        self.audited(&row)
     }
 
-    /// What an audit insert returned: its seq, and who this transaction is.
-    fn audited(&mut self, row: &Row, d: Option<&EntityRow>) -> StoreResult<u64> {
-        let (seq, xid, pid, updated): (i64, String, i32, i64) = (at(row, 0)?, at(row, 1)?, at(row, 2)?, at(row, 3)?);
-        if let Some(d) = d
-            && updated != 1
-        {
-            return Err(StoreError::Internal(format!("update of missing entity {}::{:?}", d.etype, d.eid)));
-        }
+    /// What an audit insert returned: its seq, and who this transaction is. (A deferred
+    /// update that found no row failed the statement: see `audit_statement`.)
+    fn audited(&mut self, row: &Row) -> StoreResult<u64> {
+        let (seq, xid, pid): (i64, String, i32) = (at(row, 0)?, at(row, 1)?, at(row, 2)?);
         self.pending = Some(Pending { xid, pid, audit_seq: Some(to_u64(seq)) });
         Ok(to_u64(seq))
     }
@@ -1321,15 +1325,7 @@ impl Txn for PgTxn {
         // extra round trip (see the module doc). A deferred update goes in the same
         // statement: the audit row and the write, one round trip (the update's row count
         // comes back beside the seq).
-        let a = AuditArgs::of(ev, now)?;
-        let d = self.deferred.take();
-        let row = match self.one(audit_statement(&a, d.as_ref())).await {
-            Err(StoreError::Invalid(m)) if d.is_some() && m.contains("division by zero") => {
-                return Err(StoreError::Internal(format!("update of missing entity {}", entity_name(d.as_ref()))));
-            }
-            other => other?,
-        };
-        self.audited(&row, d.as_ref())
+        self.insert_audit(&AuditArgs::of(ev, now)?).await
     }
 
     async fn append_audit_last(&mut self, ev: &NewAuditEvent, now: i64, seq: &AuditSeq) -> StoreResult<()> {
@@ -1445,7 +1441,7 @@ impl Txn for PgTxn {
         let outcome = match ended {
             Ended::Committed(row) => {
                 if let (Some(row), Some((_, cell))) = (row, &last) {
-                    cell.set(this.audited(&row, deferred.as_ref())?);
+                    cell.set(this.audited(&row)?);
                 }
                 // Committed: the connection goes back to the pool as it is.
                 drop(c);
@@ -1458,7 +1454,7 @@ impl Txn for PgTxn {
             }
             Ended::Failed(row, e) => {
                 if let Some(row) = row {
-                    this.audited(&row, deferred.as_ref())?;
+                    this.audited(&row)?;
                 }
                 e
             }
