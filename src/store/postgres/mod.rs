@@ -152,6 +152,11 @@ fn session_settings(opts: &StoreOptions) -> Vec<(&'static str, String)> {
         // Lockstep's own writes skip the guard triggers (migration 0005): they hold the
         // entity locks the triggers would take.
         ("lockstep.writer", "on".into()),
+        // Each prepared statement is planned once per connection. Its statements read by key
+        // (and say so where a planner could think otherwise: `OFFSET 0` in `txn.rs`), so one
+        // generic plan is right for every argument; PostgreSQL's default planned Authorize's
+        // statement anew on every call, which cost more than running it.
+        ("plan_cache_mode", "force_generic_plan".into()),
     ]
 }
 

@@ -293,15 +293,17 @@ const WRITE_CONTEXT: &str = concat!(
 );
 
 /// What a read-only decision reads, in one statement (one snapshot, with or without
-/// BEGIN): the key, the call state, the entities `$5`/`$6` (types, ids) by primary key,
+/// BEGIN): the key, the call state, the entities `$5`/`$6` (types, ids) by primary key
+/// (each looked up by its index: `OFFSET 0` keeps the planner from joining the list to a
+/// scan of the whole table, which a generic plan chose for tables of a few thousand rows),
 /// and, only when they have parents, those with their ancestors by the STABLE
 /// `read_ancestors_at` (migration 0010), which reads with the statement's snapshot.
 const READ_CONTEXT: &str = concat!(
     "WITH st AS (SELECT ",
     read_call_state!(),
     "),
-          f AS (SELECT e.* FROM entities e
-                JOIN unnest($5::text[], $6::text[]) AS x(t, i) ON e.etype = x.t AND e.eid = x.i),
+          f AS (SELECT e.* FROM unnest($5::text[], $6::text[]) AS x(t, i),
+                LATERAL (SELECT * FROM entities WHERE etype = x.t AND eid = x.i OFFSET 0) AS e),
           more AS (SELECT ARRAY(SELECT DISTINCT (j ->> 'type') || chr(31) || (j ->> 'id')
                                 FROM f, jsonb_array_elements(f.parents::jsonb) AS j WHERE f.parents <> '[]') AS ks)
      SELECT ",
@@ -1117,8 +1119,11 @@ impl Txn for PgTxn {
                 let (types, ids) = split(&own);
                 let rows = self
                     .rows(
-                        q("SELECT etype, eid, attributes, parents, version, tags FROM entities
-                           WHERE (etype, eid) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))")
+                        // Each by its key (`OFFSET 0`: never a scan of the whole table; see
+                        // READ_CONTEXT).
+                        q("SELECT e.etype, e.eid, e.attributes, e.parents, e.version, e.tags
+                           FROM (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[])) AS x(t, i),
+                                LATERAL (SELECT * FROM entities WHERE etype = x.t AND eid = x.i OFFSET 0) AS e")
                         .bind(types)
                         .bind(ids),
                     )
