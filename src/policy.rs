@@ -339,8 +339,31 @@ impl WriteKind {
 
 /// A Cedar entity uid from a domain uid; the message says what is wrong with it.
 pub fn entity_uid(uid: &Uid) -> Result<EntityUid, String> {
-    let ty = EntityTypeName::from_str(&uid.ty).map_err(|_| format!("invalid Cedar entity type `{}`", uid.ty))?;
+    let ty = type_name(&uid.ty).ok_or_else(|| format!("invalid Cedar entity type `{}`", uid.ty))?;
     Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(&uid.id)))
+}
+
+/// Cedar's reading of an entity type name, remembered by each thread: every decision names
+/// the same few types several times, and Cedar's parser took a twentieth of a write's CPU
+/// in the server. Only names Cedar accepted are kept, at most `TYPE_NAMES` per thread (a
+/// caller inventing names only makes the thread forget and parse again).
+fn type_name(ty: &str) -> Option<EntityTypeName> {
+    const TYPE_NAMES: usize = 256;
+    thread_local! {
+        static NAMES: std::cell::RefCell<HashMap<Box<str>, EntityTypeName>> = std::cell::RefCell::default();
+    }
+    NAMES.with(|names| {
+        if let Some(n) = names.borrow().get(ty) {
+            return Some(n.clone());
+        }
+        let n = EntityTypeName::from_str(ty).ok()?;
+        let mut names = names.borrow_mut();
+        if names.len() >= TYPE_NAMES {
+            names.clear();
+        }
+        names.insert(ty.into(), n.clone());
+        Some(n)
+    })
 }
 
 /// The longest action a request may name (an id, or a full uid with its namespace).
@@ -366,10 +389,8 @@ pub fn action_uid(action: &str) -> Result<EntityUid, String> {
         }
         return Ok(uid);
     }
-    Ok(EntityUid::from_type_name_and_id(
-        EntityTypeName::from_str("Action").map_err(|e| e.to_string())?,
-        EntityId::new(action),
-    ))
+    let ty = type_name("Action").ok_or("the type name `Action` is refused by Cedar")?;
+    Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(action)))
 }
 
 /// The entity in Cedar's JSON entity format.
@@ -452,7 +473,7 @@ fn cedar_value(v: &Value) -> Option<RestrictedExpression> {
             let Some(Value::Object(e)) = o.get("__entity").filter(|_| o.len() == 1) else { return None };
             match (e.len(), e.get("type"), e.get("id")) {
                 (2, Some(Value::String(ty)), Some(Value::String(id))) => {
-                    let ty = EntityTypeName::from_str(ty).ok()?;
+                    let ty = type_name(ty)?;
                     RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
                 }
                 _ => return None,
@@ -579,11 +600,11 @@ fn ty_name(t: &Ty) -> String {
 }
 
 /// The schema's types, read once per compile: each entity type's attributes and tags, and
-/// each action's context (keyed by the action uid in Cedar syntax).
+/// each action's context (keyed by the action's uid).
 #[derive(Debug, Default)]
 struct SchemaTypes {
     entities: HashMap<String, (Ty, Option<Ty>)>,
-    contexts: HashMap<String, Ty>,
+    contexts: HashMap<EntityUid, Ty>,
 }
 
 impl SchemaTypes {
@@ -618,7 +639,7 @@ impl SchemaTypes {
                     let ctx = a.get("appliesTo").and_then(|x| x.get("context"));
                     let ctx = ctx.map_or_else(empty, |c| schema_ty(c, &common, 0));
                     let uid = EntityUid::from_type_name_and_id(action_ty.clone(), EntityId::new(n));
-                    out.contexts.insert(uid.to_string(), ctx);
+                    out.contexts.insert(uid, ctx);
                 }
             }
         }
@@ -689,7 +710,7 @@ fn typed(v: &Value, ty: &Ty, project: bool) -> Option<RestrictedExpression> {
             };
             match (inner.len(), inner.get("type"), inner.get("id")) {
                 (2, Some(Value::String(t)), Some(Value::String(id))) if t == name => {
-                    let t = EntityTypeName::from_str(t).ok()?;
+                    let t = type_name(t)?;
                     RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
                 }
                 _ => return None,
@@ -773,7 +794,7 @@ impl CompiledPolicies {
     /// refused naming it, and the `server` records are read with what the schema does not
     /// declare left out. Without a schema (or for an action it does not declare), as written.
     pub fn context(&self, action: &EntityUid, record: Attributes, server: &[&str]) -> Result<Context, String> {
-        let declared = self.types.as_ref().and_then(|t| t.contexts.get(&action.to_string()));
+        let declared = self.types.as_ref().and_then(|t| t.contexts.get(action));
         let Some(Ty::Record(attrs, open)) = declared else { return context(Value::Object(record)) };
         let mut pairs = Vec::with_capacity(record.len());
         for (k, v) in &record {

@@ -96,7 +96,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::Client;
-use txn::{BEGIN_READ, BEGIN_WRITE, Db, PgTxn};
+use txn::{BEGIN_WRITE, Db, PgTxn};
 use wire::map_pool_err;
 
 pub(crate) use settle::Pending;
@@ -116,6 +116,8 @@ pub struct PgStore {
     limit: Duration,
     /// Entity types kept in the application's tables (see `mapped_*` in `txn`).
     mapping: Arc<Mapping>,
+    /// How a read-only transaction begins (`txn::begin_read`).
+    begin_read: &'static str,
 }
 
 /// The schema of Lockstep's own tables, beside the application's in the same database so
@@ -208,7 +210,8 @@ impl PgStore {
         // A round trip carries at most three statements, each bounded by the statement
         // timeout on the server; a connection silent for longer is given up.
         let limit = opts.statement_timeout * 3 + Duration::from_secs(2);
-        Ok(Self { pool, connect: Arc::new(connect), limit, mapping: opts.mapping.clone() })
+        let begin_read = txn::begin_read(&opts.mapping);
+        Ok(Self { pool, connect: Arc::new(connect), limit, mapping: opts.mapping.clone(), begin_read })
     }
 
     /// Settles the outcome of transaction `xid` (text of `pg_current_xact_id()`), last run
@@ -236,6 +239,7 @@ impl PgStore {
             limit: self.limit,
             pending: None,
             mapping: self.mapping.clone(),
+            begin_read: self.begin_read,
             read: HashMap::new(),
             shared_held: HashSet::new(),
             deferred: None,
@@ -256,7 +260,7 @@ impl Store for PgStore {
     }
 
     async fn read(&self) -> StoreResult<Box<dyn Txn>> {
-        Ok(Box::new(self.txn(Db::Begin(self.acquire().await?, BEGIN_READ), false)))
+        Ok(Box::new(self.txn(Db::Begin(self.acquire().await?, self.begin_read), false)))
     }
 
     async fn read_single(&self) -> StoreResult<Box<dyn Txn>> {
@@ -312,7 +316,7 @@ impl Store for PgStore {
             let installed: bool = conn
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2
-                                    AND tgenabled <> 'D' AND NOT tgisinternal)",
+                                    AND tgenabled = 'A' AND NOT tgisinternal)",
                     &[&mapped::qt(&table, Some("public")), &name],
                 )
                 .await
@@ -320,8 +324,10 @@ impl Store for PgStore {
                 .get(0);
             if !installed {
                 problems.push(format!(
-                    "{} (entity type {ty}): trigger {name} is not installed, so direct writes to it would not be \
-                     ordered with Lockstep's decisions; run `lockstep mapping install`",
+                    "{} (entity type {ty}): trigger {name} is not installed and enabled ALWAYS (disabled, \
+                     `ENABLE REPLICA`, plain `ENABLE`, or installed by an older release: it would not fire in every \
+                     session, e.g. not under session_replication_role = replica), so direct writes to it would not \
+                     be ordered with Lockstep's decisions; run `lockstep mapping install`",
                     qualified(&table)
                 ));
             }
@@ -336,14 +342,18 @@ impl Store for PgStore {
         for (table, ty, col, vcol) in self.mapping.guarded_tables() {
             let name = guard_name(&ty, &col, vcol.as_deref());
             let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
+            // ENABLE ALWAYS: an ordinary trigger does not fire in sessions with
+            // session_replication_role = replica (logical replication's apply, bulk loads),
+            // whose writes would then go unordered.
             let sql = format!(
-                "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW \
-                 EXECUTE FUNCTION {SCHEMA}.guard({}, {}, {})",
-                mapped::q(&name),
-                mapped::qt(&table, Some("public")),
+                "CREATE OR REPLACE TRIGGER {name_q} BEFORE INSERT OR UPDATE OR DELETE ON {table_q} FOR EACH ROW \
+                 EXECUTE FUNCTION {SCHEMA}.guard({}, {}, {});
+                 ALTER TABLE {table_q} ENABLE ALWAYS TRIGGER {name_q}",
                 lit(&ty),
                 lit(&col),
-                lit(vcol.as_deref().unwrap_or(""))
+                lit(vcol.as_deref().unwrap_or("")),
+                name_q = mapped::q(&name),
+                table_q = mapped::qt(&table, Some("public")),
             );
             tx.batch_execute(&sql).await.map_err(wire::map_err)?;
             done.push(format!("{}: trigger {name} (entity type {ty}, column {col})", qualified(&table)));

@@ -34,6 +34,41 @@ const MIN_RECOVER: std::time::Duration = std::time::Duration::from_secs(2);
 pub(super) const BEGIN_WRITE: &str = "BEGIN";
 pub(super) const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 
+/// Lockstep's tables a read-only transaction may read.
+const READ_TABLES: &str = "keys, revoked_tokens, subjects, policies, policy_links, policy_links_meta, entities, audit";
+
+/// `BEGIN_READ`, then every table the transaction may read locked `ACCESS SHARE`, before
+/// its first statement takes the snapshot (`LOCK` takes none). A table rewritten by an
+/// `ALTER TABLE` (a column's type changed) looks empty to a snapshot taken before the
+/// rewrite committed, as PostgreSQL documents; a transaction whose snapshot came first and
+/// then waited for the rewrite to read a join table saw no memberships, and a forbid
+/// reading them was skipped. The lock waits for such a rewrite to finish (and holds the
+/// next one back until the read is done), so the snapshot comes after it. Statements of
+/// write transactions (READ COMMITTED) each take their snapshot after their locks.
+/// Interned: one text per mapping for the life of the process.
+pub(super) fn begin_read(mapping: &Mapping) -> &'static str {
+    static TEXTS: std::sync::OnceLock<std::sync::Mutex<HashMap<String, &'static str>>> = std::sync::OnceLock::new();
+    let mut tables: Vec<String> = Vec::new();
+    for t in mapping.types() {
+        tables.push(mapped::qt(&t.table, Some("public")));
+        for (_, source) in &t.parents {
+            if let ParentSource::Join { table, .. } = source {
+                tables.push(mapped::qt(table, Some("public")));
+            }
+        }
+    }
+    tables.sort();
+    tables.dedup();
+    let mut text = format!("{BEGIN_READ}; LOCK TABLE {READ_TABLES}");
+    for t in &tables {
+        text.push_str(", ");
+        text.push_str(t);
+    }
+    text.push_str(" IN ACCESS SHARE MODE");
+    let mut texts = TEXTS.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    texts.entry(text.clone()).or_insert_with(|| Box::leak(text.into_boxed_str()))
+}
+
 /// Where a transaction's statements go.
 pub(super) enum Db {
     /// BEGIN not sent yet: it goes with the first statement, in the same round trip.
@@ -65,6 +100,8 @@ pub(super) struct PgTxn {
     /// write (`key_and_write_context`) or by the audit insert.
     pub pending: Option<Pending>,
     pub mapping: Arc<Mapping>,
+    /// This store's `begin_read`.
+    pub begin_read: &'static str,
     /// Mapped entities as this transaction last read them (`entity`): an update writes
     /// only the columns it changes, and the join-table edges it adds or removes.
     pub read: HashMap<Uid, EntityRecord>,
@@ -733,7 +770,7 @@ impl PgTxn {
     /// event, is sent first.
     async fn flush(&mut self) -> StoreResult<()> {
         match std::mem::replace(&mut self.db, Db::Done) {
-            Db::Lazy(c) => self.db = Db::Begin(c, BEGIN_READ),
+            Db::Lazy(c) => self.db = Db::Begin(c, self.begin_read),
             Db::Spent(c) => {
                 self.db = Db::Spent(c);
                 return Err(StoreError::Retry(super::super::RESTART_IN_SNAPSHOT.into()));
