@@ -4,6 +4,8 @@ use std::{env, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=build.rs");
+    // sqlx::migrate! embeds the migrations: a new file must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
     let protoc = match env::var_os("PROTOC") {
         Some(p) => PathBuf::from(p),
         None => protoc_bin_vendored::protoc_bin_path()?,

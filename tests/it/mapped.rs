@@ -477,3 +477,34 @@ async fn a_join_table_rewritten_under_reads_loses_no_membership() {
     assert!(answered > 100, "too few reads to mean anything: {answered}");
     assert_eq!(wrong, 0, "{wrong} reads by a banned user were allowed while memberships was rewritten");
 }
+
+/// A mapped column dropped while the server runs: until its check (every half second)
+/// notices, the statements that name the column fail; those calls answer UNAVAILABLE (the
+/// database is not as Lockstep needs it), never INTERNAL and never OK; with the column back,
+/// the server serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mapped_column_dropped_while_serving_answers_unavailable() {
+    let Some(s) = start(Backend::PostgresMapped).await else { return };
+    let alice = token("k1", "alice");
+    let mut c = client(s.addr).await;
+    let read = || pb::GetEntityRequest { uid: uid("Item", "doc"), action: "ReadItem".into() };
+    c.get_entity(authed(&alice, read())).await.unwrap();
+    app_sql(&s.url, "ALTER TABLE items DROP COLUMN title").await;
+    let t0 = std::time::Instant::now();
+    let mut answers = std::collections::BTreeMap::<String, u32>::new();
+    while t0.elapsed() < std::time::Duration::from_millis(1500) {
+        let got = c.get_entity(authed(&alice, read())).await;
+        *answers.entry(got.map_or_else(|e| format!("{:?}", e.code()), |_| "Ok".into())).or_default() += 1;
+        let m = commit_req(vec![update("UpdateItem", "Item", "doc", json!({"n": 2}), None)]);
+        let got = c.authorize_and_commit(authed(&alice, m)).await;
+        *answers.entry(got.map_or_else(|e| format!("{:?}", e.code()), |_| "Ok".into())).or_default() += 1;
+    }
+    eprintln!("answers with the column gone: {answers:?}");
+    assert!(answers.keys().all(|k| k == "Unavailable"), "{answers:?}");
+    app_sql(&s.url, "ALTER TABLE items ADD COLUMN title TEXT").await;
+    let t0 = std::time::Instant::now();
+    while c.get_entity(authed(&alice, read())).await.is_err() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "did not serve again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

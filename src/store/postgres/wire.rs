@@ -48,6 +48,13 @@ pub(super) fn map_err(e: tokio_postgres::Error) -> StoreError {
         "23502" | "23503" | "23514" | "23P01" => StoreError::Invalid(constraint_message(db)),
         c if c.starts_with("22") => StoreError::Invalid(constraint_message(db)),
         "57014" | "55P03" => StoreError::Unavailable("the database did not answer in time".into()),
+        // A table or column the statement names is gone (a mapped column dropped or renamed
+        // under a running server, before its check every half second notices): the
+        // database is not as Lockstep needs it, which is not the caller's doing.
+        "42703" | "42P01" => StoreError::Unavailable(format!(
+            "the database is not as Lockstep expects ({}); `lockstep mapping check` names what changed",
+            db.message()
+        )),
         c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
             StoreError::Unavailable(format!("database unavailable: {}", db.message()))
         }
