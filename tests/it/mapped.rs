@@ -269,6 +269,10 @@ async fn mismatches_are_named(b: Backend) {
     let p = problems(&unknown).await;
     assert!(p.contains("Folder") && p.contains("does not declare it"), "{p}");
     if b.is_postgres() {
+        // A char(n) id column: one row would answer to `x` and to `x   ` (padding).
+        app_sql(&db.url, "CREATE TABLE pads (id CHAR(8) PRIMARY KEY, version BIGINT NOT NULL DEFAULT 1)").await;
+        let p = problems(&MAPPING.replacen("table = \"groups\"", "table = \"pads\"", 1)).await;
+        assert!(p.contains("pads.id") && p.contains("is character"), "{p}");
         app_sql(&db.url, "DROP TRIGGER IF EXISTS dummy ON items").await;
         let name: String = {
             use sqlx::Connection;

@@ -404,7 +404,9 @@ fn column_fits(ty: ColumnType, data_type: &str, udt: &str) -> bool {
 
 fn id_fits(t: IdType, data_type: &str) -> bool {
     match t {
-        IdType::Text => matches!(data_type, "text" | "character varying" | "character" | "USER-DEFINED"),
+        // Not `character` (char(n)): it pads with spaces and compares without them, so one row
+        // would answer to `x` and to `x   `, under two entity locks.
+        IdType::Text => matches!(data_type, "text" | "character varying" | "USER-DEFINED"),
         IdType::Integer => matches!(data_type, "smallint" | "integer" | "bigint"),
         IdType::Uuid => data_type == "uuid",
     }
