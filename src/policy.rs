@@ -783,6 +783,54 @@ pub fn context(record: Value) -> Result<Context, String> {
     Context::from_json_value(record, None).map_err(|e| format!("invalid context: {e}"))
 }
 
+/// The longest parent chain handed to Cedar. Its transitive closure recurses once per
+/// level, on a worker's 2 MiB stack: a chain of 3,000 groups overflowed it and aborted the
+/// process. A longer chain is refused (the call fails, closed), never evaluated.
+pub const MAX_CHAIN: usize = 1000;
+
+/// Whether every parent chain among `records` is at most `max` entities long: at most
+/// `max` records, or else the longest path (found without recursion) within it and no
+/// cycle (a cycle through more than `max` entities is refused too).
+fn chains_within(records: &[&EntityRecord], max: usize) -> bool {
+    if records.len() <= max {
+        return true;
+    }
+    let index: HashMap<&Uid, usize> = records.iter().enumerate().map(|(i, e)| (&e.uid, i)).collect();
+    // 0: not visited; 1: on the path; 2: done, with its chain length in `depth`.
+    let (mut state, mut depth) = (vec![0u8; records.len()], vec![0usize; records.len()]);
+    for start in 0..records.len() {
+        if state[start] != 0 {
+            continue;
+        }
+        let mut stack = vec![(start, 0usize)];
+        state[start] = 1;
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            let parents = &records[node].parents;
+            if let Some(p) = parents.get(*next) {
+                *next += 1;
+                let Some(&pi) = index.get(p) else { continue };
+                match state[pi] {
+                    0 => {
+                        state[pi] = 1;
+                        stack.push((pi, 0));
+                    }
+                    1 => return false,
+                    _ => {}
+                }
+            } else {
+                let d = 1 + parents.iter().filter_map(|p| index.get(p)).map(|&pi| depth[pi]).max().unwrap_or(0);
+                if d > max {
+                    return false;
+                }
+                depth[node] = d;
+                state[node] = 2;
+                stack.pop();
+            }
+        }
+    }
+    true
+}
+
 /// Lockstep's own context records (`token`, `change`): read through the schema with
 /// undeclared parts left out, never refused.
 pub const SERVER_CONTEXT: [&str; 2] = ["token", "change"];
@@ -840,6 +888,12 @@ impl CompiledPolicies {
     /// Cedar's entities for one evaluation: built directly where that answers, and when
     /// the schema does not accept those, read again by Cedar's parser, whose answer counts.
     fn cedar_entities(&self, records: &[&EntityRecord]) -> Result<Entities, String> {
+        if !chains_within(records, MAX_CHAIN) {
+            return Err(format!(
+                "the entities' parent chains are longer than {MAX_CHAIN} levels (or cycle through more than \
+                 {MAX_CHAIN} entities): refused, not evaluated"
+            ));
+        }
         let schema = self.schema.as_ref();
         let types = self.types.as_deref();
         let mut direct = true;
@@ -982,6 +1036,46 @@ impl CompiledPolicies {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A parent chain longer than `MAX_CHAIN` is refused before Cedar sees it (Cedar's
+    /// recursion overflowed a worker's 2 MiB stack at 3,000 levels); one within it, and a
+    /// wide graph of more entities, are evaluated. Run on a 2 MiB stack, as a worker's.
+    #[test]
+    fn long_parent_chains_are_refused_not_evaluated() {
+        let chain = |n: usize| -> Vec<EntityRecord> {
+            (0..n)
+                .map(|i| EntityRecord {
+                    uid: Uid::new("Group", format!("g{i}")),
+                    attributes: Default::default(),
+                    parents: if i + 1 < n { vec![Uid::new("Group", format!("g{}", i + 1))] } else { vec![] },
+                    version: 1,
+                    tags: Default::default(),
+                })
+                .collect()
+        };
+        let run = move || {
+            let c = compile(1, "permit(principal, action, resource);", "").unwrap();
+            let eval = |records: &[EntityRecord]| {
+                let refs: Vec<&EntityRecord> = records.iter().collect();
+                let ctx = Context::empty();
+                c.evaluate(&records[0].uid, &action_uid("X").unwrap(), &records[0].uid, ctx, &refs)
+            };
+            let long = eval(&chain(5000)).unwrap_err();
+            assert!(long.contains("longer than 1000 levels"), "{long}");
+            assert!(eval(&chain(MAX_CHAIN)).unwrap().allowed);
+            let mut wide = chain(2);
+            for i in 0..1500 {
+                let g = Uid::new("Group", format!("w{i}"));
+                wide[0].parents.push(g.clone());
+                wide.push(EntityRecord { uid: g, attributes: Default::default(), parents: vec![], version: 1, tags: Default::default() });
+            }
+            assert!(eval(&wide).unwrap().allowed);
+            let mut cycle = chain(1500);
+            cycle[1499].parents.push(Uid::new("Group", "g0"));
+            assert!(eval(&cycle).is_err());
+        };
+        std::thread::Builder::new().stack_size(2 * 1024 * 1024).spawn(run).unwrap().join().unwrap();
+    }
 
     #[test]
     fn ids_come_from_annotations() {
