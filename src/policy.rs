@@ -786,7 +786,7 @@ pub fn context(record: Value) -> Result<Context, String> {
 /// The longest parent chain handed to Cedar. Its transitive closure recurses once per
 /// level, on a worker's 2 MiB stack: a chain of 3,000 groups overflowed it and aborted the
 /// process. A longer chain is refused (the call fails, closed), never evaluated.
-pub const MAX_CHAIN: usize = 1000;
+pub const MAX_CHAIN: usize = 200;
 
 /// Whether every parent chain among `records` is at most `max` entities long: at most
 /// `max` records, or else the longest path (found without recursion) within it and no
@@ -1061,7 +1061,7 @@ mod tests {
                 c.evaluate(&records[0].uid, &action_uid("X").unwrap(), &records[0].uid, ctx, &refs)
             };
             let long = eval(&chain(5000)).unwrap_err();
-            assert!(long.contains("longer than 1000 levels"), "{long}");
+            assert!(long.contains(&format!("longer than {MAX_CHAIN} levels")), "{long}");
             assert!(eval(&chain(MAX_CHAIN)).unwrap().allowed);
             let mut wide = chain(2);
             for i in 0..1500 {
