@@ -1067,7 +1067,13 @@ mod tests {
             for i in 0..1500 {
                 let g = Uid::new("Group", format!("w{i}"));
                 wide[0].parents.push(g.clone());
-                wide.push(EntityRecord { uid: g, attributes: Default::default(), parents: vec![], version: 1, tags: Default::default() });
+                wide.push(EntityRecord {
+                    uid: g,
+                    attributes: Default::default(),
+                    parents: vec![],
+                    version: 1,
+                    tags: Default::default(),
+                });
             }
             assert!(eval(&wide).unwrap().allowed);
             let mut cycle = chain(1500);

@@ -339,7 +339,10 @@ async fn a_trigger_dropped_while_serving_fails_closed() {
         match c.authorize_and_commit(authed(&alice, m())).await {
             Err(e) if e.code() == Code::Unavailable => break,
             other => {
-                assert!(t0.elapsed() < std::time::Duration::from_secs(5), "served with a replica-only guard: {other:?}");
+                assert!(
+                    t0.elapsed() < std::time::Duration::from_secs(5),
+                    "served with a replica-only guard: {other:?}"
+                );
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
@@ -451,7 +454,8 @@ async fn a_join_table_rewritten_under_reads_loses_no_membership() {
             let mut c = client(addr).await;
             let (mut wrong, mut answered, mut other) = (0, 0, std::collections::BTreeMap::<String, u32>::new());
             while std::time::Instant::now() < deadline {
-                let req = pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "mal"), context: None };
+                let req =
+                    pb::AuthorizeRequest { action: "ReadItem".into(), resource: uid("Item", "mal"), context: None };
                 match c.authorize(authed(&mallory, req)).await {
                     Ok(d) if d.get_ref().decision == pb::Decision::Allow as i32 => wrong += 1,
                     Ok(_) => answered += 1,

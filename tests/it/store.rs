@@ -4,8 +4,8 @@
 //! plan the server's prepared statements settle on.
 
 use crate::common::*;
-use lockstep::model::{EntityRecord, Uid};
 use lockstep::grpc::pb;
+use lockstep::model::{EntityRecord, Uid};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::Duration;
