@@ -338,7 +338,7 @@ pub async fn run_with(
         tracing::info!(mtls = t.client_ca_pem.is_some(), handshake_timeout = ?t.handshake_timeout, "TLS enabled");
     }
     let serve = builder
-        // Every call runs to its outcome in its own task (tonic's grpc-timeout cannot drop
+        // Every call runs to its outcome (neither tonic's grpc-timeout nor a reset can drop
         // a COMMIT in flight), and decode failures get the README's codes.
         .layer(crate::grpc::layer::AnswerLayer::new(engine.settings().max_in_flight, engine.settings().max_queue))
         .add_service(lockstep)

@@ -5,12 +5,15 @@
 //!   own `grpc-timeout` enforcement, outside any layer we can add, and at the deadline drops
 //!   the handler's future and answers CANCELLED "Timeout expired" — also for a call whose
 //!   COMMIT is under way, which may then land. That timer only covers the future that yields
-//!   the response *head*, so this layer runs the handler in a task of its own, answers the
-//!   head (HTTP 200, `application/grpc`) at once, and sends the handler's message and status
-//!   in the body and trailers when the handler is done. The answer of a write is therefore
-//!   always its outcome; the engine's own deadline (`engine::CallOptions::deadline`) is what
-//!   stops a call that has committed nothing. A client that resets the stream does not cancel
-//!   the task either.
+//!   the response *head*, and it polls that future before its timer. So the handler runs in
+//!   this layer's future, and its whole answer (head, message, status) goes out in one write
+//!   when it is done — unless the caller's timeout comes first: then the handler moves to a
+//!   task of its own, the head (HTTP 200, `application/grpc`) goes at once, and the message
+//!   and status follow in the body and trailers when the handler is done. The answer of a
+//!   write is therefore always its outcome; the engine's own deadline
+//!   (`engine::CallOptions::deadline`) is what stops a call that has committed nothing. A
+//!   client that resets the stream does not cancel the call either: its handler moves to a
+//!   task of its own and runs to its outcome.
 //! - **Transport errors get the codes the README names.** tonic answers a message over its
 //!   decode limit with OUT_OF_RANGE and prost's decode failures (e.g. nesting past its
 //!   recursion limit) with INTERNAL; these become RESOURCE_EXHAUSTED and INVALID_ARGUMENT.
@@ -278,7 +281,7 @@ where
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = std::future::Ready<Result<Response<Body>, BoxError>>;
+    type Future = AnswerFuture<S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -330,13 +333,24 @@ where
                         tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_millis(100))),
                     );
                     end.finish(Code::ResourceExhausted);
-                    return std::future::ready(Ok(status.into_http()));
+                    let shed: Handler<S::Error> = Box::pin(std::future::ready(Ok(status.into_http())));
+                    return AnswerFuture { handler: Some(shed), end: None, head_by: None };
                 }
+            }
+        };
+        // The head may wait for the handler only while tonic's own `grpc-timeout` timer
+        // cannot fire: until the caller's timeout, counted from now (tonic starts its timer
+        // after this call returns, and polls this future before its timer). A header this
+        // server cannot read gets the head at once.
+        let head_by = match req.headers().get("grpc-timeout") {
+            None => Some(None),
+            Some(v) => {
+                v.to_str().ok().and_then(super::parse_grpc_timeout).map(|d| Some(tokio::time::Instant::now() + d))
             }
         };
         let call = self.inner.call(req);
         let admission = self.admission.clone();
-        let task = tokio::spawn(telemetry::scope(
+        let handler: Handler<S::Error> = Box::pin(telemetry::scope(
             facts,
             async move {
                 let _permit = match ticket {
@@ -350,10 +364,119 @@ where
             }
             .instrument(span),
         ));
-        let mut head = Response::new(Body::new(Answering { state: Detached::Waiting(task), end: Some(end) }));
-        head.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        std::future::ready(Ok(head))
+        let mut answer = AnswerFuture { handler: Some(handler), end: Some(end), head_by: head_by.flatten() };
+        if head_by.is_none() {
+            answer.detach();
+        }
+        answer
     }
+}
+
+/// A call's handler: the admission wait, then the service's future.
+type Handler<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
+
+/// The answer to one call. The handler runs here, in the connection's task for this
+/// stream, and its whole answer (head, message, status) goes out in one write when it is
+/// done. When the head must go first (the caller's `grpc-timeout` is near: tonic would
+/// drop this future and answer CANCELLED), or this future is dropped (the caller reset the
+/// stream), the handler moves to a task of its own and runs to its outcome there; the
+/// head goes at once and the message and status follow in the body (`Detached`).
+pub struct AnswerFuture<E: Into<BoxError> + Send + 'static> {
+    handler: Option<Handler<E>>,
+    end: Option<CallEnd>,
+    /// When the head must be answered at the latest (None: no deadline).
+    head_by: Option<tokio::time::Instant>,
+}
+
+impl<E: Into<BoxError> + Send + 'static> AnswerFuture<E> {
+    /// Moves the handler to a task of its own; the answer becomes a head whose body waits
+    /// for that task.
+    fn detach(&mut self) -> Response<Body> {
+        let state = match self.handler.take() {
+            Some(h) => Detached::Waiting(tokio::spawn(h)),
+            None => Detached::Done,
+        };
+        let mut head = Response::new(Body::new(Answering { state, end: self.end.take() }));
+        head.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        head
+    }
+}
+
+impl<E> Future for AnswerFuture<E>
+where
+    E: Into<BoxError> + Send + 'static,
+{
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(handler) = this.handler.as_mut() else {
+            // Answered already (a detached head): nothing more to give.
+            return Poll::Ready(Ok(this.detach()));
+        };
+        // A panic in the handler is the call's INTERNAL answer, as in a task of its own.
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.as_mut().poll(cx)));
+        let answer = match polled {
+            Ok(Poll::Ready(answer)) => Ok(answer),
+            Err(_) => Err(()),
+            Ok(Poll::Pending) => {
+                if this.head_by.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                    return Poll::Ready(Ok(this.detach()));
+                }
+                return Poll::Pending;
+            }
+        };
+        this.handler = None;
+        let end = this.end.take();
+        let (state, head) = match answer {
+            Ok(Ok(response)) => {
+                let (parts, body) = response.into_parts();
+                if parts.headers.contains_key("grpc-status") {
+                    (None, trailers_only(trailers(&parts.headers)))
+                } else {
+                    (Some(Detached::<E>::Streaming(body)), Response::from_parts(parts, Body::empty()))
+                }
+            }
+            Ok(Err(e)) => (None, trailers_only(status_trailers(Status::from_error(e.into())))),
+            Err(()) => {
+                tracing::error!("a call's handler panicked");
+                (
+                    None,
+                    trailers_only(status_trailers(Status::internal(
+                        "internal error; nothing was committed unless the audit log says so; see the server log",
+                    ))),
+                )
+            }
+        };
+        Poll::Ready(Ok(match state {
+            Some(state) => head.map(|_| Body::new(Answering { state, end })),
+            None => {
+                if let Some(end) = end {
+                    end.finish(Status::from_header_map(head.headers()).map_or(Code::Ok, |s| s.code()));
+                }
+                head
+            }
+        }))
+    }
+}
+
+impl<E: Into<BoxError> + Send + 'static> Drop for AnswerFuture<E> {
+    fn drop(&mut self) {
+        // Dropped before the handler was done (the caller reset the stream): the handler
+        // still runs to its outcome, in a task of its own, and the log line and metrics
+        // report that outcome (a commit the caller gave up on is still a commit).
+        if self.handler.is_some() {
+            drop(self.detach());
+        }
+    }
+}
+
+/// A trailers-only answer (an error): the status in the head, no body.
+fn trailers_only(status: HeaderMap) -> Response<Body> {
+    let mut head = Response::new(Body::empty());
+    *head.headers_mut() = status;
+    head.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    head
 }
 
 /// When a call arrived, before any wait for admission: its deadline counts from here.

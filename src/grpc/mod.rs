@@ -108,7 +108,7 @@ fn arrived<T>(req: &Request<T>) -> tokio::time::Instant {
 }
 
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
-fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     if v.len() < 2 || v.len() > 9 {
         return None;
     }

@@ -338,6 +338,48 @@ async fn postgres_deadline_mid_transaction(b: Backend) {
     .unwrap();
 }
 
+/// A caller that gives up on a write (its client resets the stream while the transaction
+/// waits, here on a policy-table lock) does not cancel it: the server runs the call to its
+/// outcome, which the audit log records, as the README says ("the answer of a write is its
+/// outcome"; a reset only loses the answer). Several calls at once, each on its own item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_write_whose_caller_went_away_still_runs_to_its_outcome() {
+    let Some(s) = start(Backend::Postgres).await else { return };
+    let tok = token("k2", "root");
+    let before = audit(s.addr).await.len();
+    let mut blocker = sqlx::PgConnection::connect(&s.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE lockstep.policies IN ACCESS EXCLUSIVE MODE").execute(&mut blocker).await.unwrap();
+
+    let mut gave_up = Vec::new();
+    for i in 0..8 {
+        let addr = s.addr;
+        let tok = tok.clone();
+        gave_up.push(tokio::spawn(async move {
+            let mut c = raw_client(addr);
+            let item = if i % 2 == 0 { "doc" } else { "shared" };
+            let req = authed(&tok, commit_req(vec![update("UpdateItem", "Item", item, json!({ "n": i }), None)]));
+            // No deadline: the caller drops the call itself (an RST_STREAM).
+            tokio::time::timeout(Duration::from_millis(300), c.authorize_and_commit(req)).await.is_err()
+        }));
+    }
+    for g in gave_up {
+        assert!(g.await.unwrap(), "a call returned while its transaction was blocked");
+    }
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    let t0 = Instant::now();
+    let mut events = audit(s.addr).await.len() - before;
+    while events < 8 && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        events = audit(s.addr).await.len() - before;
+    }
+    assert_eq!(events, 8, "calls whose callers went away were cancelled by the server");
+    let versions =
+        read(s.addr, "Item", "doc").await.unwrap().version + read(s.addr, "Item", "shared").await.unwrap().version;
+    let base = 2; // each item starts at version 1
+    assert_eq!(versions - base, 8, "every write that was audited must have landed");
+}
+
 /// Where `CommitCutter` cuts the connection that sends COMMIT.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Cut {
