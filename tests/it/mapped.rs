@@ -9,9 +9,11 @@ use crate::races::{check_audit_and_version, race, write};
 use lockstep::config::{Settings, StoreOptions};
 use lockstep::engine::Engine;
 use lockstep::grpc::pb;
+use lockstep::grpc::pb::lockstep_client::LockstepClient;
 use serde_json::json;
 use std::sync::Arc;
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// Generates `NAME::sqlite_mapped` and `NAME::postgres_mapped`.
 macro_rules! on_mapped_backends {
@@ -347,6 +349,148 @@ async fn a_trigger_dropped_while_serving_fails_closed() {
             }
         }
     }
+    app_sql(&s.url, &format!("ALTER TABLE memberships ENABLE ALWAYS TRIGGER {name}")).await;
+    until_served(&mut c, &alice, "the guard enabled ALWAYS again").await;
+
+    // A guard of the same name that no longer fires on DELETE (an INSERT-only trigger),
+    // then one whose function was replaced by hand: both count as not installed, and
+    // `mapping install` puts them back.
+    let def: String = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&s.url).await.unwrap();
+        sqlx::query_scalar(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'public.memberships'::regclass AND tgname = $1",
+        )
+        .bind(&name)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    };
+    let insert_only = def
+        .replace("CREATE TRIGGER", "CREATE OR REPLACE TRIGGER")
+        .replace("BEFORE INSERT OR DELETE OR UPDATE", "BEFORE INSERT");
+    assert_ne!(insert_only, def.replace("CREATE TRIGGER", "CREATE OR REPLACE TRIGGER"), "{def}");
+    app_sql(&s.url, &format!("{insert_only}; ALTER TABLE memberships ENABLE ALWAYS TRIGGER {name}")).await;
+    until_unavailable(&mut c, &alice, "an INSERT-only guard").await;
+    s.store.install_mapping().await.unwrap();
+    until_served(&mut c, &alice, "the guard installed again").await;
+    app_sql(
+        &s.url,
+        "CREATE OR REPLACE FUNCTION lockstep.guard() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END; END $$",
+    )
+    .await;
+    until_unavailable(&mut c, &alice, "a guard function that takes no lock").await;
+    s.store.install_mapping().await.unwrap();
+    until_served(&mut c, &alice, "the guard function installed again").await;
+}
+
+/// Commits as `token` until one is answered UNAVAILABLE (within 5 s).
+async fn until_unavailable(c: &mut LockstepClient<Channel>, token: &str, what: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let m = commit_req(vec![update("UpdateItem", "Item", "doc", json!({"n": 1}), None)]);
+        match c.authorize_and_commit(authed(token, m)).await {
+            Err(e) if e.code() == Code::Unavailable => return,
+            other => {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(5), "served with {what}: {other:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Commits as `token` until one succeeds (within 5 s).
+async fn until_served(c: &mut LockstepClient<Channel>, token: &str, what: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let m = commit_req(vec![update("UpdateItem", "Item", "doc", json!({"n": 1}), None)]);
+        match c.authorize_and_commit(authed(token, m)).await {
+            Ok(_) => return,
+            other => {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(5), "not served after {what}: {other:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The guard steps aside only for Lockstep's own sessions: an application role that sets
+/// `lockstep.writer` as Lockstep's connections do still takes the entity lock on a direct
+/// write (seen in `pg_locks` while its transaction is open). The role that owns the schema
+/// `lockstep` (Lockstep's) is the one it steps aside for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_steps_aside_for_lockstep_s_role_only() {
+    use sqlx::Connection;
+    let Some(s) = start(Backend::PostgresMapped).await else { return };
+    let role = format!("lockstep_app_{}", rand::random::<u32>());
+    app_sql(
+        &s.url,
+        &format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA lockstep TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
+        ),
+    )
+    .await;
+    struct DropRole(String, String);
+    impl Drop for DropRole {
+        fn drop(&mut self) {
+            let (url, role) = (self.0.clone(), self.1.clone());
+            std::thread::spawn(move || {
+                tokio::runtime::Runtime::new().unwrap().block_on(async move {
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
+                        let sql = format!("DROP OWNED BY {role}; DROP ROLE {role}");
+                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut c).await;
+                    }
+                })
+            })
+            .join()
+            .unwrap();
+        }
+    }
+    let _cleanup = DropRole(s.url.clone(), role.clone());
+    let with_writer = |user: Option<&str>| {
+        let o: sqlx::postgres::PgConnectOptions = s.url.parse().unwrap();
+        let o = o.options([("lockstep.writer", "on")]);
+        match user {
+            Some(u) => o.username(u),
+            None => o,
+        }
+    };
+    let held = |pid: i32| {
+        let url = s.url.clone();
+        async move {
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND mode = 'ExclusiveLock' \
+                 AND granted",
+            )
+            .bind(pid)
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+        }
+    };
+    // The application's role, with Lockstep's setting: the guard runs.
+    let mut app = sqlx::PgConnection::connect_with(&with_writer(Some(&role))).await.unwrap();
+    let writer: String =
+        sqlx::query_scalar("SELECT current_setting('lockstep.writer')").fetch_one(&mut app).await.unwrap();
+    assert_eq!(writer, "on");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut app).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut app).await.unwrap();
+    let n = sqlx::query("DELETE FROM memberships WHERE user_id = 'bob'").execute(&mut app).await.unwrap();
+    assert!(n.rows_affected() > 0, "bob has memberships to delete");
+    assert!(held(pid).await > 0, "an application role with lockstep.writer = on wrote without the entity lock");
+    sqlx::query("ROLLBACK").execute(&mut app).await.unwrap();
+    drop(app);
+    // Lockstep's role (the schema's owner, here the test's superuser) with the setting: it
+    // steps aside.
+    let mut own = sqlx::PgConnection::connect_with(&with_writer(None)).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut own).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut own).await.unwrap();
+    sqlx::query("DELETE FROM memberships WHERE user_id = 'bob'").execute(&mut own).await.unwrap();
+    assert_eq!(held(pid).await, 0, "the guard did not step aside for the schema owner's Lockstep session");
+    sqlx::query("ROLLBACK").execute(&mut own).await.unwrap();
 }
 
 /// A deferred constraint of a mapped table is checked at COMMIT: on SQLite such a

@@ -313,21 +313,38 @@ impl Store for PgStore {
         }
         for (table, ty, col, vcol) in self.mapping.guarded_tables() {
             let name = guard_name(&ty, &col, vcol.as_deref());
-            let installed: bool = conn
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2
-                                    AND tgenabled = 'A' AND NOT tgisinternal)",
+            let row = conn
+                .query_opt(
+                    "SELECT t.tgtype::int4, t.tgqual IS NULL AND cardinality(t.tgattr::int2[]) = 0 AND t.tgconstraint = 0
+                              AND t.tgfoid = 'lockstep.guard()'::regprocedure,
+                            t.tgargs, p.prosrc
+                     FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                     WHERE t.tgrelid = to_regclass($1) AND t.tgname = $2 AND t.tgenabled = 'A' AND NOT t.tgisinternal",
                     &[&mapped::qt(&table, Some("public")), &name],
                 )
                 .await
-                .map_err(wire::map_err)?
-                .get(0);
-            if !installed {
+                .map_err(wire::map_err)?;
+            let Some(row) = row else {
                 problems.push(format!(
                     "{} (entity type {ty}): trigger {name} is not installed and enabled ALWAYS (disabled, \
                      `ENABLE REPLICA`, plain `ENABLE`, or installed by an older release: it would not fire in every \
                      session, e.g. not under session_replication_role = replica), so direct writes to it would not \
                      be ordered with Lockstep's decisions; run `lockstep mapping install`",
+                    qualified(&table)
+                ));
+                continue;
+            };
+            let args = format!("{ty}\0{col}\0{}\0", vcol.as_deref().unwrap_or(""));
+            let as_installed = row.get::<_, i32>(0) == GUARD_TRIGGER_TYPE
+                && row.get::<_, bool>(1)
+                && row.get::<_, &[u8]>(2) == args.as_bytes()
+                && row.get::<_, &str>(3) == guard_body();
+            if !as_installed {
+                problems.push(format!(
+                    "{} (entity type {ty}): trigger {name} is not the guard `lockstep mapping install` creates (its \
+                     events, timing, WHEN condition, columns, arguments or function differ, or the function \
+                     lockstep.guard() was changed), so direct writes to it may not be ordered with Lockstep's \
+                     decisions; run `lockstep mapping install`",
                     qualified(&table)
                 ));
             }
@@ -338,6 +355,8 @@ impl Store for PgStore {
     async fn install_mapping(&self) -> StoreResult<Vec<String>> {
         let mut conn = self.acquire().await?;
         let tx = conn.transaction().await.map_err(wire::map_err)?;
+        // The guard function as this release defines it (a copy changed by hand is replaced).
+        tx.batch_execute(GUARD_SQL).await.map_err(wire::map_err)?;
         let mut done = Vec::new();
         for (table, ty, col, vcol) in self.mapping.guarded_tables() {
             let name = guard_name(&ty, &col, vcol.as_deref());
@@ -362,6 +381,19 @@ impl Store for PgStore {
         Ok(done)
     }
 }
+
+/// The guard function's definition (the last migration that defines it): `mapping
+/// install` runs it again, and `mapping check` compares the installed body with it.
+const GUARD_SQL: &str = include_str!("../../../migrations/postgres/0012_guard_owner.sql");
+
+/// The body of `GUARD_SQL`'s function, as PostgreSQL keeps it (`pg_proc.prosrc`).
+fn guard_body() -> &'static str {
+    GUARD_SQL.split("$$").nth(1).unwrap_or_default()
+}
+
+/// `pg_trigger.tgtype` of a guard: FOR EACH ROW (1), BEFORE (2), INSERT (4), DELETE (8),
+/// UPDATE (16); not TRUNCATE or INSTEAD OF.
+const GUARD_TRIGGER_TYPE: i32 = 1 | 2 | 4 | 8 | 16;
 
 /// A table as messages name it (`public.items`).
 fn qualified(t: &crate::mapping::TableName) -> String {
