@@ -4,8 +4,11 @@
 -- which any role can set — so an application connection given Lockstep's settings wrote
 -- unguarded. Stepping aside is only a saving: Lockstep's writes hold the locks the guard
 -- takes. `lockstep mapping install` runs this file again, so a guard function changed by
--- hand is put back; `lockstep mapping check` compares the function with it.
-CREATE OR REPLACE FUNCTION lockstep.guard() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+-- hand is put back; `lockstep mapping check` compares the function with it. Catalogs are
+-- named with their schema, and pg_temp comes last in the function's search_path: a session's
+-- temporary table called pg_namespace must not answer for the catalog.
+CREATE OR REPLACE FUNCTION lockstep.guard() RETURNS trigger LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     ty   text := TG_ARGV[0];
     col  text := TG_ARGV[1];
@@ -16,7 +19,8 @@ BEGIN
     -- Lockstep's own writes (the setting, in a session of the role that owns the schema
     -- `lockstep`: any role can set a setting, only that one logs in as that role).
     IF current_setting('lockstep.writer', true) = 'on'
-       AND session_user = (SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'lockstep') THEN
+       AND session_user = (SELECT pg_catalog.pg_get_userbyid(nspowner) FROM pg_catalog.pg_namespace
+                           WHERE nspname = 'lockstep') THEN
         RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
     END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN

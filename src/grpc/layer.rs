@@ -334,7 +334,7 @@ where
                     );
                     end.finish(Code::ResourceExhausted);
                     let shed: Handler<S::Error> = Box::pin(std::future::ready(Ok(status.into_http())));
-                    return AnswerFuture { handler: Some(shed), end: None, head_by: None };
+                    return AnswerFuture { handler: Some(shed), end: None, head_by: None, head: None };
                 }
             }
         };
@@ -364,9 +364,10 @@ where
             }
             .instrument(span),
         ));
-        let mut answer = AnswerFuture { handler: Some(handler), end: Some(end), head_by: head_by.flatten() };
+        let mut answer =
+            AnswerFuture { handler: Some(handler), end: Some(end), head_by: head_by.flatten(), head: None };
         if head_by.is_none() {
-            answer.detach();
+            answer.head = Some(answer.detach());
         }
         answer
     }
@@ -386,6 +387,9 @@ pub struct AnswerFuture<E: Into<BoxError> + Send + 'static> {
     end: Option<CallEnd>,
     /// When the head must be answered at the latest (None: no deadline).
     head_by: Option<tokio::time::Instant>,
+    /// The head, when it was decided at the call that it goes at once (a `grpc-timeout`
+    /// this server cannot read): the handler runs detached already.
+    head: Option<Response<Body>>,
 }
 
 impl<E: Into<BoxError> + Send + 'static> AnswerFuture<E> {
@@ -410,9 +414,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        if let Some(head) = this.head.take() {
+            return Poll::Ready(Ok(head));
+        }
         let Some(handler) = this.handler.as_mut() else {
-            // Answered already (a detached head): nothing more to give.
-            return Poll::Ready(Ok(this.detach()));
+            // Polled after its answer (never, by hyper): an empty, failed answer.
+            return Poll::Ready(Ok(trailers_only(status_trailers(Status::internal("answer already given")))));
         };
         // A panic in the handler is the call's INTERNAL answer, as in a task of its own.
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.as_mut().poll(cx)));

@@ -226,3 +226,32 @@ async fn short_deadlines_never_fail_a_committed_write(b: Backend) {
 }
 
 crate::on_all_backends!(short_deadlines_never_fail_a_committed_write);
+
+/// A `grpc-timeout` the server cannot read (malformed, or more than 8 digits) changes
+/// nothing of the answer: the call gets its outcome — OK with its response, or its
+/// denial — and an OK has committed. (The head goes at once for such a call: it used to
+/// be the whole answer, without message or status, while the write landed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_grpc_timeout_still_gets_the_call_s_outcome() {
+    let Some(s) = start(Backend::Sqlite).await else { return };
+    let alice = token("k1", "alice");
+    let mut c = raw_client(s.addr);
+    let before = audit(s.addr).await.len();
+    let odd = ["1x", "-1S", "", "1", "m", "1.5S", "1 S", "100000000H", "123456789S"];
+    for (i, t) in odd.iter().enumerate() {
+        let m = update("UpdateItem", "Item", "doc", json!({ "n": i }), None);
+        let mut req = authed(&alice, commit_req(vec![m]));
+        req.metadata_mut().insert("grpc-timeout", t.parse().unwrap());
+        let answer = c.authorize_and_commit(req).await.unwrap_or_else(|e| panic!("grpc-timeout {t:?}: {e:?}"));
+        let r = answer.into_inner();
+        assert!(r.audit_seq > 0 && r.entities.len() == 1, "grpc-timeout {t:?}: {r:?}");
+        let mut denied =
+            authed(&alice, commit_req(vec![update("UpdateItem", "Item", "shared", json!({ "n": i }), None)]));
+        denied.metadata_mut().insert("grpc-timeout", t.parse().unwrap());
+        let e = c.authorize_and_commit(denied).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "grpc-timeout {t:?}: {e:?}");
+    }
+    // One commit and one denial event per value.
+    assert_eq!(audit(s.addr).await.len() - before, 2 * odd.len());
+    assert_eq!(read(s.addr, "Item", "doc").await.unwrap().version, 1 + odd.len() as u64);
+}

@@ -383,6 +383,29 @@ async fn a_trigger_dropped_while_serving_fails_closed() {
     until_unavailable(&mut c, &alice, "a guard function that takes no lock").await;
     s.store.install_mapping().await.unwrap();
     until_served(&mut c, &alice, "the guard function installed again").await;
+    // The same body with other attributes (SECURITY DEFINER; its search_path reset).
+    for change in ["SECURITY DEFINER", "RESET ALL"] {
+        app_sql(&s.url, &format!("ALTER FUNCTION lockstep.guard() {change}")).await;
+        until_unavailable(&mut c, &alice, &format!("the guard function altered: {change}")).await;
+        s.store.install_mapping().await.unwrap();
+        until_served(&mut c, &alice, "the guard function installed again").await;
+    }
+    // An inheritance child (its rows are read with the table's, and fire no guard).
+    app_sql(&s.url, "CREATE TABLE memberships_child () INHERITS (memberships)").await;
+    until_unavailable(&mut c, &alice, "an inheritance child of a join table").await;
+    app_sql(&s.url, "DROP TABLE memberships_child").await;
+    until_served(&mut c, &alice, "the child dropped").await;
+    // A BEFORE trigger that fires after the guard (name order) could change the row after
+    // the guard locked it: refused until it sorts before the guard.
+    app_sql(
+        &s.url,
+        "CREATE FUNCTION public.rewrite() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+         CREATE TRIGGER zz_rewrite BEFORE INSERT ON memberships FOR EACH ROW EXECUTE FUNCTION public.rewrite()",
+    )
+    .await;
+    until_unavailable(&mut c, &alice, "a BEFORE trigger firing after the guard").await;
+    app_sql(&s.url, "ALTER TRIGGER zz_rewrite ON memberships RENAME TO a_rewrite").await;
+    until_served(&mut c, &alice, "that trigger renamed to fire first").await;
 }
 
 /// Commits as `token` until one is answered UNAVAILABLE (within 5 s).
@@ -481,6 +504,18 @@ async fn the_guard_steps_aside_for_lockstep_s_role_only() {
     let n = sqlx::query("DELETE FROM memberships WHERE user_id = 'bob'").execute(&mut app).await.unwrap();
     assert!(n.rows_affected() > 0, "bob has memberships to delete");
     assert!(held(pid).await > 0, "an application role with lockstep.writer = on wrote without the entity lock");
+    sqlx::query("ROLLBACK").execute(&mut app).await.unwrap();
+    // Nor with a temporary table that claims the role owns the schema `lockstep`.
+    sqlx::raw_sql(
+        "CREATE TEMP TABLE pg_namespace (nspname name, nspowner oid);
+         INSERT INTO pg_namespace SELECT 'lockstep', oid FROM pg_catalog.pg_roles WHERE rolname = session_user",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    sqlx::query("BEGIN").execute(&mut app).await.unwrap();
+    sqlx::query("DELETE FROM memberships WHERE user_id = 'bob'").execute(&mut app).await.unwrap();
+    assert!(held(pid).await > 0, "a temporary pg_namespace let the application role write without the entity lock");
     sqlx::query("ROLLBACK").execute(&mut app).await.unwrap();
     drop(app);
     // Lockstep's role (the schema's owner, here the test's superuser) with the setting: it

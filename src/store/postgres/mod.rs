@@ -315,9 +315,17 @@ impl Store for PgStore {
             let name = guard_name(&ty, &col, vcol.as_deref());
             let row = conn
                 .query_opt(
-                    "SELECT t.tgtype::int4, t.tgqual IS NULL AND cardinality(t.tgattr::int2[]) = 0 AND t.tgconstraint = 0
-                              AND t.tgfoid = 'lockstep.guard()'::regprocedure,
-                            t.tgargs, p.prosrc
+                    "SELECT t.tgtype::int4,
+                            coalesce(t.tgqual IS NULL AND cardinality(t.tgattr::int2[]) = 0 AND t.tgconstraint = 0
+                              AND p.oid = to_regprocedure('lockstep.guard()') AND NOT p.prosecdef AND p.provolatile = 'v'
+                              AND p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'plpgsql')
+                              AND p.proconfig = ARRAY['search_path=pg_catalog, pg_temp']
+                              AND p.proowner = (SELECT nspowner FROM pg_namespace WHERE nspname = 'lockstep'), false),
+                            t.tgargs, p.prosrc,
+                            EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = t.tgrelid) AS children,
+                            (SELECT string_agg(o.tgname, ', ') FROM pg_trigger o
+                             WHERE o.tgrelid = t.tgrelid AND NOT o.tgisinternal AND o.tgname > t.tgname
+                               AND o.tgtype & 3 = 3 AND o.tgtype & 20 <> 0 AND o.tgenabled <> 'D') AS later
                      FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
                      WHERE t.tgrelid = to_regclass($1) AND t.tgname = $2 AND t.tgenabled = 'A' AND NOT t.tgisinternal",
                     &[&mapped::qt(&table, Some("public")), &name],
@@ -335,16 +343,33 @@ impl Store for PgStore {
                 continue;
             };
             let args = format!("{ty}\0{col}\0{}\0", vcol.as_deref().unwrap_or(""));
-            let as_installed = row.get::<_, i32>(0) == GUARD_TRIGGER_TYPE
-                && row.get::<_, bool>(1)
-                && row.get::<_, &[u8]>(2) == args.as_bytes()
-                && row.get::<_, &str>(3) == guard_body();
+            // (A column that cannot be read counts against the guard: never a panic here.)
+            let as_installed = row.try_get::<_, i32>(0).is_ok_and(|t| t == GUARD_TRIGGER_TYPE)
+                && row.try_get::<_, bool>(1).unwrap_or(false)
+                && row.try_get::<_, &[u8]>(2).is_ok_and(|a| a == args.as_bytes())
+                && row.try_get::<_, &str>(3).is_ok_and(|b| b == guard_body());
             if !as_installed {
                 problems.push(format!(
                     "{} (entity type {ty}): trigger {name} is not the guard `lockstep mapping install` creates (its \
                      events, timing, WHEN condition, columns, arguments or function differ, or the function \
-                     lockstep.guard() was changed), so direct writes to it may not be ordered with Lockstep's \
-                     decisions; run `lockstep mapping install`",
+                     lockstep.guard() was changed: its body, language, volatility, SECURITY DEFINER, settings or \
+                     owner), so direct writes to it may not be ordered with Lockstep's decisions; run `lockstep \
+                     mapping install` (as the owner of the schema lockstep)",
+                    qualified(&table)
+                ));
+            }
+            if row.try_get::<_, bool>(4).unwrap_or(true) {
+                problems.push(format!(
+                    "{} (entity type {ty}) has inheritance children or partitions: rows written to them do not fire \
+                     its guard, yet Lockstep reads them; map a table without children",
+                    qualified(&table)
+                ));
+            }
+            if let Some(later) = row.try_get::<_, Option<String>>(5).unwrap_or_else(|_| Some("(unreadable)".into())) {
+                problems.push(format!(
+                    "{} (entity type {ty}): BEFORE INSERT/UPDATE row trigger(s) {later} fire after the guard {name} \
+                     (triggers fire in name order) and could change the row after it took its lock; rename them to \
+                     sort before `lockstep_guard_`, or make them AFTER triggers",
                     qualified(&table)
                 ));
             }
