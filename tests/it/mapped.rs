@@ -275,6 +275,28 @@ async fn mismatches_are_named(b: Backend) {
         app_sql(&db.url, "CREATE TABLE pads (id CHAR(8) PRIMARY KEY, version BIGINT NOT NULL DEFAULT 1)").await;
         let p = problems(&MAPPING.replacen("table = \"groups\"", "table = \"pads\"", 1)).await;
         assert!(p.contains("pads.id") && p.contains("is character"), "{p}");
+        // A generated id column: computed after the guard runs, which then locks nothing.
+        app_sql(
+            &db.url,
+            "CREATE TABLE gens (raw TEXT NOT NULL, id TEXT GENERATED ALWAYS AS (lower(raw)) STORED PRIMARY KEY,
+             version BIGINT NOT NULL DEFAULT 1)",
+        )
+        .await;
+        let p = problems(&MAPPING.replacen("table = \"groups\"", "table = \"gens\"", 1)).await;
+        assert!(p.contains("gens.id") && p.contains("generated"), "{p}");
+        // Ids that compare equal in two spellings: citext, a nondeterministic collation.
+        app_sql(
+            &db.url,
+            "CREATE EXTENSION IF NOT EXISTS citext;
+             CREATE TABLE cits (id citext PRIMARY KEY, version BIGINT NOT NULL DEFAULT 1);
+             CREATE COLLATION ci_test (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+             CREATE TABLE ci_members (user_id TEXT COLLATE ci_test NOT NULL, group_id TEXT NOT NULL)",
+        )
+        .await;
+        let p = problems(&MAPPING.replacen("table = \"groups\"", "table = \"cits\"", 1)).await;
+        assert!(p.contains("cits.id") && p.contains("user-defined type"), "{p}");
+        let p = problems(&MAPPING.replacen("join_table = \"memberships\"", "join_table = \"ci_members\"", 1)).await;
+        assert!(p.contains("ci_members.user_id") && p.contains("nondeterministic"), "{p}");
         app_sql(&db.url, "DROP TRIGGER IF EXISTS dummy ON items").await;
         let name: String = {
             use sqlx::Connection;

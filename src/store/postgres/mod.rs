@@ -469,16 +469,40 @@ fn id_fits(t: IdType, data_type: &str) -> bool {
     }
 }
 
-/// The columns of a table: name -> (data_type, udt_name); None when there is no such table.
+/// A column of a mapped table, as the catalog has it.
+struct CatalogColumn {
+    data_type: String,
+    udt_name: String,
+    /// Why the column cannot hold an id that entity locks are keyed by (None: it can).
+    not_a_key: Option<String>,
+}
+
+/// The columns of a table by name; None when there is no such table.
 async fn catalog_columns(
     conn: &Client,
     t: &crate::mapping::TableName,
-) -> StoreResult<Option<HashMap<String, (String, String)>>> {
+) -> StoreResult<Option<HashMap<String, CatalogColumn>>> {
     let schema = t.schema.as_deref().unwrap_or("public");
+    // A key column must hold one spelling per row, known when the guard runs (BEFORE the
+    // row is written): not a generated column (computed after BEFORE triggers: the guard
+    // would lock nothing), not a nondeterministic collation or a base type of an extension
+    // (citext: `X` and `x` one row, two locks). Enums compare exactly.
     let rows = conn
         .query(
-            "SELECT column_name::text, data_type::text, udt_name::text FROM information_schema.columns
-             WHERE table_schema = $1 AND table_name = $2",
+            "SELECT c.column_name::text, c.data_type::text, c.udt_name::text,
+                    CASE WHEN a.attgenerated <> '' THEN 'a generated column (computed after the guard runs, which \
+                         would lock nothing)'
+                         WHEN co.oid IS NOT NULL AND NOT co.collisdeterministic THEN 'under a nondeterministic \
+                         collation (two spellings of one id would match one row under two entity locks)'
+                         WHEN c.data_type = 'USER-DEFINED' AND ty.typtype <> 'e' THEN 'of a user-defined type other \
+                         than an enum (its equality may match two spellings of one id under two entity locks)'
+                    END
+             FROM information_schema.columns c
+             JOIN pg_attribute a ON a.attrelid = to_regclass(quote_ident(c.table_schema) || '.' || quote_ident(c.table_name))
+                                AND a.attname = c.column_name
+             JOIN pg_type ty ON ty.oid = a.atttypid
+             LEFT JOIN pg_collation co ON co.oid = a.attcollation
+             WHERE c.table_schema = $1 AND c.table_name = $2",
             &[&schema, &t.name],
         )
         .await
@@ -487,7 +511,12 @@ async fn catalog_columns(
         return Ok(None);
     }
     rows.iter()
-        .map(|r| Ok((wire::at::<String>(r, 0)?, (wire::at::<String>(r, 1)?, wire::at::<String>(r, 2)?))))
+        .map(|r| {
+            Ok((
+                wire::at::<String>(r, 0)?,
+                CatalogColumn { data_type: wire::at(r, 1)?, udt_name: wire::at(r, 2)?, not_a_key: wire::at(r, 3)? },
+            ))
+        })
         .collect::<StoreResult<HashMap<_, _>>>()
         .map(Some)
 }
@@ -507,12 +536,18 @@ async fn check_type_catalog(
     let table = qualified(&tm.table);
     let need = |col: &str, what: &str, fits: &dyn Fn(&str, &str) -> bool, want: &str| match cols.get(col) {
         None => Some(format!("entity type {et}: {what}: column {table}.{col} does not exist")),
-        Some((d, u)) if !fits(d, u) => {
-            Some(format!("entity type {et}: {what}: column {table}.{col} is {d}, which cannot hold {want}"))
+        Some(c) if !fits(&c.data_type, &c.udt_name) => {
+            Some(format!("entity type {et}: {what}: column {table}.{col} is {}, which cannot hold {want}", c.data_type))
         }
         Some(_) => None,
     };
+    // The columns whose values key entity locks (ids, parent references).
+    let key = |col: &str, what: &str| {
+        let why = cols.get(col)?.not_a_key.as_deref()?;
+        Some(format!("entity type {et}: {what}: column {table}.{col} cannot hold ids: it is {why}"))
+    };
     problems.extend(need(&tm.id_column, "id", &|d, _| id_fits(tm.id_type, d), &format!("{} ids", tm.id_type.name())));
+    problems.extend(key(&tm.id_column, "id"));
     if let Some(v) = &tm.version_column {
         problems.extend(need(v, "version", &|d, u| column_fits(ColumnType::Integer, d, u), "an integer version"));
     }
@@ -540,6 +575,7 @@ async fn check_type_catalog(
                     &|d, _| id_fits(idt, d),
                     &format!("{} ids", idt.name()),
                 ));
+                problems.extend(key(c, &format!("parent {pty}")));
             }
             ParentSource::Join { table: jt, child, parent } => {
                 let Some(jcols) = catalog_columns(conn, jt).await? else {
@@ -553,10 +589,15 @@ async fn check_type_catalog(
                             "entity type {et}: parent {pty}: column {}.{c} does not exist",
                             qualified(jt)
                         )),
-                        Some((d, _)) if !id_fits(idt, d) => problems.push(format!(
-                            "entity type {et}: parent {pty}: column {}.{c} is {d}, which cannot hold {} ids",
+                        Some(col) if !id_fits(idt, &col.data_type) => problems.push(format!(
+                            "entity type {et}: parent {pty}: column {}.{c} is {}, which cannot hold {} ids",
                             qualified(jt),
+                            col.data_type,
                             idt.name()
+                        )),
+                        Some(CatalogColumn { not_a_key: Some(why), .. }) => problems.push(format!(
+                            "entity type {et}: parent {pty}: column {}.{c} cannot hold ids: it is {why}",
+                            qualified(jt)
                         )),
                         Some(_) => {}
                     }
