@@ -342,12 +342,9 @@ where
         // cannot fire: until the caller's timeout, counted from now (tonic starts its timer
         // after this call returns, and polls this future before its timer). A header this
         // server cannot read gets the head at once.
-        let head_by = match req.headers().get("grpc-timeout") {
-            None => Some(None),
-            Some(v) => {
-                v.to_str().ok().and_then(super::parse_grpc_timeout).map(|d| Some(tokio::time::Instant::now() + d))
-            }
-        };
+        let timeout = req.headers().get("grpc-timeout").map(|v| v.to_str().ok().and_then(super::parse_grpc_timeout));
+        let head_at_once = matches!(timeout, Some(None));
+        let head_by = timeout.flatten().map(|d| tokio::time::Instant::now() + d);
         let call = self.inner.call(req);
         let admission = self.admission.clone();
         let handler: Handler<S::Error> = Box::pin(telemetry::scope(
@@ -364,9 +361,8 @@ where
             }
             .instrument(span),
         ));
-        let mut answer =
-            AnswerFuture { handler: Some(handler), end: Some(end), head_by: head_by.flatten(), head: None };
-        if head_by.is_none() {
+        let mut answer = AnswerFuture { handler: Some(handler), end: Some(end), head_by, head: None };
+        if head_at_once {
             answer.head = Some(answer.detach());
         }
         answer

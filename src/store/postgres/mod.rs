@@ -541,13 +541,7 @@ async fn check_type_catalog(
         }
         Some(_) => None,
     };
-    // The columns whose values key entity locks (ids, parent references).
-    let key = |col: &str, what: &str| {
-        let why = cols.get(col)?.not_a_key.as_deref()?;
-        Some(format!("entity type {et}: {what}: column {table}.{col} cannot hold ids: it is {why}"))
-    };
-    problems.extend(need(&tm.id_column, "id", &|d, _| id_fits(tm.id_type, d), &format!("{} ids", tm.id_type.name())));
-    problems.extend(key(&tm.id_column, "id"));
+    problems.extend(key_column(&cols, &table, &tm.id_column, tm.id_type).map(|p| format!("entity type {et}: id: {p}")));
     if let Some(v) = &tm.version_column {
         problems.extend(need(v, "version", &|d, u| column_fits(ColumnType::Integer, d, u), "an integer version"));
     }
@@ -568,14 +562,10 @@ async fn check_type_catalog(
     for (pty, source) in &tm.parents {
         match source {
             ParentSource::Column(c) => {
-                let idt = parent_id(pty);
-                problems.extend(need(
-                    c,
-                    &format!("parent {pty}"),
-                    &|d, _| id_fits(idt, d),
-                    &format!("{} ids", idt.name()),
-                ));
-                problems.extend(key(c, &format!("parent {pty}")));
+                problems.extend(
+                    key_column(&cols, &table, c, parent_id(pty))
+                        .map(|p| format!("entity type {et}: parent {pty}: {p}")),
+                );
             }
             ParentSource::Join { table: jt, child, parent } => {
                 let Some(jcols) = catalog_columns(conn, jt).await? else {
@@ -584,28 +574,26 @@ async fn check_type_catalog(
                     continue;
                 };
                 for (c, idt) in [(child, tm.id_type), (parent, parent_id(pty))] {
-                    match jcols.get(c) {
-                        None => problems.push(format!(
-                            "entity type {et}: parent {pty}: column {}.{c} does not exist",
-                            qualified(jt)
-                        )),
-                        Some(col) if !id_fits(idt, &col.data_type) => problems.push(format!(
-                            "entity type {et}: parent {pty}: column {}.{c} is {}, which cannot hold {} ids",
-                            qualified(jt),
-                            col.data_type,
-                            idt.name()
-                        )),
-                        Some(CatalogColumn { not_a_key: Some(why), .. }) => problems.push(format!(
-                            "entity type {et}: parent {pty}: column {}.{c} cannot hold ids: it is {why}",
-                            qualified(jt)
-                        )),
-                        Some(_) => {}
-                    }
+                    problems.extend(
+                        key_column(&jcols, &qualified(jt), c, idt)
+                            .map(|p| format!("entity type {et}: parent {pty}: {p}")),
+                    );
                 }
             }
         }
     }
     Ok(())
+}
+
+/// What keeps column `col` of `table` from holding ids of `idt` that entity locks are keyed
+/// by (an id, a parent reference, a join table's child or parent), if anything: it is
+/// missing, of a type that cannot hold such ids, or cannot serve as a key (`not_a_key`).
+fn key_column(cols: &HashMap<String, CatalogColumn>, table: &str, col: &str, idt: IdType) -> Option<String> {
+    let Some(c) = cols.get(col) else { return Some(format!("column {table}.{col} does not exist")) };
+    if !id_fits(idt, &c.data_type) {
+        return Some(format!("column {table}.{col} is {}, which cannot hold {} ids", c.data_type, idt.name()));
+    }
+    c.not_a_key.as_deref().map(|why| format!("column {table}.{col} cannot hold ids: it is {why}"))
 }
 
 /// `SELECT id, row` of a mapped type for ids `$1` (text[]): the row as `mapped::record_from_row`
