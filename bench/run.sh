@@ -74,7 +74,7 @@ for backend in sqlite postgres; do
 done
 
 for c in 1 16 64; do
-  PGOPTIONS="-c search_path=lockstep" pgbench -n -M prepared -f bench/pgbench-commit.sql -D subjects=$subjects -c $c -j $(( c < 2 ? c : 2 )) -T "$secs" -l --log-prefix="$work/pgb$c" "$base/$pgdb" > "$work/pgbench$c.txt" 2>&1
+  PGOPTIONS="-c search_path=lockstep -c plan_cache_mode=force_generic_plan" pgbench -n -M prepared -f bench/pgbench-commit.sql -D subjects=$subjects -c $c -j $(( c < 2 ? c : 2 )) -T "$secs" -l --log-prefix="$work/pgb$c" "$base/$pgdb" > "$work/pgbench$c.txt" 2>&1
   raw_rate[postgres,$c]=$(awk '/^tps/ {printf "%.0f", $3}' "$work/pgbench$c.txt")
   raw_p99[postgres,$c]=$(cat "$work"/pgb$c* | awk '{print $3/1000}' | sort -n | awk '{a[NR]=$1} END {printf "%.2f", a[int(NR*0.99)]}')
   read -r r _ p99 < <(python3 bench/sqlite_raw.py "$work/bench.db" $c "$secs" $subjects)

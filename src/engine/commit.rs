@@ -62,6 +62,27 @@ impl Engine {
         seq: &AuditSeq,
     ) -> Result<Prepared<CommitResult>> {
         let mut txn = self.store.write().await?;
+        match self.decide_and_apply(&mut *txn, parsed, req, request_hash, seq).await {
+            Ok(answer) => Ok((txn, answer)),
+            // An error decided on what the store last saw, not on what it read, may be
+            // stale: the call is read again in full (a denial is checked by its COMMIT).
+            Err(e) if txn.speculating() && !matches!(e, Error::Retry(_)) => {
+                txn.abandon_speculation();
+                Err(Error::Retry(crate::store::SPECULATION_ABANDONED.into()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One attempt in `txn`: the answer to commit (a denial commits its audit event only).
+    async fn decide_and_apply(
+        &self,
+        txn: &mut dyn Txn,
+        parsed: &token::ParsedToken,
+        req: &CommitRequest,
+        request_hash: &[u8],
+        seq: &AuditSeq,
+    ) -> Result<Result<CommitResult>> {
         let now = now_micros();
         // A lone mutation of a token verified before: the store may read what it is decided
         // on in the same round trip as the key and the call state (after their locks).
@@ -73,7 +94,7 @@ impl Engine {
             let (also, with_parents) = write_context_of(principal, m);
             txn.prefetch_for_write(&m.resource, &also, with_parents);
         }
-        let (token, policy_state) = self.authenticate_hinted(&mut *txn, parsed, now, hint).await?;
+        let (token, policy_state) = self.authenticate_hinted(txn, parsed, now, hint).await?;
 
         // Everything after this point is undone by a denial, except the denial's audit event.
         // One mutation without an idempotency key writes nothing before it is decided, so
@@ -93,15 +114,15 @@ impl Engine {
                 }
                 let first =
                     serde_json::from_str(&response).map_err(|e| Error::Internal(format!("stored response: {e}")))?;
-                return Ok((txn, Ok(first)));
+                return Ok(Ok(first));
             }
         }
 
-        let policies = self.policies_at(&mut *txn, policy_state).await?;
+        let policies = self.policies_at(txn, policy_state).await?;
         let mut entities = Vec::with_capacity(req.mutations.len());
         let mut determining: Vec<String> = Vec::new();
         for (i, m) in req.mutations.iter().enumerate() {
-            match self.apply(&mut *txn, &policies, &token, &req.context, m).await? {
+            match self.apply(txn, &policies, &token, &req.context, m).await? {
                 Step::Applied { entity, decision } => {
                     for p in decision.determining_policies {
                         if !determining.contains(&p) {
@@ -140,7 +161,7 @@ impl Engine {
                     } else {
                         Error::Denied(message)
                     };
-                    return Ok((txn, Err(answer)));
+                    return Ok(Err(answer));
                 }
             }
         }
@@ -150,13 +171,13 @@ impl Engine {
         if key.is_empty() {
             // The last write: its seq is known once committed (filled in by the caller).
             txn.append_audit_last(&event, now, seq).await?;
-            return Ok((txn, Ok(CommitResult { entities, audit_seq: 0, determining_policies: determining })));
+            return Ok(Ok(CommitResult { entities, audit_seq: 0, determining_policies: determining }));
         }
         let audit_seq = txn.append_audit(&event, now).await?;
         let result = CommitResult { entities, audit_seq, determining_policies: determining };
         let response = serde_json::to_string(&result).map_err(|e| Error::Internal(e.to_string()))?;
         txn.complete_idempotency_key(&token.principal, key, &response).await?;
-        Ok((txn, Ok(result)))
+        Ok(Ok(result))
     }
 
     /// Evaluates one mutation against the current state (in `txn`) and applies it when

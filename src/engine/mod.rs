@@ -366,6 +366,13 @@ impl Engine {
                 Err(StoreError::Retry(m)) if m == crate::store::RESTART_IN_SNAPSHOT && tries < MAX_ATTEMPTS => {
                     metrics::counter!(telemetry::RETRIES, "cause" => "read_in_transaction").increment(1);
                 }
+                // A speculative write given up or found stale: read in full, at once.
+                Err(StoreError::Retry(m))
+                    if (m == crate::store::SPECULATION_ABANDONED || m == crate::store::SPECULATION_STALE)
+                        && tries < MAX_ATTEMPTS =>
+                {
+                    metrics::counter!(telemetry::RETRIES, "cause" => "speculation").increment(1);
+                }
                 Err(StoreError::Retry(m)) if tries < MAX_ATTEMPTS => {
                     tracing::debug!(attempt = tries, reason = %m, "transient conflict; retrying");
                     metrics::counter!(telemetry::RETRIES, "cause" => retry_cause(&m)).increment(1);

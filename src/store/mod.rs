@@ -18,6 +18,14 @@ use std::sync::Arc;
 /// be read again in a transaction (no conflict: retried at once, not counted).
 pub const RESTART_IN_SNAPSHOT: &str = "a decision needed a second read: read again in one snapshot";
 
+/// The `StoreError::Retry` of a speculative write (`Txn::speculating`) given up before it
+/// sent anything: the call needed a statement, or ended in an error decided on what the
+/// store last saw. Read again in full, at once.
+pub const SPECULATION_ABANDONED: &str = "a speculative write needed more than was seen: read again in full";
+/// The `StoreError::Retry` of a speculative write that found what it was decided on
+/// changed (it wrote nothing). Read again in full, at once.
+pub const SPECULATION_STALE: &str = "what a speculative write was decided on had changed: read again in full";
+
 /// Where `Txn::append_audit_last` puts the seq of its event (the last attempt's: a retry
 /// writes it again).
 #[derive(Clone, Debug, Default)]
@@ -249,6 +257,15 @@ pub trait Txn: Send {
     /// store may read it in an earlier round trip (PostgreSQL: with `key_and_call_state`).
     /// Only a hint: a later `entity_for_write` with other arguments reads as usual.
     fn prefetch_for_write(&mut self, _resource: &Uid, _also: &[Uid], _with_parents: bool) {}
+    /// Whether this write was answered so far from what the store last saw committed, not
+    /// read (PostgreSQL: a speculative write, checked by its COMMIT's round trip). An error
+    /// decided on such answers may be stale: `abandon_speculation`, and the call is read
+    /// again in full (`Retry(ABANDONED)`).
+    fn speculating(&self) -> bool {
+        false
+    }
+    /// Gives up a speculative write before it sent anything: the retry reads in full.
+    fn abandon_speculation(&mut self) {}
     /// Announces the `entities_with_ancestors(uids)` a read-only transaction will make
     /// first, likewise (PostgreSQL: read with `key_and_call_state`, in the same snapshot).
     fn prefetch_ancestors(&mut self, _uids: &[Uid]) {}
@@ -330,7 +347,7 @@ pub trait Txn: Send {
 
 /// Row shapes shared by both backends (sqlx decodes them from either), and their
 /// conversion to domain records: the JSON columns are parsed in one place.
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone)]
 pub(crate) struct EntityRow {
     etype: String,
     eid: String,

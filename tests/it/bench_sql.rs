@@ -26,5 +26,5 @@ fn pgbench_script_follows_the_store() {
         assert!(store.contains(prefix), "bench/pgbench-commit.sql has `{prefix}`, which the store no longer issues");
         checked += 1;
     }
-    assert!(checked >= 3, "only {checked} statements checked");
+    assert!(checked >= 2, "only {checked} statements checked");
 }

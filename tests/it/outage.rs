@@ -490,6 +490,8 @@ impl CommitCutter {
 struct CutOutcome {
     answer: Result<u64, tonic::Status>,
     took: Duration,
+    /// The entity's version before the cut call.
+    base: i64,
     /// Audit events and entity versions carrying the call's marker, read directly.
     events: i64,
     version: i64,
@@ -498,6 +500,13 @@ struct CutOutcome {
 /// A server behind a `CommitCutter`; one warm-up commit, then one commit (patch `marker`,
 /// deadline 5 s) whose COMMIT is cut as `cut` says. `setup` runs on the database first.
 async fn cut_during_commit(cut: Cut, setup: &[&str], marker: &str) -> Option<CutOutcome> {
+    cut_during(cut, setup, marker, false).await
+}
+
+/// `cut_during_commit`; `speculative`: on the smallest pool (two connections), warmed up until its
+/// writes are speculative (one round trip: BEGIN, locks, the write and COMMIT sent together,
+/// so that the cut loses every answer, the write's included).
+async fn cut_during(cut: Cut, setup: &[&str], marker: &str, speculative: bool) -> Option<CutOutcome> {
     let db = Arc::new(TestDb::new(Backend::Postgres).await?);
     bootstrap_db(&db.url).await;
     let mut direct = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -508,15 +517,30 @@ async fn cut_during_commit(cut: Cut, setup: &[&str], marker: &str) -> Option<Cut
     let name = db.url.rsplit('/').next().unwrap().to_owned();
     // Plaintext, so that the proxy can see the COMMIT message.
     let url = format!("postgres://postgres@{}/{name}?sslmode=disable", proxy.addr);
-    let s = serve_url(&url, StoreOptions::default(), Some(db.clone())).await;
+    let opts =
+        if speculative { StoreOptions { max_connections: 1, ..StoreOptions::default() } } else { Default::default() };
+    let s = serve_url(&url, opts, Some(db.clone())).await;
     let tok = token("k1", "alice");
     let mut c = client(s.addr).await;
-    c.authorize_and_commit(authed(
-        &tok,
-        commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "w": 1 }), None)]),
-    ))
-    .await
-    .unwrap();
+    // A pool's connection speculates once it has made a full write (which asks its
+    // backend): the pool has two, and a token's first write reads in full anyway.
+    let warm_ups = if speculative { 5 } else { 1 };
+    for w in 0..warm_ups {
+        c.authorize_and_commit(authed(
+            &tok,
+            commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "w": w }), None)]),
+        ))
+        .await
+        .unwrap();
+    }
+    if speculative {
+        let last: Option<i64> = sqlx::query_scalar("SELECT nonce FROM lockstep.audit ORDER BY seq DESC LIMIT 1")
+            .fetch_one(&mut direct)
+            .await
+            .unwrap();
+        assert!(last.is_some(), "the warmed-up write was not speculative");
+    }
+    let base = 1 + warm_ups;
 
     proxy.arm(cut);
     let mut req = authed(&tok, commit_req(vec![update("UpdateItem", "Item", "doc", json!({ "title": marker }), None)]));
@@ -540,7 +564,7 @@ async fn cut_during_commit(cut: Cut, setup: &[&str], marker: &str) -> Option<Cut
         .await
         .unwrap();
     eprintln!("commit cut {cut:?}: answer={answer:?} took={took:?} events={events} version={version}");
-    Some(CutOutcome { answer, took, events, version })
+    Some(CutOutcome { answer, took, base, events, version })
 }
 
 /// The answer of a commit whose COMMIT was cut is its real outcome: OK with the write
@@ -549,12 +573,12 @@ async fn cut_during_commit(cut: Cut, setup: &[&str], marker: &str) -> Option<Cut
 fn assert_real_outcome(o: &CutOutcome) {
     match &o.answer {
         Ok(_) => {
-            assert_eq!((o.events, o.version), (1, 3), "answered OK but the write is not there");
+            assert_eq!((o.events, o.version), (1, o.base + 1), "answered OK but the write is not there");
         }
         Err(e) => {
             assert_eq!(e.code(), Code::Unavailable, "not the real outcome: {e:?}");
             assert!(e.message().contains("did not commit"), "{}", e.message());
-            assert_eq!((o.events, o.version), (0, 2), "answered UNAVAILABLE but the write landed");
+            assert_eq!((o.events, o.version), (0, o.base), "answered UNAVAILABLE but the write landed");
         }
     }
     assert!(o.took < Duration::from_millis(4500), "settling outlived the deadline: {:?}", o.took);
@@ -593,6 +617,39 @@ async fn postgres_commit_still_running_when_the_database_is_back() {
          FOR EACH ROW WHEN (NEW.mutations LIKE '%slow_commit%') EXECUTE FUNCTION slow_commit()",
     ];
     let Some(o) = cut_during_commit(Cut::AfterCommitSent, &setup, "slow_commit").await else { return };
+    assert_real_outcome(&o);
+}
+
+/// A speculative write (one round trip) whose connection dies right after it went out:
+/// every answer is lost, its transaction id included. It is settled by its audit row's
+/// nonce once its old backend is gone: OK, and the write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_speculative_write_cut_after_it_was_sent_settles_ok() {
+    let Some(o) = cut_during(Cut::AfterCommitSent, &[], "spec_cut_after", true).await else { return };
+    assert_real_outcome(&o);
+    assert!(o.answer.is_ok(), "{:?}", o.answer);
+}
+
+/// The same write cut before PostgreSQL got it: UNAVAILABLE ("did not commit"), nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_speculative_write_cut_before_it_was_sent_settles_unavailable() {
+    let Some(o) = cut_during(Cut::BeforeCommitSent, &[], "spec_cut_before", true).await else { return };
+    assert_real_outcome(&o);
+    assert!(o.answer.is_err(), "{:?}", o.answer);
+}
+
+/// The speculative write's COMMIT takes 1.5 s (a deferred trigger sleeps) and its
+/// connection dies right after it went out: when the database is back its old backend is
+/// still committing; it is ended first (or finishes), and the answer is what became of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_speculative_write_still_running_when_the_database_is_back() {
+    let setup = [
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$",
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON lockstep.audit DEFERRABLE INITIALLY DEFERRED
+         FOR EACH ROW WHEN (NEW.mutations LIKE '%spec_slow%') EXECUTE FUNCTION slow_commit()",
+    ];
+    let Some(o) = cut_during(Cut::AfterCommitSent, &setup, "spec_slow", true).await else { return };
     assert_real_outcome(&o);
 }
 

@@ -10,6 +10,7 @@
 use crate::common::*;
 use lockstep::grpc::pb;
 use serde_json::json;
+use sqlx::Connection;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -367,7 +368,89 @@ async fn unlink_races_writes(b: Backend) {
     check_audit_and_version(s.addr, "unlink", "mallory", &report, ("Item", "doc"), 1, 0).await;
 }
 
-crate::on_both_backends!(cross_instance_revocations, unlink_races_writes);
+/// Two instances on one database, one change at a time: instance A has served a user's
+/// writes (on PostgreSQL its next ones are speculative: decided on what A last saw, checked
+/// under the locks as they are sent, see the protocol in `store::postgres`), then B commits a
+/// change that forbids them — an ownership transfer, a group removal, a logout, a policy
+/// change. A's next write must be refused and change nothing, however warm A is.
+async fn another_instance_s_change_reaches_a_warm_instance(b: Backend) {
+    // The smallest pool (two connections): each speculates after its first full write.
+    let small = lockstep::config::StoreOptions { max_connections: 1, ..Default::default() };
+    let Some(a) = start_with(b, small).await else { return };
+    let b_inst = serve(a.db.clone().unwrap(), Default::default()).await;
+    let mut ca = client(a.addr).await;
+    let mut cb = client(b_inst.addr).await;
+    let root = token("k2", "root");
+    let set = |ty: &str, id: &str, n: i64| commit_req(vec![update("UpdateItem", ty, id, json!({ "n": n }), None)]);
+    let warm_client = ca.clone();
+    let warm = |tok: String, ty: &'static str, id: &'static str| {
+        let mut c = warm_client.clone();
+        async move {
+            for n in 1..=5 {
+                let req = commit_req(vec![update("UpdateItem", ty, id, json!({ "n": n }), None)]);
+                c.authorize_and_commit(authed(&tok, req)).await.unwrap();
+            }
+        }
+    };
+    // The resource changes: doc goes to mallory.
+    let alice = token("k1", "alice");
+    warm(alice.clone(), "Item", "doc").await;
+    if b == Backend::Postgres {
+        let mut direct = sqlx::PgConnection::connect(&a.url).await.unwrap();
+        let speculated: i64 = sqlx::query_scalar("SELECT count(*) FROM lockstep.audit WHERE nonce IS NOT NULL")
+            .fetch_one(&mut direct)
+            .await
+            .unwrap();
+        assert!(speculated > 0, "no write was speculative: this test does not test it");
+    }
+    let transfer = update("UpdateItem", "Item", "doc", json!({ "owner": { "type": "User", "id": "mallory" } }), None);
+    cb.authorize_and_commit(authed(&root, commit_req(vec![transfer]))).await.unwrap();
+    let before = read(a.addr, "Item", "doc").await.unwrap().version;
+    let e = ca.authorize_and_commit(authed(&alice, set("Item", "doc", 99))).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "after a transfer on another instance: {e:?}");
+    assert_eq!(read(a.addr, "Item", "doc").await.unwrap().version, before, "the refused write changed doc");
+
+    // The principal's ancestors change: bob leaves the writers of `shared`.
+    let bob = token("k1", "bob");
+    warm(bob.clone(), "Item", "shared").await;
+    cb.authorize_and_commit(authed(&root, commit_req(vec![bob_leaves_writers()]))).await.unwrap();
+    let before = read(a.addr, "Item", "shared").await.unwrap().version;
+    let e = ca.authorize_and_commit(authed(&bob, set("Item", "shared", 99))).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "after a group removal on another instance: {e:?}");
+    assert_eq!(read(a.addr, "Item", "shared").await.unwrap().version, before);
+
+    // The token is revoked: mallory logs out on B.
+    let mallory = token("k1", "mallory");
+    warm(mallory.clone(), "Item", "doc").await;
+    cb.revoke_token(authed(&mallory, pb::RevokeTokenRequest::default())).await.unwrap();
+    let e = ca.authorize_and_commit(authed(&mallory, set("Item", "doc", 99))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "after a logout on another instance: {e:?}");
+
+    // The policies change: owners may no longer update their items.
+    let mallory = token("k1", "mallory");
+    warm(mallory.clone(), "Item", "doc").await;
+    let mut adm = admin(b_inst.addr).await;
+    let without_owner: String =
+        POLICIES.split(";\n").filter(|p| !p.contains("owner-manages")).collect::<Vec<_>>().join(";\n");
+    let req = pb::PutPoliciesRequest { policies: without_owner, schema: SCHEMA.into(), ..Default::default() };
+    adm.put_policies(authed(&root, req)).await.unwrap();
+    let before = read(a.addr, "Item", "doc").await.unwrap().version;
+    let e = ca.authorize_and_commit(authed(&mallory, set("Item", "doc", 99))).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "after a policy change on another instance: {e:?}");
+    assert_eq!(read(a.addr, "Item", "doc").await.unwrap().version, before);
+    // The audit log of A's refusals: each a DENY (or nothing, for the logout), no COMMIT
+    // with n = 99.
+    let late = audit(a.addr).await.into_iter().filter(|e| e.kind == pb::audit_event::Kind::Commit as i32);
+    for e in late {
+        assert!(!format!("{:?}", e.mutations).contains("99"), "a refused write was committed: {e:?}");
+    }
+}
+
+crate::on_both_backends!(
+    cross_instance_revocations,
+    unlink_races_writes,
+    another_instance_s_change_reaches_a_warm_instance
+);
 
 /// Decisions race revocations too: callers ask Authorize over and over (each token verified
 /// once, so the decision is read in the statement that reads the key — on PostgreSQL that

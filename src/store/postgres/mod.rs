@@ -46,6 +46,31 @@
 //! An Authorize is one statement without BEGIN (`Db::Lazy`). A transaction dropped
 //! before COMMIT is rolled back before its connection is reused.
 //!
+//! # One round trip (speculative writes)
+//!
+//! Each instance remembers what it last saw committed (`speculate::Recall`): keys (with a
+//! hash of the row), subjects' `revoked_at_secs`, the policy version and links generation,
+//! and own-store entities as stored (text), or that they did not exist. It learns them from
+//! the read of a two-round-trip write, and from its own commits (the rows it wrote). A lone
+//! update or delete of an own-store entity by a token verified before (no idempotency key,
+//! nothing mapped), whose key, subject, policy state, resource, principal and every
+//! ancestor of both were seen, is decided on what was seen, with nothing sent; its COMMIT
+//! is then one round trip: BEGIN; the same locks as a full read takes (`WRITE_LOCKS`, then
+//! the seen ancestors' entity locks, shared); one statement that — with a snapshot taken
+//! after those locks, as the full read's — checks that everything the decision used is as
+//! seen (the key row's hash, the subject's revocation, no revocation of the token, the
+//! policy version and generation, each entity's stored text and version, or its absence)
+//! and only then updates the entity and inserts the audit row (`speculative_statement`);
+//! COMMIT. So it commits exactly what a full read under the same locks would have decided,
+//! or writes nothing: found changed, it answers `Retry(SPECULATION_STALE)` and the engine
+//! reads again in full, at once (the resource is read in full for a second). A revoking
+//! change that commits first is seen by the check (its locks are the ones a full read
+//! waits for); one that commits later waits for this write's locks, as before. Anything
+//! the decision needs beyond what was seen (a statement, an error such as an `if_version`
+//! mismatch or a revoked token) gives the attempt up before it sent anything
+//! (`Retry(SPECULATION_ABANDONED)`), and the call is read in full. A denial is speculative
+//! too: its audit event is inserted only if the state it was denied on still holds.
+//!
 //! # Settling an interrupted COMMIT
 //!
 //! When the connection fails while COMMIT is on its way (sent, no answer), the
@@ -77,8 +102,19 @@
 //!      its `seq` instead; with the xid that old, nothing of it is still in progress.
 //! 3. Only when the database cannot be asked in time is the answer `Unknown` (UNKNOWN),
 //!    naming the xid and the audit seq to look for.
+//!
+//! A speculative write sends COMMIT before any answer, so when all its answers are lost
+//! its xid is unknown. Its audit row carries a random `nonce` (migration 0013) and it knows
+//! an audit seq committed before it began (its own is greater) and its connection's backend
+//! (pid and start time, asked once per connection). `settle::settle_unseen` ends that
+//! backend if it still runs (`pg_terminate_backend`, matched on pid and start time), waits
+//! until it is gone — from then on nothing of it can commit — and looks for the nonce among
+//! the audit rows after that seq: found, OK with its seq; absent, UNAVAILABLE (nothing was
+//! committed). When the writing statement answered and only COMMIT's answer was lost, it is
+//! settled by its xid as above.
 
 mod settle;
+mod speculate;
 mod txn;
 mod wire;
 
@@ -118,6 +154,8 @@ pub struct PgStore {
     mapping: Arc<Mapping>,
     /// How a read-only transaction begins (`txn::begin_read`).
     begin_read: &'static str,
+    /// What this instance last saw committed, for speculative writes (`speculate`).
+    recall: Arc<speculate::Recall>,
 }
 
 /// The schema of Lockstep's own tables, beside the application's in the same database so
@@ -211,7 +249,14 @@ impl PgStore {
         // timeout on the server; a connection silent for longer is given up.
         let limit = opts.statement_timeout * 3 + Duration::from_secs(2);
         let begin_read = txn::begin_read(&opts.mapping);
-        Ok(Self { pool, connect: Arc::new(connect), limit, mapping: opts.mapping.clone(), begin_read })
+        Ok(Self {
+            pool,
+            connect: Arc::new(connect),
+            limit,
+            mapping: opts.mapping.clone(),
+            begin_read,
+            recall: Default::default(),
+        })
     }
 
     /// Settles the outcome of transaction `xid` (text of `pg_current_xact_id()`), last run
@@ -248,6 +293,10 @@ impl PgStore {
             prefetched: None,
             prefetch_read: None,
             prefetched_read: None,
+            recall: self.recall.clone(),
+            speculation: None,
+            wrote: Vec::new(),
+            touched: Vec::new(),
         }
     }
 }

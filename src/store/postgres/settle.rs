@@ -174,3 +174,79 @@ pub(crate) async fn recover_seq(config: &Config, p: &Pending, until: Instant) ->
         backoff = (backoff * 2).min(Duration::from_millis(250));
     }
 }
+
+/// Settles a speculative write whose every answer was lost with its connection (its
+/// transaction id unknown): its old backend (`pid` and start time, as `pg_stat_activity`
+/// names it) is ended if it still runs, and once it is gone — nothing of it can commit any
+/// more — its audit row is looked for by `nonce` among the rows after `floor`. Some(seq):
+/// it committed; None: it did not. Asked again, with backoff, until `until`.
+pub(crate) async fn settle_unseen(
+    config: &Config,
+    pid: i32,
+    start: &str,
+    nonce: i64,
+    floor: u64,
+    until: Instant,
+    cause: &str,
+) -> StoreResult<Option<u64>> {
+    let t0 = Instant::now();
+    let mut backoff = Duration::from_millis(10);
+    let mut conn: Option<Client> = None;
+    let mut last = "no answer in time".to_owned();
+    loop {
+        let asked = tokio::time::timeout_at(until, async {
+            if conn.is_none() {
+                conn = Some(connect(config).await?);
+            }
+            let c = conn.as_ref().expect("connected above");
+            let alive: bool = c
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) > 0 FROM pg_stat_activity
+                     WHERE pid = $1 AND backend_start::text = $2",
+                    &[&pid, &start],
+                )
+                .await?
+                .try_get(0)?;
+            if alive {
+                return Ok::<_, tokio_postgres::Error>(None);
+            }
+            let row =
+                c.query_opt("SELECT seq FROM audit WHERE seq > $1 AND nonce = $2", &[&to_i64(floor), &nonce]).await?;
+            Ok(Some(row.map(|r| r.try_get::<_, i64>(0)).transpose()?))
+        })
+        .await;
+        match asked {
+            Ok(Ok(Some(found))) => {
+                let elapsed = t0.elapsed();
+                tracing::warn!(
+                    nonce,
+                    committed = found.is_some(),
+                    ?elapsed,
+                    "a one-round-trip write lost its answers; settled"
+                );
+                return match found {
+                    Some(seq) => Ok(Some(to_u64(seq))),
+                    None => Ok(None),
+                };
+            }
+            // Its backend was just told to end: ask again soon.
+            Ok(Ok(None)) => last = "its backend was still running".into(),
+            Ok(Err(e)) => {
+                last = e.to_string();
+                conn = None;
+            }
+            Err(_) => {}
+        }
+        let pause = backoff.min(until.saturating_duration_since(Instant::now()));
+        if pause.is_zero() {
+            tracing::error!(nonce, error = %last, "a one-round-trip write lost its answers; outcome unknown");
+            return Err(StoreError::Unknown(format!(
+                "the connection failed during COMMIT ({cause}) and the database could not tell in time whether it \
+                 committed ({last}): it committed if `SELECT seq FROM lockstep.audit WHERE seq > {floor} AND nonce = \
+                 {nonce}` finds its audit event"
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        backoff = (backoff * 2).min(Duration::from_millis(250));
+    }
+}

@@ -5,10 +5,11 @@
 
 use super::super::mapped::{self, ColumnValue};
 use super::super::{
-    AuditSeq, EntityRow, KeyRow, LinkRow, PolicyRow, StoreError, StoreResult, Txn, audit_entities_json,
-    audit_mutations_json, call_state, json_err, policy_state_of, to_i64, to_u64,
+    AuditSeq, EntityRow, KeyRow, LinkRow, PolicyRow, SPECULATION_ABANDONED, SPECULATION_STALE, StoreError, StoreResult,
+    Txn, audit_entities_json, audit_mutations_json, call_state, json_err, policy_state_of, to_i64, to_u64,
 };
-use super::settle::{Pending, recover_seq, settle};
+use super::settle::{Pending, recover_seq, settle, settle_unseen};
+use super::speculate::{Backend, Recall, Seen, Speculation};
 use super::wire::{FromPgRow, Q, at, decode, get, map_err, q};
 use super::{SETTLE_WINDOW, id_cast, mapped_select};
 use crate::mapping::{Mapping, ParentSource, TypeMap};
@@ -119,6 +120,15 @@ pub(super) struct PgTxn {
     /// The same for a read-only transaction's `entities_with_ancestors`.
     pub prefetch_read: Option<Vec<Uid>>,
     pub prefetched_read: Option<(Vec<Uid>, Vec<EntityRecord>)>,
+    /// What this instance last saw committed (`speculate`).
+    pub recall: Arc<Recall>,
+    /// A write answered from `recall` so far: what it assumes, checked when it commits.
+    pub speculation: Option<Speculation>,
+    /// Own-store entities this transaction updated, as written: remembered by `recall`
+    /// once committed (cleared by a rollback to the savepoint).
+    pub wrote: Vec<Seen>,
+    /// Entities created or deleted: forgotten by `recall` once committed.
+    pub touched: Vec<Uid>,
 }
 
 /// The arguments of an `entity_for_write`.
@@ -156,6 +166,30 @@ impl AuditArgs {
     }
 }
 
+/// `q` with an audit event's eight values bound next (time, kind, principal type and id,
+/// token id, mutations, entities, detail).
+fn with_audit<'a>(q: Q<'a>, a: &'a AuditArgs) -> Q<'a> {
+    q.bind(a.now)
+        .bind(a.kind)
+        .bind(a.principal_type.as_deref())
+        .bind(a.principal_id.as_deref())
+        .bind(a.token_id.as_str())
+        .bind(a.mutations.as_str())
+        .bind(a.entities.as_str())
+        .bind(a.detail.as_str())
+}
+
+/// `q` with an entity row's six values bound next (type, id, attributes, parents, version,
+/// tags).
+fn with_row<'a>(q: Q<'a>, d: &'a EntityRow) -> Q<'a> {
+    q.bind(d.etype.as_str())
+        .bind(d.eid.as_str())
+        .bind(d.attributes.as_str())
+        .bind(d.parents.as_str())
+        .bind(d.version)
+        .bind(d.tags.as_str())
+}
+
 /// The audit insert (with a deferred entity update in the same statement when there is
 /// one): returns seq, the transaction id and the backend. An update that finds no row
 /// fails the statement (a division by zero): nothing of it commits, even when
@@ -171,25 +205,112 @@ fn audit_statement<'a>(a: &'a AuditArgs, d: Option<&'a EntityRow>) -> Q<'a> {
         "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq, pg_current_xact_id()::text, pg_backend_pid()"
     };
-    let mut s = q(sql)
-        .bind(a.now)
-        .bind(a.kind)
-        .bind(a.principal_type.as_deref())
-        .bind(a.principal_id.as_deref())
-        .bind(a.token_id.as_str())
-        .bind(a.mutations.as_str())
-        .bind(a.entities.as_str())
-        .bind(a.detail.as_str());
+    let mut s = with_audit(q(sql), a);
     if let Some(d) = d {
-        s = s
-            .bind(d.etype.as_str())
-            .bind(d.eid.as_str())
-            .bind(d.attributes.as_str())
-            .bind(d.parents.as_str())
-            .bind(d.version)
-            .bind(d.tags.as_str());
+        s = with_row(s, d);
     }
     s
+}
+
+/// What a speculative write checks, under its locks, in the statement that writes (a
+/// snapshot taken after them): the key's row, the subject's revocation, that the token is
+/// not revoked, the policy state (parameters `$10` to `$17`), then each entity as seen
+/// (`entities_as_seen`).
+const SPECULATION_HOLDS: &str =
+    "WITH ok AS (SELECT (SELECT hashtextextended(k::text, 0) FROM keys k WHERE k.kid = $10) IS NOT DISTINCT FROM $11
+         AND (SELECT revoked_at_secs FROM subjects WHERE etype = $12 AND eid = $13) IS NOT DISTINCT FROM $14
+         AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $15)
+         AND (SELECT max(version) FROM policies) IS NOT DISTINCT FROM $16
+         AND (SELECT generation FROM policy_links_meta WHERE id = 1) IS NOT DISTINCT FROM $17";
+
+/// The rest of `SPECULATION_HOLDS`: each of `n` entities as seen, six parameters each from
+/// `$18` (type, id, then attributes, parents, version and tags, or a NULL attributes where
+/// it did not exist). One parameter per value, no arrays: the plan's cost does not depend
+/// on them, so the prepared statement's generic plan is kept (an array's unknown length made
+/// PostgreSQL plan every execution anew, and cost a third of the throughput).
+fn entities_as_seen(n: usize) -> String {
+    let mut sql = String::new();
+    for i in 0..n {
+        let [t, id, a, p, v, g] = std::array::from_fn(|k| 18 + 6 * i + k);
+        // One index lookup each: a row found must be the one seen (never when it was seen
+        // absent); none found, it must have been seen absent.
+        sql.push_str(&format!(
+            "
+         AND coalesce((SELECT ${a}::text IS NOT NULL AND e.attributes = ${a} AND e.parents = ${p} AND e.version = ${v}
+                              AND e.tags = ${g}
+                       FROM entities e WHERE e.etype = ${t} AND e.eid = ${id}), ${a}::text IS NULL)"
+        ));
+    }
+    sql
+}
+
+/// A speculative write's statement: when `SPECULATION_HOLDS`, the deferred update (if
+/// any) and the audit insert (with the write's nonce), returning seq, the transaction and
+/// the backend; otherwise nothing, and no row.
+fn speculative_statement<'a>(a: &'a AuditArgs, s: &'a Speculation, d: Option<&'a EntityRow>) -> Q<'a> {
+    let n = s.entities.len();
+    let holds = format!("{SPECULATION_HOLDS}{} AS ok)", entities_as_seen(n));
+    let insert =
+        "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail, nonce)
+         SELECT $1::bigint, $2::bigint, $3::text, $4::text, $5::text, $6::text, $7::text, $8::text, $9::bigint
+         WHERE (SELECT ok FROM ok)";
+    let sql = if d.is_some() {
+        let [t, id, at, p, v, g] = std::array::from_fn(|k| 18 + 6 * n + k);
+        format!(
+            "{holds},
+                  u AS (UPDATE entities SET attributes = ${at}, parents = ${p}, version = ${v}, tags = ${g}
+                        WHERE etype = ${t} AND eid = ${id} AND (SELECT ok FROM ok) RETURNING 1)
+             {insert}
+             RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), 1 / (SELECT count(*) FROM u) AS one"
+        )
+    } else {
+        format!(
+            "{holds}
+             {insert}
+             RETURNING seq, pg_current_xact_id()::text, pg_backend_pid()"
+        )
+    };
+    let mut q = with_audit(q(sql), a)
+        .bind(s.nonce)
+        .bind(s.kid.as_str())
+        .bind(s.key_hash)
+        .bind(s.subject.ty.as_str())
+        .bind(s.subject.id.as_str())
+        .bind(s.revoked_at)
+        .bind(s.token_id.as_str())
+        .bind(s.policy.0)
+        .bind(s.policy.1);
+    for (uid, seen) in &s.entities {
+        let row = seen.as_ref().map(|e| &e.row);
+        q = q
+            .bind(uid.ty.as_str())
+            .bind(uid.id.as_str())
+            .bind(row.map(|r| r.attributes.as_str()))
+            .bind(row.map(|r| r.parents.as_str()))
+            .bind(row.map(|r| r.version))
+            .bind(row.map(|r| r.tags.as_str()));
+    }
+    if let Some(d) = d {
+        q = with_row(q, d);
+    }
+    q
+}
+
+/// A speculative write's locks, as a full read takes them: `WRITE_LOCKS`, then its
+/// ancestors' entity locks shared (sorted).
+fn speculative_locks(s: &Speculation) -> Q<'_> {
+    let sql = if s.ancestors.is_empty() {
+        WRITE_LOCKS
+    } else {
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0)),
+                    pg_advisory_xact_lock_shared(hashtextextended($2, 0)),
+                    pg_advisory_xact_lock(hashtextextended($3, 0)),
+                    (SELECT count(pg_advisory_xact_lock_shared(hashtextextended(k, 0)))
+                     FROM (SELECT k FROM unnest($4::text[]) AS k ORDER BY k) AS s)"
+    };
+    let q =
+        q(sql).bind(entity_lock_key(&s.subject)).bind(subject_lock_key(&s.subject)).bind(entity_lock_key(&s.resource));
+    if s.ancestors.is_empty() { q } else { q.bind(s.ancestors.iter().map(entity_lock_key).collect::<Vec<_>>()) }
 }
 
 /// The error of a refused audit insert: an update that found no row is a bug (the entity's
@@ -242,16 +363,22 @@ fn entity_of(r: &Row) -> StoreResult<EntityRecord> {
 /// The entity of a context row (`r_*` columns; None in a row of the call state alone), and
 /// whether it is the resource itself.
 fn context_entity(r: &Row) -> StoreResult<Option<(bool, EntityRecord)>> {
+    let Some((resource, row)) = context_row(r)? else { return Ok(None) };
+    Ok(Some((resource, EntityRecord::try_from(row)?)))
+}
+
+/// The same, as stored.
+fn context_row(r: &Row) -> StoreResult<Option<(bool, EntityRow)>> {
     let Some(etype) = get::<Option<String>>(r, "r_etype")? else { return Ok(None) };
-    let e = EntityRecord::try_from(EntityRow {
+    let row = EntityRow {
         etype,
         eid: get::<Option<String>>(r, "r_eid")?.unwrap_or_default(),
         attributes: get::<Option<String>>(r, "r_attributes")?.unwrap_or_default(),
         parents: get::<Option<String>>(r, "r_parents")?.unwrap_or_default(),
         version: get::<Option<i64>>(r, "r_version")?.unwrap_or_default(),
         tags: get::<Option<String>>(r, "r_tags")?.unwrap_or_default(),
-    })?;
-    Ok(Some((get::<Option<bool>>(r, "r_resource")? == Some(true), e)))
+    };
+    Ok(Some((get::<Option<bool>>(r, "r_resource")? == Some(true), row)))
 }
 
 /// The call state of a row with columns `revoked_at_secs`, `token_revoked`, `version`,
@@ -317,7 +444,7 @@ const WRITE_CONTEXT: &str = concat!(
     key_columns!(),
     ", ",
     read_call_state!(),
-    ", pg_current_xact_id()::text AS xid, pg_backend_pid() AS pid,
+    ", pg_current_xact_id()::text AS xid, pg_backend_pid() AS pid, hashtextextended(k::text, 0) AS key_hash,
             e.r_resource, e.r_etype, e.r_eid, e.r_attributes, e.r_parents, e.r_version, e.r_tags
      FROM keys k LEFT JOIN LATERAL (
          SELECT true AS r_resource, r.etype AS r_etype, r.eid AS r_eid, r.attributes AS r_attributes,
@@ -381,6 +508,11 @@ impl PgTxn {
     /// The connection for a statement of the transaction, and the BEGIN to send with it
     /// when not sent yet.
     fn conn(&mut self) -> StoreResult<(&Object, Option<&'static str>)> {
+        if self.speculation.is_some() {
+            // A statement a speculative write did not expect: read in full instead.
+            self.abandon();
+            return Err(StoreError::Retry(SPECULATION_ABANDONED.into()));
+        }
         let begin = match std::mem::replace(&mut self.db, Db::Done) {
             Db::Begin(o, b) => {
                 self.db = Db::Open(o);
@@ -651,6 +783,160 @@ impl PgTxn {
         Ok(())
     }
 
+    /// Committed: what it wrote is what `recall` knows of those entities now.
+    fn remember(&mut self) {
+        for e in self.wrote.drain(..) {
+            let uid = e.record.uid.clone();
+            self.recall.wrote(&uid, Some(e));
+        }
+        for uid in self.touched.drain(..) {
+            self.recall.wrote(&uid, None);
+        }
+    }
+
+    /// Commits a speculative write in one round trip: BEGIN, its locks, the statement that
+    /// writes only if what it was decided on still holds (`speculative_statement`), COMMIT.
+    /// Found changed: nothing was written, `Retry(SPECULATION_STALE)`. Every answer lost
+    /// with the connection: settled by its nonce (`settle_unseen`).
+    async fn commit_speculated(mut self: Box<Self>, deadline: Option<Instant>) -> StoreResult<()> {
+        let spec = self.speculation.take().expect("checked by the caller");
+        let (Some((audit, cell)), Db::Begin(c, begin)) =
+            (self.last_audit.take(), std::mem::replace(&mut self.db, Db::Done))
+        else {
+            return Err(StoreError::Internal("a speculative write without its audit event".into()));
+        };
+        let deferred = self.deferred.take();
+        let locks = speculative_locks(&spec);
+        let write = speculative_statement(&audit, &spec, deferred.as_ref());
+        let ended = tokio::time::timeout(self.limit, async {
+            // A statement not prepared on this connection yet is prepared first (nothing of
+            // the write is sent before).
+            let lock_st = c.prepare_cached(&locks.sql).await.map_err(map_err)?;
+            let st = c.prepare_cached(&write.sql).await.map_err(map_err)?;
+            let (lp, wp) = (locks.params(), write.params());
+            let (_, l, w, done) = tokio::join!(
+                c.batch_execute(begin),
+                c.execute(&lock_st, &lp),
+                c.query(&st, &wp),
+                c.batch_execute("COMMIT")
+            );
+            Ok::<_, StoreError>((l, w, done))
+        })
+        .await;
+        // What the writing statement answered tells what became of the write.
+        let lost = match ended {
+            Ok(Err(e)) => return Err(e),
+            Err(_) => "the database did not answer the COMMIT in time".to_owned(),
+            Ok(Ok((l, w, done))) => match w {
+                Ok(rows) => {
+                    let done = done.map_err(map_err);
+                    return self.speculation_answered(c, &spec, &rows, done, &cell, deadline).await;
+                }
+                // Refused (a lock not granted in time, a deadlock, …): nothing of it was
+                // written; after a refused lock, the write only reports an aborted
+                // transaction, so the lock's error says why.
+                Err(e) if e.as_db_error().is_some() => {
+                    if done.as_ref().is_err_and(|d| d.as_db_error().is_none()) {
+                        drop(Object::take(c));
+                    }
+                    let cause = match l {
+                        Err(le) if le.as_db_error().is_some() => le,
+                        _ => e,
+                    };
+                    return Err(map_err(cause));
+                }
+                Err(e) => e.to_string(),
+            },
+        };
+        // No answer of the writing statement: did it commit?
+        drop(Object::take(c));
+        let until = deadline.unwrap_or_else(|| Instant::now() + SETTLE_WINDOW);
+        let b = &spec.backend;
+        match settle_unseen(&self.connect, b.pid, &b.start, spec.nonce, spec.floor, until, &lost).await? {
+            Some(seq) => {
+                cell.set(seq);
+                self.remember();
+                Ok(())
+            }
+            None => {
+                self.recall.cool(&spec.resource);
+                Err(StoreError::Unavailable(format!(
+                    "the connection failed during COMMIT ({lost}) and the write did not commit; nothing was \
+                     committed, retry"
+                )))
+            }
+        }
+    }
+
+    /// The rest of `commit_speculated` once its writing statement answered `rows`: none,
+    /// it found what it was decided on changed; one, it wrote, and `done` tells whether the
+    /// COMMIT behind it did.
+    async fn speculation_answered(
+        &mut self,
+        c: Object,
+        spec: &Speculation,
+        rows: &[Row],
+        done: StoreResult<()>,
+        cell: &AuditSeq,
+        deadline: Option<Instant>,
+    ) -> StoreResult<()> {
+        let Some(row) = rows.first() else {
+            // What it was decided on had changed: it wrote nothing.
+            if done.is_err() {
+                drop(Object::take(c));
+            }
+            self.recall.cool(&spec.resource);
+            return Err(StoreError::Retry(SPECULATION_STALE.into()));
+        };
+        let seq = self.audited(row)?;
+        match done {
+            Ok(()) => {
+                drop(c);
+                cell.set(seq);
+                self.remember();
+                Ok(())
+            }
+            Err(StoreError::Unavailable(m)) => {
+                drop(Object::take(c));
+                let p = self.pending.take().ok_or_else(|| StoreError::Internal("no pending transaction".into()))?;
+                let until = deadline.unwrap_or_else(|| Instant::now() + SETTLE_WINDOW);
+                settle(&self.connect, &p, until, &m).await?;
+                cell.set(seq);
+                self.remember();
+                Ok(())
+            }
+            Err(e) => {
+                drop(Object::take(c));
+                Err(e)
+            }
+        }
+    }
+
+    /// `key_and_call_state` of a write answered from `recall` (nothing sent): only a lone
+    /// update or delete of an own-store entity by a token verified before (announced
+    /// `entity_for_write` of its resource, decided with the principal and the resource's
+    /// parents), when all it is decided on was seen. Its COMMIT's round trip checks it.
+    fn speculate(&mut self, kid: &str, subject: &Uid, token_id: &str) -> Option<(KeyRecord, CallState)> {
+        let Db::Begin(o, _) = &self.db else { return None };
+        let args = self.prefetch.as_ref()?;
+        if !self.write || !args.with_parents || args.also.as_slice() != std::slice::from_ref(subject) {
+            return None;
+        }
+        let (spec, answer) = self.recall.speculate(kid, subject, token_id, &args.resource, Object::id(o))?;
+        let args = self.prefetch.take()?;
+        self.prefetched = Some((args, answer.current, first_of_each(answer.loaded)));
+        self.speculation = Some(spec);
+        Some((answer.key, call_state((answer.revoked_at, false, answer.policy.0, answer.policy.1))))
+    }
+
+    /// Gives up a speculative write (nothing was sent): its resource is read in full for a
+    /// while.
+    fn abandon(&mut self) {
+        if let Some(s) = self.speculation.take() {
+            self.recall.cool(&s.resource);
+        }
+    }
+
     /// `key_and_call_state` with the announced `entity_for_write`, in one round trip:
     /// BEGIN (when not sent), `WRITE_LOCKS`, then `WRITE_CONTEXT`.
     async fn key_and_write_context(
@@ -683,15 +969,41 @@ impl PgTxn {
                 .bind(args.resource.id.as_str())
                 .bind(args.with_parents)
                 .bind(more);
+            let recall = self.recall.clone();
             let (c, begin) = self.conn()?;
+            let object = Object::id(c);
+            // A connection's backend is asked once, outside the transaction (for settling
+            // a speculative write on it: see `settle_unseen`).
+            let ask = begin.is_some() && !recall.backend_known(object);
             tokio::time::timeout(limit, async {
                 let lock_st = c.prepare_cached(&locks.sql).await.map_err(map_err)?;
                 let read_st = c.prepare_cached(&read.sql).await.map_err(map_err)?;
                 let (lp, rp) = (locks.params(), read.params());
+                let backend = async {
+                    if !ask {
+                        return None;
+                    }
+                    let asked = c
+                        .simple_query(
+                            "SELECT pg_backend_pid(), backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                        )
+                        .await;
+                    asked.ok()?.into_iter().find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => Some(Backend {
+                            pid: r.get(0)?.parse().ok()?,
+                            start: r.get(1)?.to_owned(),
+                        }),
+                        _ => None,
+                    })
+                };
                 let begun = begun(c, begin);
-                // All three complete (the server runs them in order): the first one that failed
+                // All complete (the server runs them in order): the first one that failed
                 // says why (after a failed lock, the read only reports an aborted transaction).
-                let (b, locked, rows) = tokio::join!(begun, c.execute(&lock_st, &lp), c.query(&read_st, &rp));
+                let (backend, b, locked, rows) =
+                    tokio::join!(backend, begun, c.execute(&lock_st, &lp), c.query(&read_st, &rp));
+                if let Some(backend) = backend {
+                    recall.backend(object, backend);
+                }
                 b.map_err(map_err)?;
                 locked.map_err(|e| failed(c, e))?;
                 rows.map_err(|e| failed(c, e))
@@ -703,13 +1015,37 @@ impl PgTxn {
         let state = call_state_of(first)?;
         let key = KeyRecord::from(KeyRow::from_row(first)?);
         self.pending = Some(Pending { xid: get(first, "xid")?, pid: get(first, "pid")?, audit_seq: None });
-        let (mut current, mut loaded) = (None, Vec::new());
+        // What a lone update or delete reads is remembered, for speculating the next one.
+        let remember = args.with_parents && args.also.as_slice() == std::slice::from_ref(subject);
+        let (mut current, mut loaded, mut found) = (None, Vec::new(), Vec::new());
         for r in &rows {
-            match context_entity(r)? {
-                Some((true, e)) => current = Some(e),
-                Some((false, e)) => loaded.push(e),
-                None => {}
+            let Some((is_resource, row)) = context_row(r)? else { continue };
+            let e = if remember {
+                let e = EntityRecord::try_from(row.clone())?;
+                found.push(Seen { record: e.clone(), row });
+                e
+            } else {
+                EntityRecord::try_from(row)?
+            };
+            if is_resource { current = Some(e) } else { loaded.push(e) }
+        }
+        if remember {
+            let have: HashSet<&Uid> = found.iter().map(|s| &s.record.uid).collect();
+            let mut absent: Vec<Uid> =
+                [&args.resource, subject].into_iter().filter(|u| !have.contains(u)).cloned().collect();
+            for s in &found {
+                absent.extend(s.record.parents.iter().filter(|p| !have.contains(p)).cloned());
             }
+            absent.sort();
+            absent.dedup();
+            let raw = (get::<Option<i64>>(first, "version")?, get::<i64>(first, "generation")?);
+            self.recall.saw(
+                Some((key.clone(), get(first, "key_hash")?)),
+                (subject, state.subject_revoked_at),
+                raw,
+                found,
+                absent,
+            );
         }
         self.prefetched = Some((args, current, first_of_each(loaded)));
         Ok(Some((key, state)))
@@ -822,6 +1158,7 @@ impl PgTxn {
     /// update that found no row failed the statement: see `audit_statement`.)
     fn audited(&mut self, row: &Row) -> StoreResult<u64> {
         let (seq, xid, pid): (i64, String, i32) = (at(row, 0)?, at(row, 1)?, at(row, 2)?);
+        self.recall.committed_seq(to_u64(seq));
         self.pending = Some(Pending { xid, pid, audit_seq: Some(to_u64(seq)) });
         Ok(to_u64(seq))
     }
@@ -854,6 +1191,14 @@ impl Drop for PgTxn {
 
 #[async_trait]
 impl Txn for PgTxn {
+    fn speculating(&self) -> bool {
+        self.speculation.is_some()
+    }
+
+    fn abandon_speculation(&mut self) {
+        self.abandon();
+    }
+
     async fn key(&mut self, kid: &str) -> StoreResult<Option<KeyRecord>> {
         self.flush().await?;
         let row = self.opt(q(concat!("SELECT ", key_columns!(), " FROM keys k WHERE k.kid = $1")).bind(kid)).await?;
@@ -979,6 +1324,9 @@ impl Txn for PgTxn {
             && let Some(uids) = self.prefetch_read.take()
         {
             return self.key_and_read_context(kid, subject, token_id, uids).await;
+        }
+        if let Some(answer) = self.speculate(kid, subject, token_id) {
+            return Ok(Some(answer));
         }
         self.flush().await?;
         if self.write
@@ -1248,6 +1596,7 @@ impl Txn for PgTxn {
 
     async fn insert_entity(&mut self, e: &EntityRecord) -> StoreResult<()> {
         self.flush().await?;
+        self.touched.push(e.uid.clone());
         let mapping = self.mapping.clone();
         if let Some(tm) = mapping.get(&e.uid.ty) {
             return self.mapped_insert(tm, e).await;
@@ -1274,19 +1623,22 @@ impl Txn for PgTxn {
         self.flush().await?;
         // Sent with the next statement (see `deferred`); the entity's exclusive lock is
         // held already (`entity`), so nothing can come between.
-        self.deferred = Some(EntityRow {
+        let row = EntityRow {
             etype: e.uid.ty.clone(),
             eid: e.uid.id.clone(),
             attributes: serde_json::to_string(&e.attributes).map_err(json_err)?,
             parents: serde_json::to_string(&e.parents).map_err(json_err)?,
             version: to_i64(e.version),
             tags: serde_json::to_string(&e.tags).map_err(json_err)?,
-        });
+        };
+        self.wrote.push(Seen { record: e.clone(), row: row.clone() });
+        self.deferred = Some(row);
         Ok(())
     }
 
     async fn delete_entity(&mut self, uid: &Uid) -> StoreResult<()> {
         self.flush().await?;
+        self.touched.push(uid.clone());
         let mapping = self.mapping.clone();
         if let Some(tm) = mapping.get(&uid.ty) {
             return self.mapped_delete(tm, uid).await;
@@ -1305,6 +1657,7 @@ impl Txn for PgTxn {
     async fn rollback_to_savepoint(&mut self) -> StoreResult<()> {
         // A deferred update was made after the savepoint: undone by not sending it.
         self.deferred = None;
+        self.wrote.clear();
         self.exec(q("ROLLBACK TO SAVEPOINT lockstep_mutations")).await?;
         Ok(())
     }
@@ -1434,6 +1787,9 @@ impl Txn for PgTxn {
     /// audit event goes with COMMIT when the transaction's id is known already.
     async fn commit_before(self: Box<Self>, deadline: Option<Instant>) -> StoreResult<()> {
         let mut this = self;
+        if this.speculation.is_some() {
+            return this.commit_speculated(deadline).await;
+        }
         let open = matches!(this.db, Db::Open(_));
         if !open && this.last_audit.is_none() && this.deferred.is_none() {
             // A lazy read that ran its one statement (or none), or a transaction that sent
@@ -1487,6 +1843,7 @@ impl Txn for PgTxn {
                 }
                 // Committed: the connection goes back to the pool as it is.
                 drop(c);
+                this.remember();
                 return Ok(());
             }
             Ended::Refused(e) => {
@@ -1510,6 +1867,7 @@ impl Txn for PgTxn {
                 Some(p) => {
                     let until = deadline.unwrap_or_else(|| Instant::now() + SETTLE_WINDOW);
                     settle(&this.connect, &p, until, &m).await?;
+                    this.remember();
                     if let Some((_, cell)) = &last {
                         // Committed, its insert's answer perhaps lost with the connection.
                         match p.audit_seq {
