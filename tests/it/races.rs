@@ -386,7 +386,7 @@ async fn another_instance_s_change_reaches_a_warm_instance(b: Backend) {
     let warm = |tok: String, ty: &'static str, id: &'static str| {
         let mut c = warm_client.clone();
         async move {
-            for n in 1..=5 {
+            for n in 1..=8 {
                 let req = commit_req(vec![update("UpdateItem", ty, id, json!({ "n": n }), None)]);
                 c.authorize_and_commit(authed(&tok, req)).await.unwrap();
             }
