@@ -498,20 +498,28 @@ struct CutOutcome {
 }
 
 /// A server behind a `CommitCutter`; one warm-up commit, then one commit (patch `marker`,
-/// deadline 5 s) whose COMMIT is cut as `cut` says. `setup` runs on the database first.
-async fn cut_during_commit(cut: Cut, setup: &[&str], marker: &str) -> Option<CutOutcome> {
-    cut_during(cut, setup, marker, false).await
+/// deadline 5 s) whose COMMIT is cut as `cut` says (`slow`: see `cut_during`).
+async fn cut_during_commit(cut: Cut, marker: &str, slow: bool) -> Option<CutOutcome> {
+    cut_during(cut, marker, false, slow).await
 }
 
 /// `cut_during_commit`; `speculative`: on the smallest pool (two connections), warmed up until its
 /// writes are speculative (one round trip: BEGIN, locks, the write and COMMIT sent together,
 /// so that the cut loses every answer, the write's included).
-async fn cut_during(cut: Cut, setup: &[&str], marker: &str, speculative: bool) -> Option<CutOutcome> {
+/// `slow`: COMMIT of the call under test takes 1.5 s (a deferred constraint trigger sleeps
+/// for writes carrying `marker`, on this test database only).
+async fn cut_during(cut: Cut, marker: &str, speculative: bool, slow: bool) -> Option<CutOutcome> {
     let db = Arc::new(TestDb::new(Backend::Postgres).await?);
     bootstrap_db(&db.url).await;
     let mut direct = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    for sql in setup {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut direct).await.unwrap();
+    if slow {
+        let trigger = format!(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON lockstep.audit DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW WHEN (NEW.mutations LIKE '%{marker}%') EXECUTE FUNCTION slow_commit()"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(trigger)).execute(&mut direct).await.unwrap();
     }
     let proxy = CommitCutter::start("127.0.0.1:5432".parse().unwrap(), Duration::from_millis(400), marker).await;
     let name = db.url.rsplit('/').next().unwrap().to_owned();
@@ -593,7 +601,7 @@ fn assert_real_outcome(o: &CutOutcome) {
 /// UNKNOWN, and the write is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_commit_cut_after_commit_sent_settles_ok() {
-    let Some(o) = cut_during_commit(Cut::AfterCommitSent, &[], "cut_after").await else { return };
+    let Some(o) = cut_during_commit(Cut::AfterCommitSent, "cut_after", false).await else { return };
     assert_real_outcome(&o);
     assert!(o.answer.is_ok(), "{:?}", o.answer);
 }
@@ -602,7 +610,7 @@ async fn postgres_commit_cut_after_commit_sent_settles_ok() {
 /// UNAVAILABLE ("did not commit"), not UNKNOWN, and nothing of it is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_commit_cut_before_commit_sent_settles_unavailable() {
-    let Some(o) = cut_during_commit(Cut::BeforeCommitSent, &[], "cut_before").await else { return };
+    let Some(o) = cut_during_commit(Cut::BeforeCommitSent, "cut_before", false).await else { return };
     assert_real_outcome(&o);
     assert!(o.answer.is_err(), "{:?}", o.answer);
 }
@@ -614,13 +622,7 @@ async fn postgres_commit_cut_before_commit_sent_settles_unavailable() {
 /// real outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_commit_still_running_when_the_database_is_back() {
-    let setup = [
-        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$",
-        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON lockstep.audit DEFERRABLE INITIALLY DEFERRED
-         FOR EACH ROW WHEN (NEW.mutations LIKE '%slow_commit%') EXECUTE FUNCTION slow_commit()",
-    ];
-    let Some(o) = cut_during_commit(Cut::AfterCommitSent, &setup, "slow_commit").await else { return };
+    let Some(o) = cut_during_commit(Cut::AfterCommitSent, "slow_commit", true).await else { return };
     assert_real_outcome(&o);
 }
 
@@ -629,7 +631,7 @@ async fn postgres_commit_still_running_when_the_database_is_back() {
 /// nonce once its old backend is gone: OK, and the write is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_speculative_write_cut_after_it_was_sent_settles_ok() {
-    let Some(o) = cut_during(Cut::AfterCommitSent, &[], "spec_cut_after", true).await else { return };
+    let Some(o) = cut_during(Cut::AfterCommitSent, "spec_cut_after", true, false).await else { return };
     assert_real_outcome(&o);
     assert!(o.answer.is_ok(), "{:?}", o.answer);
 }
@@ -637,7 +639,7 @@ async fn postgres_speculative_write_cut_after_it_was_sent_settles_ok() {
 /// The same write cut before PostgreSQL got it: UNAVAILABLE ("did not commit"), nothing there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_speculative_write_cut_before_it_was_sent_settles_unavailable() {
-    let Some(o) = cut_during(Cut::BeforeCommitSent, &[], "spec_cut_before", true).await else { return };
+    let Some(o) = cut_during(Cut::BeforeCommitSent, "spec_cut_before", true, false).await else { return };
     assert_real_outcome(&o);
     assert!(o.answer.is_err(), "{:?}", o.answer);
 }
@@ -647,13 +649,7 @@ async fn postgres_speculative_write_cut_before_it_was_sent_settles_unavailable()
 /// still committing; it is ended first (or finishes), and the answer is what became of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_speculative_write_still_running_when_the_database_is_back() {
-    let setup = [
-        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$",
-        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON lockstep.audit DEFERRABLE INITIALLY DEFERRED
-         FOR EACH ROW WHEN (NEW.mutations LIKE '%spec_slow%') EXECUTE FUNCTION slow_commit()",
-    ];
-    let Some(o) = cut_during(Cut::AfterCommitSent, &setup, "spec_slow", true).await else { return };
+    let Some(o) = cut_during(Cut::AfterCommitSent, "spec_slow", true, true).await else { return };
     assert_real_outcome(&o);
 }
 

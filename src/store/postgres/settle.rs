@@ -224,10 +224,7 @@ pub(crate) async fn settle_unseen(
                     ?elapsed,
                     "a one-round-trip write lost its answers; settled"
                 );
-                return match found {
-                    Some(seq) => Ok(Some(to_u64(seq))),
-                    None => Ok(None),
-                };
+                return Ok(found.map(to_u64));
             }
             // Its backend was just told to end: ask again soon.
             Ok(Ok(None)) => last = "its backend was still running".into(),

@@ -14,6 +14,12 @@ use std::time::{Duration, Instant};
 const MAX_CLOSURE: usize = 64;
 /// Most entries kept of each kind; past it, that kind starts over.
 const MAX_ENTRIES: usize = 100_000;
+/// Most bytes of entity text kept (each entity counted twice: as stored and decoded, about
+/// as large); past it, the entities start over. A caller who can write large entities
+/// cannot grow the instance's memory beyond it.
+const MAX_ENTITY_BYTES: usize = 64 << 20;
+/// An entity whose text is larger is not remembered (its writes read in full).
+const MAX_SEEN_BYTES: usize = 16 << 10;
 /// How long a resource whose speculation was given up or stale is read in full.
 const COLD: Duration = Duration::from_secs(1);
 /// A speculation needs a lower bound of its audit seq (`floor`) seen this recently: the
@@ -24,6 +30,13 @@ const FLOOR_AGE: Duration = Duration::from_secs(30);
 pub(super) struct Seen {
     pub record: EntityRecord,
     pub row: EntityRow,
+}
+
+impl Seen {
+    /// What remembering it costs, about: its text, as stored and decoded.
+    fn bytes(&self) -> usize {
+        2 * (self.row.attributes.len() + self.row.parents.len() + self.row.tags.len() + self.row.eid.len())
+    }
 }
 
 /// A pooled connection's backend: its pid and start time (text), which name it in
@@ -42,8 +55,10 @@ struct State {
     subjects: HashMap<Uid, Option<i64>>,
     /// `max(version)` of `policies` and the links generation, as read.
     policy: Option<(Option<i64>, i64)>,
-    /// uid → the entity, or None when it did not exist.
+    /// uid → the entity, or None when it did not exist (`remember`, `forget`).
     entities: HashMap<Uid, Option<std::sync::Arc<Seen>>>,
+    /// `Seen::bytes` of the entities kept.
+    entity_bytes: usize,
     /// Resources read in full until then.
     cold: HashMap<Uid, Instant>,
     /// Pool object id → its backend.
@@ -58,23 +73,28 @@ pub(super) struct Speculation {
     pub revoked_at: Option<i64>,
     pub token_id: String,
     pub policy: (Option<i64>, i64),
-    /// Each entity decided on, as seen (None: it did not exist).
+    /// Each entity decided on, as seen (None: it did not exist): the resource, the
+    /// principal, then their ancestors (`ancestors`).
     pub entities: Vec<(Uid, Option<std::sync::Arc<Seen>>)>,
     pub resource: Uid,
-    /// The ancestors' lock keys (besides the principal's and the resource's).
-    pub ancestors: Vec<Uid>,
     pub backend: Backend,
-    /// An audit seq committed before this write began: its own is greater.
+    /// An audit seq drawn before this write began: its own is greater.
     pub floor: u64,
     /// Written into its audit row: how it is found when its answer is lost.
     pub nonce: i64,
 }
 
-/// What a speculation hands the engine: the key, the call state, the resource and the rest.
+impl Speculation {
+    /// The ancestors of the resource and the principal it was decided with.
+    pub fn ancestors(&self) -> impl Iterator<Item = &Uid> {
+        self.entities.iter().skip(2).map(|(u, _)| u)
+    }
+}
+
+/// What a speculation hands the engine besides what it assumes: the key, the resource and
+/// the entities it is decided with.
 pub(super) struct Answer {
     pub key: KeyRecord,
-    pub revoked_at: Option<i64>,
-    pub policy: (Option<i64>, i64),
     pub current: Option<EntityRecord>,
     pub loaded: Vec<EntityRecord>,
 }
@@ -96,6 +116,32 @@ fn bounded<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) -> &mut HashMap<K,
         m.clear();
     }
     m
+}
+
+impl State {
+    /// Remembers `uid` as `now` (None: it did not exist), within `MAX_ENTRIES` and
+    /// `MAX_ENTITY_BYTES`; an entity larger than `MAX_SEEN_BYTES` is forgotten instead.
+    fn remember(&mut self, uid: Uid, now: Option<Seen>) {
+        let now = match now {
+            Some(e) if e.bytes() > MAX_SEEN_BYTES => return self.forget(&uid),
+            other => other.map(std::sync::Arc::new),
+        };
+        let added = now.as_ref().map_or(0, |e| e.bytes());
+        if self.entities.len() >= MAX_ENTRIES || self.entity_bytes + added > MAX_ENTITY_BYTES {
+            self.entities.clear();
+            self.entity_bytes = 0;
+        }
+        if let Some(Some(old)) = self.entities.insert(uid, now) {
+            self.entity_bytes -= old.bytes();
+        }
+        self.entity_bytes += added;
+    }
+
+    fn forget(&mut self, uid: &Uid) {
+        if let Some(Some(old)) = self.entities.remove(uid) {
+            self.entity_bytes -= old.bytes();
+        }
+    }
 }
 
 impl Recall {
@@ -137,7 +183,6 @@ impl Recall {
         for e in [&principal, &res].into_iter().flatten() {
             frontier.extend(e.record.parents.iter().cloned());
         }
-        let mut ancestors = Vec::new();
         let mut loaded: Vec<EntityRecord> = principal.iter().map(|p| p.record.clone()).collect();
         while !frontier.is_empty() {
             let mut next = Vec::new();
@@ -154,7 +199,6 @@ impl Recall {
                     next.extend(e.record.parents.iter().cloned());
                     loaded.push(e.record.clone());
                 }
-                ancestors.push(u.clone());
                 entities.push((u, e));
                 if entities.len() > MAX_CLOSURE {
                     return None;
@@ -163,7 +207,7 @@ impl Recall {
             frontier = next;
         }
         drop(s);
-        let answer = Answer { key: key.clone(), revoked_at, policy, current: res.map(|r| r.record.clone()), loaded };
+        let answer = Answer { key, current: res.map(|r| r.record.clone()), loaded };
         let spec = Speculation {
             kid: kid.to_owned(),
             key_hash,
@@ -173,7 +217,6 @@ impl Recall {
             policy,
             entities,
             resource: resource.clone(),
-            ancestors,
             backend,
             floor,
             nonce: rand::random::<i64>(),
@@ -197,19 +240,18 @@ impl Recall {
         }
         bounded(&mut s.subjects).insert(subject.0.clone(), subject.1);
         s.policy = Some(policy);
-        let entities = bounded(&mut s.entities);
         for e in found {
             let uid = e.record.uid.clone();
             // An older row read late does not replace a newer one.
-            if let Some(Some(old)) = entities.get(&uid)
+            if let Some(Some(old)) = s.entities.get(&uid)
                 && old.row.version > e.row.version
             {
                 continue;
             }
-            entities.insert(uid, Some(std::sync::Arc::new(e)));
+            s.remember(uid, Some(e));
         }
         for u in absent {
-            entities.insert(u, None);
+            s.remember(u, None);
         }
     }
 
@@ -217,12 +259,8 @@ impl Recall {
     pub fn wrote(&self, uid: &Uid, now: Option<Seen>) {
         let mut s = lock(&self.state);
         match now {
-            Some(e) => {
-                bounded(&mut s.entities).insert(uid.clone(), Some(std::sync::Arc::new(e)));
-            }
-            None => {
-                s.entities.remove(uid);
-            }
+            Some(e) => s.remember(uid.clone(), Some(e)),
+            None => s.forget(uid),
         }
     }
 
@@ -230,10 +268,11 @@ impl Recall {
     pub fn cool(&self, resource: &Uid) {
         let mut s = lock(&self.state);
         bounded(&mut s.cold).insert(resource.clone(), Instant::now() + COLD);
-        s.entities.remove(resource);
+        s.forget(resource);
     }
 
-    /// An audit seq seen committed (or about to be, by a transaction holding it).
+    /// An audit seq seen drawn (by a transaction that committed or may still): a later
+    /// speculative write's own is greater.
     pub fn committed_seq(&self, seq: u64) {
         self.floor.fetch_max(seq, Ordering::AcqRel);
         if let Ok(mut t) = self.floor_at.lock() {

@@ -248,29 +248,7 @@ fn entities_as_seen(n: usize) -> String {
 /// any) and the audit insert (with the write's nonce), returning seq, the transaction and
 /// the backend; otherwise nothing, and no row.
 fn speculative_statement<'a>(a: &'a AuditArgs, s: &'a Speculation, d: Option<&'a EntityRow>) -> Q<'a> {
-    let n = s.entities.len();
-    let holds = format!("{SPECULATION_HOLDS}{} AS ok)", entities_as_seen(n));
-    let insert =
-        "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail, nonce)
-         SELECT $1::bigint, $2::bigint, $3::text, $4::text, $5::text, $6::text, $7::text, $8::text, $9::bigint
-         WHERE (SELECT ok FROM ok)";
-    let sql = if d.is_some() {
-        let [t, id, at, p, v, g] = std::array::from_fn(|k| 18 + 6 * n + k);
-        format!(
-            "{holds},
-                  u AS (UPDATE entities SET attributes = ${at}, parents = ${p}, version = ${v}, tags = ${g}
-                        WHERE etype = ${t} AND eid = ${id} AND (SELECT ok FROM ok) RETURNING 1)
-             {insert}
-             RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), 1 / (SELECT count(*) FROM u) AS one"
-        )
-    } else {
-        format!(
-            "{holds}
-             {insert}
-             RETURNING seq, pg_current_xact_id()::text, pg_backend_pid()"
-        )
-    };
-    let mut q = with_audit(q(sql), a)
+    let mut q = with_audit(q(speculative_text(s.entities.len(), d.is_some())), a)
         .bind(s.nonce)
         .bind(s.kid.as_str())
         .bind(s.key_hash)
@@ -296,10 +274,46 @@ fn speculative_statement<'a>(a: &'a AuditArgs, s: &'a Speculation, d: Option<&'a
     q
 }
 
+/// The text of `speculative_statement` for `n` entities, with or without an update:
+/// interned, built once per shape for the life of the process (`n` is at most
+/// `speculate::MAX_CLOSURE`).
+fn speculative_text(n: usize, update: bool) -> &'static str {
+    static TEXTS: std::sync::OnceLock<std::sync::Mutex<HashMap<(usize, bool), &'static str>>> =
+        std::sync::OnceLock::new();
+    let mut texts = TEXTS.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    texts.entry((n, update)).or_insert_with(|| Box::leak(speculative_sql(n, update).into_boxed_str()))
+}
+
+/// Builds the text of `speculative_text`.
+fn speculative_sql(n: usize, update: bool) -> String {
+    let holds = format!("{SPECULATION_HOLDS}{} AS ok)", entities_as_seen(n));
+    let insert =
+        "INSERT INTO audit (time, kind, principal_type, principal_id, token_id, mutations, entities, detail, nonce)
+         SELECT $1::bigint, $2::bigint, $3::text, $4::text, $5::text, $6::text, $7::text, $8::text, $9::bigint
+         WHERE (SELECT ok FROM ok)";
+    if update {
+        let [t, id, at, p, v, g] = std::array::from_fn(|k| 18 + 6 * n + k);
+        format!(
+            "{holds},
+                  u AS (UPDATE entities SET attributes = ${at}, parents = ${p}, version = ${v}, tags = ${g}
+                        WHERE etype = ${t} AND eid = ${id} AND (SELECT ok FROM ok) RETURNING 1)
+             {insert}
+             RETURNING seq, pg_current_xact_id()::text, pg_backend_pid(), 1 / (SELECT count(*) FROM u) AS one"
+        )
+    } else {
+        format!(
+            "{holds}
+             {insert}
+             RETURNING seq, pg_current_xact_id()::text, pg_backend_pid()"
+        )
+    }
+}
+
 /// A speculative write's locks, as a full read takes them: `WRITE_LOCKS`, then its
 /// ancestors' entity locks shared (sorted).
 fn speculative_locks(s: &Speculation) -> Q<'_> {
-    let sql = if s.ancestors.is_empty() {
+    let ancestors: Vec<String> = s.ancestors().map(entity_lock_key).collect();
+    let sql = if ancestors.is_empty() {
         WRITE_LOCKS
     } else {
         "SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0)),
@@ -310,7 +324,7 @@ fn speculative_locks(s: &Speculation) -> Q<'_> {
     };
     let q =
         q(sql).bind(entity_lock_key(&s.subject)).bind(subject_lock_key(&s.subject)).bind(entity_lock_key(&s.resource));
-    if s.ancestors.is_empty() { q } else { q.bind(s.ancestors.iter().map(entity_lock_key).collect::<Vec<_>>()) }
+    if ancestors.is_empty() { q } else { q.bind(ancestors) }
 }
 
 /// The error of a refused audit insert: an update that found no row is a bug (the entity's
@@ -925,8 +939,9 @@ impl PgTxn {
         let (spec, answer) = self.recall.speculate(kid, subject, token_id, &args.resource, Object::id(o))?;
         let args = self.prefetch.take()?;
         self.prefetched = Some((args, answer.current, first_of_each(answer.loaded)));
+        let state = call_state((spec.revoked_at, false, spec.policy.0, spec.policy.1));
         self.speculation = Some(spec);
-        Some((answer.key, call_state((answer.revoked_at, false, answer.policy.0, answer.policy.1))))
+        Some((answer.key, state))
     }
 
     /// Gives up a speculative write (nothing was sent): its resource is read in full for a
